@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Describes one engine step: T new tokens from B sequences, flattened (prefill chunks and
+    decodes mixed). Sequence b owns new tokens query_start_loc[b]:query_start_loc[b+1]; their
+    K/V are written to the paged cache at slot_mapping, then they attend causally to the first
+    seq_lens[b] tokens of the sequence (cached + new), read through block_tables[b].
+
+    Paged cache per layer: k_cache, v_cache of shape [num_blocks, block_size, kv_heads, head_dim];
+    slot = block_id * block_size + offset; slot -1 = do not write (padding).
+    """
+    slot_mapping: torch.Tensor     # [T] int64
+    query_start_loc: torch.Tensor  # [B+1] int32, on the model's device
+    seq_lens: torch.Tensor         # [B] int32, context length after this step
+    block_tables: torch.Tensor     # [B, max_blocks_per_seq] int32, -1 padded
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # host copies, so the CPU path loops over sequences without device syncs
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None

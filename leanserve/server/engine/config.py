@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str                          # model directory (HF transformers layout)
+    served_model_name: str | None = None  # default: the directory's basename
+    device: str = "auto"                # auto = cuda if available else cpu
+    dtype: str = "auto"                 # auto = bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = None    # default: config.max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # token budget of one engine step (chunked prefill)
+    block_size: int = 16
+    num_kv_blocks: int | None = None    # None = size from memory (gpu_memory_utilization / cpu_kv_cache_gib)
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    max_queued_requests: int = 256     # waiting-queue bound; admission beyond it -> QueueFullError (429)
+    seed: int = 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built in seconds (no hub, no zoo needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _corpus() -> list[str]:
+    import json, textwrap  # noqa: E401 - their docstrings are the corpus
+    texts = [m.__doc__ or "" for m in (json, textwrap, os, pytest)]
+    texts += [f"{a} + {b} = {a + b}" for a in range(40) for b in range(0, 40, 7)]
+    return texts * 3
+
+
+def build_tiny_llm(out_dir, *, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
+                   num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 512, seed: int = 0):
+    """A random-weight Llama directory in HF layout with a real trained BPE tokenizer."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from leanserve.data.tokenizer import stop_token_ids, train_tokenizer
+
+    tok = train_tokenizer(_corpus(), out_dir, vocab_size=vocab_size, model_max_length=max_position_embeddings)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+                         bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
+                     pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
