@@ -1,0 +1,269 @@
+"""`leanserve data build`: determinism, splits, task checkers, chat pairs, CLI errors."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from leanserve.cli import main
+from leanserve.data.build import load_manifest, read_jsonl, split_of
+from leanserve.data.chat import summary
+from leanserve.data.tasks import KINDS, Task, check, generate_task, generate_tasks, retrieval_task
+from leanserve.errors import UserError
+
+SMALL = ["--max-docs", "60", "--num-tasks", "48,24,24"]
+
+
+def _build_cli(out, seed: int) -> dict:
+    assert main(["data", "build", "--out", str(out), "--seed", str(seed), *SMALL]) == 0
+    return load_manifest(out)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    return out, _build_cli(out, seed=0)
+
+
+def _rows(out, manifest, domain, split) -> list[dict]:
+    return list(read_jsonl(out / manifest["splits"][domain][split]["path"]))
+
+
+# --- determinism --------------------------------------------------------------------------
+
+def test_same_seed_same_bytes_other_seed_other_tasks(built, tmp_path):
+    out, manifest = built
+    again = _build_cli(tmp_path / "again", seed=0)
+    assert again["sha256"] == manifest["sha256"]
+    other = _build_cli(tmp_path / "other", seed=1)
+    for split in ("train", "val", "test"):
+        assert other["splits"]["tasks"][split]["sha256"] != manifest["splits"]["tasks"][split]["sha256"]
+        # the corpora and their splits do not depend on the seed
+        assert other["splits"]["code"][split]["sha256"] == manifest["splits"]["code"][split]["sha256"]
+    assert other["sha256"] != manifest["sha256"]
+
+
+def test_build_does_not_depend_on_hash_randomisation(tmp_path):
+    code = ("import sys; from leanserve.data.build import BuildOptions, build; "
+            "print(build(sys.argv[1], BuildOptions(max_docs=30, num_tasks=(12, 6, 6)))['sha256'])")
+    hashes = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], env=env,
+                              capture_output=True, text=True, check=True)
+        hashes.add(proc.stdout.strip())
+    assert len(hashes) == 1
+
+
+def test_manifest_describes_the_files(built):
+    out, manifest = built
+    assert manifest["python"] == sys.version and manifest["seed"] == 0
+    assert set(manifest["splits"]) == {"code", "docs", "tasks", "chat"}
+    for domain, splits in manifest["splits"].items():
+        for split, entry in splits.items():
+            data = (out / entry["path"]).read_bytes()
+            assert entry["path"] == f"{domain}/{split}.jsonl"
+            assert entry["num_bytes"] == len(data)
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+            assert entry["num_rows"] == len(_rows(out, manifest, domain, split))
+    assert manifest["splits"]["tasks"]["val"]["num_rows"] == 24
+
+
+def test_rows_have_the_documented_fields(built):
+    out, manifest = built
+    code = _rows(out, manifest, "code", "train")
+    assert code and all(set(r) == {"id", "source", "text"} and r["source"].endswith(".py") for r in code)
+    assert all(len(r["text"].encode()) <= 64 * 1024 for r in code)
+    assert not any("/test/" in r["source"] or r["source"].startswith(("idlelib/", "test/")) for r in code)
+    docs = [r for s in ("train", "val", "test") for r in _rows(out, manifest, "docs", s)]
+    assert any(r["id"].startswith("topic:") for r in docs) and any(r["source"].endswith(".py") for r in docs)
+    task = _rows(out, manifest, "tasks", "train")[0]
+    assert set(task) == {"id", "kind", "prompt", "answer", "params", "text"}
+    assert task["text"] == f"{task['prompt']} {task['answer']}"
+    chat = _rows(out, manifest, "chat", "train")
+    assert {r["source"] for r in chat} == {"docs", "tasks"}
+    for r in chat:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert (r["task"] is None) == (r["source"] == "docs")
+
+
+# --- splits -------------------------------------------------------------------------------
+
+def test_splits_are_disjoint_by_document(built):
+    out, manifest = built
+    ids = {}
+    for domain in ("code", "docs"):
+        ids[domain] = {s: [r["id"] for r in _rows(out, manifest, domain, s)] for s in ("train", "val", "test")}
+        assert sum(bool(v) for v in ids[domain].values()) >= 2, "too few documents to exercise the split"
+        for split, split_ids in ids[domain].items():
+            assert len(set(split_ids)) == len(split_ids)
+            assert all(split_of(i) == split for i in split_ids)
+    # a module's code and docs share a split, and docs chat pairs follow their document
+    code_split = {i: s for s, v in ids["code"].items() for i in v}
+    docs_split = {i: s for s, v in ids["docs"].items() for i in v}
+    assert all(code_split[i] == s for i, s in docs_split.items() if not i.startswith("topic:"))
+    docs_pairs = 0
+    for split in ("train", "val", "test"):
+        for r in _rows(out, manifest, "chat", split):
+            if r["source"] == "docs":
+                assert docs_split[r["id"].split("#")[0]] == split
+                docs_pairs += 1
+    assert docs_pairs > 0
+
+
+def test_held_out_tasks_are_not_in_training(built):
+    out, manifest = built
+    train = {r["prompt"] for r in _rows(out, manifest, "tasks", "train")}
+    train |= {r["task"]["prompt"] for r in _rows(out, manifest, "chat", "train") if r["task"]}
+    for split in ("val", "test"):
+        held = [r["prompt"] for r in _rows(out, manifest, "tasks", split)]
+        held += [r["task"]["prompt"] for r in _rows(out, manifest, "chat", split) if r["task"]]
+        assert held and not train & set(held)
+
+
+# --- tasks and checkers -------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def _items(text: str) -> list[str]:
+    return text.split(": ", 1)[1].rstrip(".").split(", ")
+
+
+def _solve(task: Task) -> str:
+    """The answer worked out from the prompt text alone (not from the generator's params)."""
+    p = task.prompt
+    if task.kind == "add":
+        return str(sum(_ints(p)))
+    if task.kind == "sub":
+        a, b = _ints(p)
+        return str(a - b)
+    if task.kind == "sort":
+        items = _items(p)
+        return ", ".join(sorted(items, key=int) if items[0].isdigit() else sorted(items))
+    if task.kind == "reverse":
+        quoted = re.search(r"'(\w+)'", p)
+        return quoted.group(1)[::-1] if quoted else ", ".join(_items(p)[::-1])
+    if task.kind == "count":
+        target, where = re.findall(r"'([^']+)'", p) if "letter" in p else (re.search(r"'(\w+)'", p).group(1), None)
+        return str(where.count(target) if where else _items(p.rstrip("?")).count(target))
+    if task.kind == "retrieval":
+        key = re.search(r"in line (\d+)\?$", p).group(1)
+        return re.search(rf"^line {key}: REGISTER_CONTENT is (\d+)$", p, re.M).group(1)
+    raise AssertionError(task.kind)
+
+
+def _wrong(task: Task) -> list[str]:
+    items = task.answer.split(", ")
+    if task.answer.isdigit():
+        n = int(task.answer)
+        return [str(n + 1), str(n * 10 + 1), f"{n} {n}"] + ([str(n - 1)] if n else [])
+    wrong = [", ".join(items[:-1]), task.answer + ", x"]
+    if len(set(items)) > 1:
+        wrong.append(", ".join(items[::-1]))
+    if len(items) == 1 and len(set(task.answer)) > 1:
+        wrong.append(task.answer[::-1])
+    return wrong
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checker_accepts_right_and_rejects_wrong(kind):
+    rng = random.Random(123)
+    for _ in range(30):
+        task = generate_task(kind, rng)
+        assert task.kind == kind
+        assert task.answer == _solve(task)
+        for ok in (task.answer, f"  {task.answer}.\n", task.answer.replace(", ", " ")):
+            assert check(task, ok), (task.prompt, ok)
+        for bad in _wrong(task) + ["", "I don't know"]:
+            assert not check(task, bad), (task.prompt, bad)
+
+
+def test_generate_tasks_is_seeded_and_covers_kinds():
+    a, b, c = generate_tasks(24, seed=5), generate_tasks(24, seed=5), generate_tasks(24, seed=6)
+    assert a == b and a != c
+    assert {t.kind for t in a} == set(KINDS)
+    assert {t.kind for t in generate_tasks(6, seed=0, kinds=("add", "sort"))} == {"add", "sort"}
+    with pytest.raises(ValueError):
+        generate_task("nope", random.Random(0))
+
+
+@pytest.mark.parametrize("num_lines", [10, 300])
+def test_retrieval_at_a_number_of_lines(num_lines):
+    for position in (0.0, 0.5, 0.99):
+        task = retrieval_task(random.Random(num_lines), num_lines=num_lines, position=position)
+        records = re.findall(r"^line (\d+): REGISTER_CONTENT is (\d+)$", task.prompt, re.M)
+        assert len(records) == num_lines == task.params["num_lines"]
+        assert len({k for k, _ in records}) == num_lines  # keys are unique, so the question is unambiguous
+        index = task.params["index"]
+        assert index == int(position * num_lines)
+        assert task.prompt.endswith(f"in line {records[index][0]}?") and task.answer == records[index][1]
+        assert check(task, task.answer) and not check(task, str(int(task.answer) + 1))
+
+
+@pytest.mark.parametrize("target", [100, 2000])
+def test_retrieval_at_a_target_token_length(target):
+    def count_tokens(text: str) -> int:  # a stand-in tokenizer: one token per word or symbol
+        return len(re.findall(r"\w+|[^\w\s]", text))
+
+    task = retrieval_task(random.Random(0), target_tokens=target, count_tokens=count_tokens)
+    n = count_tokens(task.prompt)
+    per_line = count_tokens("line 123456: REGISTER_CONTENT is 12345")
+    assert target - per_line < n <= target  # the longest prompt that fits
+    assert task.params["target_tokens"] == target and task.answer == _solve(task)
+    with pytest.raises(ValueError):
+        retrieval_task(random.Random(0), target_tokens=target)  # no tokenizer given
+
+
+# --- chat ---------------------------------------------------------------------------------
+
+def test_task_chat_answers_pass_the_checker(built):
+    out, manifest = built
+    rows = [r for s in ("train", "val", "test") for r in _rows(out, manifest, "chat", s) if r["source"] == "tasks"]
+    assert len(rows) == 48 + 24 + 24
+    for r in rows:
+        task = Task.from_row(r["task"])
+        assert r["messages"][0]["content"] == task.prompt
+        assert check(task, r["messages"][1]["content"]) and task.answer == _solve(task)
+
+
+def test_docs_summary_is_the_first_sentence():
+    assert summary("Return the sum, e.g. 1 + 2.  More text.\n\nDetails.") == "Return the sum, e.g. 1 + 2."
+    assert summary("Serialize ``obj`` as\nJSON text.\n\nMore.") == "Serialize ``obj`` as JSON text."
+    assert summary("dumps(obj) -> str\n\nReturn JSON.") is None  # a C-style signature line
+    assert summary("json.decoder") is None
+    assert summary("Word " * 100) is None
+
+
+# --- CLI errors ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_cli_rejects_an_unusable_output_path(tmp_path, capsys, sub):
+    target = tmp_path / "file"
+    target.write_text("x")
+    out = target / sub if sub else target  # the file itself, or a directory under it
+    assert main(["data", "build", "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error" in err and str(out) in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv", [["--num-tasks", "ten"], ["--num-tasks", "1,2"], ["--max-docs", "0"], []])
+def test_cli_rejects_bad_options(tmp_path, capsys, argv):
+    out = [] if not argv else ["--out", str(tmp_path / "out")]  # [] = --out missing
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "build", *out, *argv])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "error" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_manifest_of_a_missing_build(tmp_path):
+    with pytest.raises(UserError, match="manifest.json"):
+        load_manifest(tmp_path)
