@@ -1,0 +1,239 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embedding, fused linears, SiLU-gated MLP
+and the paged attention layer (PyTorch path; Triton kernels in leanserve/kernels drop in behind
+`paged_attention` / `store_kvcache`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanserve.models.attention_metadata import AttentionMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, weight applied after casting back: transformers' order, so bf16
+        # checkpoints see the same rounding they were trained/evaluated with
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With `residual` (vLLM's fused add): normalises x + residual and also returns that sum,
+        which is the residual stream for the next sub-layer."""
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class MergedLinear(nn.Linear):
+    """Several Linears sharing one input, stored as one matmul (q/k/v -> qkv_proj, gate/up ->
+    gate_up_proj). Checkpoints keep them separate; the loader copies shard i into its rows."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool):
+        super().__init__(input_size, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
+        start = sum(self.output_sizes[:shard])
+        dst = param.data.narrow(0, start, self.output_sizes[shard])
+        if dst.shape != loaded.shape:
+            raise ValueError(f"shard {shard}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(dst.shape)}")
+        dst.copy_(loaded)
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+def rope_inv_freq(head_dim: int, rope_parameters: dict) -> torch.Tensor:
+    """Inverse frequencies for the rope types the Llama family ships with (transformers' formulas)."""
+    if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial_rotary_factor != 1 is not supported by the Llama family implementation")
+    base = rope_parameters.get("rope_theta", 10000.0)
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        # scaling positions by 1/factor == scaling frequencies by 1/factor
+        return inv_freq / rope_parameters["factor"]
+    if rope_type == "llama3":
+        factor = rope_parameters["factor"]
+        low, high = rope_parameters["low_freq_factor"], rope_parameters["high_freq_factor"]
+        old_ctx = rope_parameters["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (low frequencies) are interpolated by `factor`, short ones kept,
+        # and the band in between blended smoothly
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(is_medium, smoothed, scaled)
+    raise NotImplementedError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (GPT-NeoX layout) rotary embedding, as HF Llama checkpoints expect.
+
+    The cos/sin table is an fp32 plain attribute, not a buffer: model-wide dtype casts must not
+    round it to bf16, and it has to survive building the model on the meta device."""
+
+    def __init__(self, head_dim: int, max_position: int, rope_parameters: dict):
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = rope_inv_freq(head_dim, rope_parameters)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float, device="cpu"), inv_freq)
+        self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated, same dtype."""
+        if self.cos_sin_cache.device != positions.device:
+            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)  # one-time move to the model's device
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write the step's new K/V [T, Hkv, D] into the paged cache at `slot_mapping` (-1 = skip)."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Reference paged attention for any step (prefill chunks and decodes mixed). q [T, Hq, D] -> [T, Hq, D].
+
+    Sequence b's q_len queries are the last positions of its seq_lens[b]-token context, so query
+    i sits at absolute position seq_len - q_len + i and sees keys j <= that position (and, with a
+    sliding window W, only j > position - W, transformers' convention). Keys are gathered through
+    the block table; only the first seq_len cached slots are read. Decoding sequences go through
+    one batched call; prefilling ones are looped over."""
+    qsl = meta.query_start_loc_cpu if meta.query_start_loc_cpu is not None else meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
+    block_size = k_cache.shape[1]
+    out = torch.zeros_like(q)  # rows of padding tokens (outside every sequence) stay finite
+    decodes = [b for b in range(len(seq_lens)) if qsl[b + 1] - qsl[b] == 1]
+    if decodes:
+        idx = torch.tensor(decodes, device=q.device)
+        rows = torch.tensor([qsl[b] for b in decodes], device=q.device)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta.block_tables[idx], meta.seq_lens[idx],
+                                      max(seq_lens[b] for b in decodes), scale, sliding_window)
+    for b, seq_len in enumerate(seq_lens):
+        start, end = qsl[b], qsl[b + 1]
+        q_len = end - start
+        if q_len <= 1:
+            continue
+        blocks = meta.block_tables[b, :(seq_len + block_size - 1) // block_size]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [L, Hkv, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        windowed = sliding_window is not None and seq_len > sliding_window
+        mask = None
+        if q_len < seq_len or windowed:  # else plain causal, which lets SDPA pick its fastest kernel
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if windowed:
+                mask &= k_pos > q_pos - sliding_window
+        # 4-D inputs: on CUDA, 3-D ones silently fall back to SDPA's slow math kernel
+        o = F.scaled_dot_product_attention(q[None, start:end].transpose(1, 2), k[None].transpose(1, 2),
+                                           v[None].transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+                                           scale=scale, enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 meta: AttentionMetadata, scale: float, sliding_window: int | None = None
+                                 ) -> torch.Tensor:
+    """Reference paged attention for a pure decode step: every sequence has exactly one new token,
+    so sequence b's query is row b (rows past B are padding). No host syncs, so it also runs under
+    CUDA graph capture. q [T, Hq, D] -> [T, Hq, D]."""
+    num_seqs = meta.block_tables.shape[0]
+    out = torch.zeros_like(q)
+    out[:num_seqs] = _decode_attention(q[:num_seqs], k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.max_seq_len, scale, sliding_window)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, max_seq_len: int, scale: float, sliding_window: int | None
+                      ) -> torch.Tensor:
+    """One query per sequence, at the last position of its context: q [B, Hq, D] -> [B, Hq, D].
+    Contexts are gathered padded to max_seq_len and the tail masked."""
+    block_size = k_cache.shape[1]
+    tables = block_tables[:, :(max_seq_len + block_size - 1) // block_size].clamp(min=0)  # -1 pads read block 0
+    k = k_cache[tables].flatten(1, 2)  # [B, L, Hkv, D]
+    v = v_cache[tables].flatten(1, 2)
+    k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    seq_lens = seq_lens[:, None]
+    mask = k_pos < seq_lens  # [B, L]
+    if sliding_window is not None:
+        mask &= k_pos >= seq_lens - sliding_window
+    # unwritten slots may hold NaN/inf garbage, which a -inf score alone would not neutralise (0 * nan);
+    # in place: the gathered k/v are fresh copies, and they are this path's largest temporaries
+    drop = ~mask[:, :, None, None]
+    k.masked_fill_(drop, 0)
+    v.masked_fill_(drop, 0)
+    o = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """The one dispatch point for paged attention (Triton kernels plug in here for CUDA)."""
+    if meta.max_query_len == 1:
+        return paged_decode_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+class PagedAttention(nn.Module):
+    """Stores this step's K/V in the layer's paged cache, then attends through it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        k_cache, v_cache = kv_cache
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return o.flatten(1)
