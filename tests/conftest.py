@@ -16,8 +16,13 @@ def _corpus() -> list[str]:
 
 
 def build_tiny_llm(out_dir, *, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-                   num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 512, seed: int = 0):
-    """A random-weight Llama directory in HF layout with a real trained BPE tokenizer."""
+                   num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 512, seed: int = 0,
+                   init_std: float = 0.2):
+    """A random-weight Llama directory in HF layout with a real trained BPE tokenizer.
+
+    init_std is 10x transformers' default: at 0.02 a random model is nearly constant (greedy
+    repeats one token), which would let attention or KV-cache bugs go unseen.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +33,8 @@ def build_tiny_llm(out_dir, *, vocab_size: int = 512, hidden_size: int = 64, num
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
                          bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=init_std)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out_dir, safe_serialization=True)

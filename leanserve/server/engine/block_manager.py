@@ -1,0 +1,152 @@
+"""Paged KV block pool with prefix caching (vLLM V1 `BlockPool` + `KVCacheManager`, condensed).
+
+Every block has a ref count. Free blocks (ref 0) sit in an LRU queue; with prefix caching a
+FULL block also keeps the chained hash of its contents, so a later request with the same prefix
+can take it back from the free queue (or share it while it is still in use) instead of
+recomputing it. A block loses its hash only when the pool hands it out for new contents.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from leanserve.server.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] | None = None  # contents of a hashed block, checked on every hit
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
+    """SHA-256 over (parent hash, little-endian int64 token ids): chaining makes a block's hash
+    identify the whole prefix up to and including it, not just its own tokens."""
+    h = hashlib.sha256(parent_hash or b"")
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head = evicted first
+        self.cached_blocks: dict[bytes, int] = {}  # block hash -> block id
+        # cumulative, in tokens (vLLM semantics: queries = tokens of admitted requests)
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live sequences; cached-but-free blocks count as free."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
+        """Extend the sequence's chained hashes to its first `num_full_blocks` blocks."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), num_full_blocks):
+            parent = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+        return seq.block_hashes[:num_full_blocks]
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Leading blocks of a not-yet-admitted sequence that the cache already holds. At most
+        (num_tokens - 1) tokens are served from the cache, so the last prompt token is always
+        computed and produces the logits for the first sample."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hits = []
+        for i, h in enumerate(self._block_hashes(seq, (seq.num_tokens - 1) // bs)):
+            block_id = self.cached_blocks.get(h)
+            # a hash collision must not hand out another prefix's K/V, however unlikely
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+        """Give `seq` blocks for `num_new_tokens` more tokens. `computed_blocks` (from
+        get_computed_blocks) is passed once, at admission: they become the head of its block table
+        and count as computed. Returns False, changing nothing, if the pool is too small."""
+        computed_blocks = computed_blocks or []
+        num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_required = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_new_blocks = num_required - len(seq.block_table) - len(computed_blocks)
+        # cache hits sitting in the free queue leave it when touched, so they count against it too
+        num_evictable_hits = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
+        if num_new_blocks + num_evictable_hits > self.num_free_blocks:
+            return False
+        if seq.num_computed_tokens == 0:  # admission (fresh or after preemption)
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += len(computed_blocks) * self.block_size
+        for block_id in computed_blocks:
+            self._touch(block_id)
+        seq.block_table.extend(computed_blocks)
+        seq.num_computed_tokens = num_computed
+        for _ in range(num_new_blocks):
+            seq.block_table.append(self._pop_free_block())
+        if self.enable_prefix_caching:
+            # Blocks whose tokens are all computed by the end of this step become shareable now:
+            # a sequence admitted later in the same step reads them after this one wrote them,
+            # since the model stores a layer's K/V for the whole batch before attending.
+            self._cache_full_blocks(seq, (num_computed + num_new_tokens) // self.block_size)
+        return True
+
+    def _touch(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_cnt == 0:
+            del self.free_queue[block_id]
+        block.ref_cnt += 1
+
+    def _pop_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict its cached contents
+            if self.cached_blocks.get(block.block_hash) == block_id:
+                del self.cached_blocks[block.block_hash]
+            block.block_hash = block.token_ids = None
+        block.ref_cnt = 1
+        return block_id
+
+    def _cache_full_blocks(self, seq: Sequence, num_full_blocks: int) -> None:
+        bs = self.block_size
+        hashes = self._block_hashes(seq, num_full_blocks)
+        for i in range(seq.num_cached_blocks, num_full_blocks):
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is not None:  # a prefix-cache hit
+                continue
+            # an identical block computed by another sequence stays the canonical one
+            if hashes[i] not in self.cached_blocks:
+                block.block_hash = hashes[i]
+                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                self.cached_blocks[hashes[i]] = block.block_id
+        seq.num_cached_blocks = max(seq.num_cached_blocks, num_full_blocks)
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks. Tail blocks are freed first so they are also evicted
+        first: a prefix's head is worth more than its tail. Unhashed blocks hold nothing
+        reusable and go to the front of the queue."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, f"block {block_id} freed twice"
+            if block.ref_cnt == 0:
+                self.free_queue[block_id] = None
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_cached_blocks = 0

@@ -1,0 +1,144 @@
+"""Owns the model, the paged KV cache and the sampler; turns a scheduled step into tensors,
+runs the forward and samples one token for every sequence whose prompt is fully computed."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from leanserve.models.attention_metadata import AttentionMetadata
+from leanserve.models.loader import load_model
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.sampler import Sampler, SamplerOutput
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype)
+        self.vocab_size = self.model.vocab_size
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def bytes_per_block(self) -> int:
+        m = self.model
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def profile_num_blocks(self, max_model_len: int) -> int:
+        """How many KV blocks fit: CPU from cpu_kv_cache_gib; CUDA from what a max-size step
+        leaves of total * gpu_memory_utilization (weights, peak activations, other processes)."""
+        if self.device.type != "cuda":
+            return int(self.config.cpu_kv_cache_gib * 2**30 // self.bytes_per_block)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._dummy_run(max_model_len)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # memory outside torch's allocator (CUDA context, other processes) + torch's peak
+        used = (total - free) - torch.cuda.memory_reserved(self.device) + torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        available = total * self.config.gpu_memory_utilization - used
+        logger.info("memory profile: total %.2f GiB, used at peak %.2f GiB, for KV cache %.2f GiB",
+                    total / 2**30, used / 2**30, available / 2**30)
+        return max(int(available // self.bytes_per_block), 0)
+
+    @torch.inference_mode()
+    def _dummy_run(self, max_model_len: int) -> None:
+        """One prefill step of max_num_batched_tokens tokens (as few sequences as max_model_len
+        allows), then logits for max_num_seqs rows: the largest activations a step can have."""
+        c, bs = self.config, self.block_size
+        total = c.max_num_batched_tokens
+        lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
+        num_blocks = sum(-(-n // bs) for n in lens)
+        self.allocate_kv_cache(num_blocks)
+        seqs, next_block = [], 0
+        for n in lens:
+            seq = Sequence("profile", [0] * n, SamplingParams(temperature=0), 0.0, [])
+            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(seq.block_table)
+            seqs.append((seq, n))
+        input_ids, positions, meta, _ = self._prepare(seqs)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
+        self.model.compute_logits(hidden[rows]).softmax(-1)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.model
+        shape = (2, m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        # zeros, not empty: a kernel that reads a whole block must not meet NaN garbage
+        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(cache[0, i], cache[1, i]) for i in range(m.num_layers)]
+
+    def _prepare(self, scheduled: list[tuple[Sequence, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc, seq_lens, sample_rows = [0], [], []
+        for seq, n in scheduled:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
+                sample_rows.append(query_start_loc[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in scheduled)
+        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in scheduled]
+        dev = self.device
+
+        def tensor(x, dtype):
+            return torch.tensor(x, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(tables, torch.int32),
+            max_query_len=max(n for _, n in scheduled),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run one step; returns the sequences that sampled (batch order) and their samples."""
+        input_ids, positions, meta, sample_rows = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        if not sampling:
+            return [], None
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return sampling, self.sampler(logits, sampling)
