@@ -1,0 +1,217 @@
+"""The FastAPI application: `create_app(settings, engines)`.
+
+`engines` maps a served model name to its engine; each engine has a `kind` ("llm" now,
+"image" later) and the route modules pick the engines of their kind. The lifespan starts
+and stops the engines; `ServerState.shutdown()` drains them (SIGTERM, see serve.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from leanserve import __version__
+from leanserve.server.errors import APIError, error_response, install_exception_handlers
+from leanserve.server.metrics import ServerMetrics
+from leanserve.server.routes import openai, ops
+from leanserve.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+OPS_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})  # never gated by auth or draining
+FLUSH_TIMEOUT_S = 2.0  # after the engines finished every request, time for the last SSE events to go out
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engines: Mapping[str, object]
+    kinds: dict[str, str]   # model name -> "llm" | "image"
+    metrics: ServerMetrics
+    api_key_digests: list[bytes] = field(default_factory=list)
+    ready: bool = False     # engines started
+    draining: bool = False  # shutdown begun: health 503, new requests 503
+    num_in_flight: int = 0  # API requests being answered (the /load value)
+    created: int = field(default_factory=lambda: int(time.time()))
+    _shutdown: asyncio.Task | None = None
+
+    def engine(self, name: str, kind: str):
+        engine = self.engines.get(name)
+        if engine is None:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        if self.kinds[name] != kind:
+            raise APIError(400, f"The model `{name}` is an {self.kinds[name]} model; this endpoint needs "
+                                f"a {kind} model.", "model")
+        return engine
+
+    def default_engine(self, kind: str):
+        for name, engine in self.engines.items():
+            if self.kinds[name] == kind:
+                return engine
+        raise APIError(404, f"No {kind} model is served.", "model")
+
+    def healthy(self) -> bool:
+        return self.ready and not self.draining and all(e.stats().healthy for e in self.engines.values())
+
+    def api_key_ok(self, authorization: str | None) -> bool:
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        # constant-time over fixed-length digests: neither the key nor its length leaks by timing
+        digest = hashlib.sha256(authorization.removeprefix("Bearer ").encode("latin-1")).digest()
+        return any(secrets.compare_digest(digest, d) for d in self.api_key_digests)
+
+    async def shutdown(self) -> None:
+        """Drain: refuse new requests, let the engines finish in-flight ones for up to
+        settings.shutdown_timeout then abort the rest, and give the streams time to send
+        their final events. Idempotent (SIGTERM and the lifespan exit both call it)."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._shutdown)
+
+    async def _drain(self) -> None:
+        self.draining = True
+        logger.info("draining %d in-flight requests (timeout %.1f s)", self.num_in_flight,
+                    self.settings.shutdown_timeout)
+        await asyncio.gather(*(e.shutdown(self.settings.shutdown_timeout) for e in self.engines.values()))
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while self.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+
+class FrontDoorMiddleware:
+    """Per-request checks before any route runs: arrival stamp, API key, draining, body
+    size and content type; counts in-flight API requests and echoes X-Request-Id.
+
+    A plain ASGI middleware (not BaseHTTPMiddleware) so streaming responses and client
+    disconnects pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["arrival_time"] = time.monotonic()  # TTFT and e2e start here
+        state, path, method = self.state, scope["path"], scope["method"]
+        if path in OPS_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+        if state.api_key_digests and path.startswith("/v1/") and method != "OPTIONS" \
+                and not state.api_key_ok(headers.get("authorization")):
+            await error_response(401, "Invalid or missing API key (send Authorization: Bearer <key>)")(
+                scope, receive, send)
+            return
+        if state.draining or not state.ready:
+            message = "Server is shutting down" if state.draining else "Server is not ready"
+            await error_response(503, message)(scope, receive, send)
+            return
+        if method == "POST":
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            if not (content_type == "application/json" or content_type.endswith("+json")):
+                await error_response(415, f"Unsupported Content-Type {content_type or '(none)'!r}; "
+                                          "send application/json")(scope, receive, send)
+                return
+            receive = await self._read_body(scope, receive, send, headers)
+            if receive is None:
+                return
+
+        request_id = headers.get("x-request-id")
+        if request_id:
+            send = _add_header(send, b"x-request-id", request_id.encode("latin-1"))
+        state.num_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.num_in_flight -= 1
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send,
+                         headers: dict[str, str]) -> Receive | None:
+        """Read the whole (JSON) body under the size limit, then replay it to the app.
+
+        Reading up front turns both a large Content-Length and an endless chunked body
+        into a 413 before any parsing; later receive() calls reach the client, so
+        disconnects are still seen."""
+        limit = self.state.settings.max_body_bytes
+        too_large = error_response(413, f"Request body is larger than {limit} bytes")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            await too_large(scope, receive, send)
+            return None
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await too_large(scope, receive, send)
+                return None
+            if not message.get("more_body", False):
+                break
+        pending: Message | None = {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()
+
+        return replay
+
+
+def _add_header(send: Send, name: bytes, value: bytes) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (name, value)]
+        await send(message)
+    return wrapped
+
+
+def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastAPI:
+    kinds = {name: e.kind for name, e in engines.items()}
+    llm_engines = {name: e for name, e in engines.items() if kinds[name] == "llm"}
+    state = ServerState(settings=settings, engines=engines, kinds=kinds, metrics=ServerMetrics(llm_engines),
+                        api_key_digests=[hashlib.sha256(k.encode()).digest() for k in settings.api_keys])
+
+    async def log_stats_loop() -> None:
+        while True:
+            await asyncio.sleep(settings.log_stats_interval)
+            state.metrics.log_stats()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for engine in engines.values():
+            await engine.start()
+        state.ready = True
+        logger.info("serving %s", ", ".join(f"{name} ({kind})" for name, kind in kinds.items()))
+        log_task = asyncio.create_task(log_stats_loop()) if settings.log_stats_interval > 0 else None
+        try:
+            yield
+        finally:
+            if log_task is not None:
+                log_task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await log_task
+            await state.shutdown()
+
+    app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    install_exception_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    app.add_middleware(FrontDoorMiddleware, state=state)
+    return app

@@ -1,0 +1,14 @@
+"""Route modules by API: openai (chat, completions, models, tokenize), ops (health, metrics,
+version, load); images and jobs come later. Each exposes an APIRouter named `router`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+if TYPE_CHECKING:
+    from leanserve.server.app import ServerState
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server

@@ -1,0 +1,433 @@
+"""OpenAI-compatible routes: chat completions, completions, models, tokenize/detokenize.
+
+A request with `n` choices (and, for completions, several prompts) fans out into one engine
+request per choice; their output streams are merged into one response or SSE stream with a
+per-choice `index`. Choice i of a seeded request uses seed + i, so each choice is
+reproducible on its own (a request with seed s + i and n=1 gives choice i's text).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.errors import APIError
+from leanserve.server.metrics import RequestMetrics
+from leanserve.server.protocol import (
+    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, SamplingRequest, TokenizeRequest, TokenizeResponse,
+)
+from leanserve.server.routes import server_state
+from leanserve.server.streaming import SSE_DONE, SSE_HEADERS, merge_streams, sse_error, sse_event
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+CONTEXT_OVERFLOW = ("This model's maximum context length is {L} tokens. However, you requested {total} tokens "
+                    "({P} in the messages, {M} in the completion). Please reduce the length of the messages "
+                    "or completion.")
+MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
+
+
+# ---------------------------------------------------------------- models
+
+def _model_card(state, name: str, engine) -> ModelCard:
+    return ModelCard(id=name, created=state.created,
+                     max_model_len=engine.max_model_len if state.kinds[name] == "llm" else None)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request):
+    state = server_state(request)
+    return ModelList(data=[_model_card(state, name, e) for name, e in state.engines.items()])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request):
+    state = server_state(request)
+    if model_id not in state.engines:
+        raise APIError(404, f"The model `{model_id}` does not exist.", "model")
+    return _model_card(state, model_id, state.engines[model_id])
+
+
+# ---------------------------------------------------------------- prompts and sampling params
+
+def _render_chat(engine, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                 template_kwargs: dict | None = None, add_special_tokens: bool = False) -> list[int]:
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        raise APIError(400, f"The model `{engine.model_name}` has no chat template; use /v1/completions.",
+                       "messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    # template variables only: a per-request `chat_template` (or tokenize=...) must not slip through
+    reserved = sorted(set(template_kwargs or ()) & set(inspect.signature(tok.apply_chat_template).parameters))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+    try:
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       **(template_kwargs or {}))
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise APIError(400, f"The chat template could not render these messages: {e}", "messages") from e
+    # the template already wrote BOS; the tokenizer must not add another one
+    return tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _check_token_ids(engine, ids: list[int], param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(400, f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})",
+                       param)
+
+
+@functools.cache
+def _generation_defaults(model_dir: str) -> dict:
+    """Sampling defaults the model ships in generation_config.json (vLLM reads the same keys)."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
+def _sampling_params(body: SamplingRequest, engine, prompt_len: int, max_tokens: int | None,
+                     logprobs: int | None, prompt_param: str) -> SamplingParams:
+    limit = engine.max_model_len
+    # default: whatever context is left (at least one token, so an over-long prompt reports clearly)
+    max_tokens = max_tokens if max_tokens is not None else max(limit - prompt_len, 1)
+    if prompt_len + max_tokens > limit:
+        raise APIError(400, CONTEXT_OVERFLOW.format(L=limit, total=prompt_len + max_tokens, P=prompt_len,
+                                                    M=max_tokens), prompt_param)
+    bias = None
+    if body.logit_bias:
+        bias = {}
+        for key, value in body.logit_bias.items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise APIError(400, f"logit_bias: key {key!r} is not a token id", "logit_bias") from None
+        _check_token_ids(engine, list(bias), "logit_bias")
+    stop_token_ids = body.stop_token_ids or []
+    _check_token_ids(engine, stop_token_ids, "stop_token_ids")
+    defaults = _generation_defaults(engine.config.model)
+
+    def pick(name: str, fallback):
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    try:
+        return SamplingParams(
+            temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", -1),
+            min_p=pick("min_p", 0.0), seed=body.seed, presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty", 1.0),
+            max_tokens=max_tokens, min_tokens=body.min_tokens, stop=body.stop_list(),
+            stop_token_ids=stop_token_ids, ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=bias,
+            skip_special_tokens=body.skip_special_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
+# ---------------------------------------------------------------- fan-out, generation, cancellation
+
+@dataclass(slots=True)
+class _Choice:
+    """One engine request behind one output choice."""
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    counts_prompt: bool   # the first choice of its prompt: usage counts the prompt once
+    prefix: str = ""      # echoed prompt text, emitted before the first token
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    started: bool = False  # streaming: role chunk / echo already sent
+    text_offset: int = 0   # completions logprobs: characters emitted so far
+
+
+def _fan_out(state, engine, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+             arrival: float, n: int, prefixes: list[str] | None = None) -> list[_Choice]:
+    mm = state.metrics.models[engine.model_name]
+    choices = []
+    for p, (ids, sp) in enumerate(zip(prompts, params)):
+        mm.observe_params(n, sp.max_tokens)
+        for i in range(n):
+            index = p * n + i
+            choices.append(_Choice(
+                index=index, request_id=f"{request_id}-{index}", prompt_ids=ids,
+                params=sp if sp.seed is None or i == 0 else replace(sp, seed=sp.seed + i),
+                metrics=mm.track(arrival), counts_prompt=i == 0, prefix=prefixes[p] if prefixes else "",
+                text_offset=len(prefixes[p]) if prefixes else 0))
+    return choices
+
+
+async def _start(engine, choices: list[_Choice], arrival: float) -> list[AsyncIterator[RequestOutput]]:
+    """Admit every choice or none: a 429/400 for choice k aborts choices 0..k-1."""
+    streams = []
+    try:
+        for c in choices:
+            streams.append(engine.generate(c.request_id, c.prompt_ids, c.params, arrival_time=arrival))
+    except BaseException as e:
+        for stream in streams:
+            await stream.aclose()
+        if isinstance(e, ValueError):
+            raise APIError(400, str(e)) from e
+        raise
+    return streams
+
+
+async def _generate(choices: list[_Choice], streams) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+    """Merged outputs of all choices, with per-choice state and metrics kept up to date."""
+    try:
+        async with aclosing(merge_streams(streams)) as merged:
+            async for i, out in merged:
+                c = choices[i]
+                c.metrics.on_output(out)
+                c.num_output_tokens = out.num_output_tokens
+                c.num_cached_tokens = out.num_cached_tokens
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+                    if out.finish_reason == "error":
+                        raise APIError(500, out.error or "engine error")
+                yield c, out
+    finally:
+        for c in choices:  # left early (client gone, error): the closed streams aborted them
+            c.metrics.finish("abort")
+
+
+def _usage(choices: list[_Choice]) -> dict:
+    prompt = sum(len(c.prompt_ids) for c in choices if c.counts_prompt)
+    completion = sum(c.num_output_tokens for c in choices)
+    cached = sum(c.num_cached_tokens for c in choices if c.counts_prompt)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _with_cancellation(request: Request, handler: Coroutine) -> Response:
+    """Race a non-streaming handler against the client disconnecting (vLLM's with_cancellation):
+    on disconnect the handler is cancelled, which closes its engine streams and aborts them."""
+    task = asyncio.ensure_future(handler)
+    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _safe_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After the 200 is sent, errors travel in the stream: an error event, then [DONE]."""
+    try:
+        async with aclosing(events) as it:
+            async for event in it:
+                yield event
+    except APIError as e:
+        yield sse_error(e.message, e.status)
+    except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+        logger.exception("error while streaming")
+        yield sse_error(f"Internal server error: {type(e).__name__}: {e}")
+    yield SSE_DONE
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+# ---------------------------------------------------------------- chat completions
+
+def _chat_logprobs(items: list[TokenLogprob]) -> dict:
+    return {"content": [
+        {"token": t.token, "logprob": _clamp(t.logprob), "bytes": list(t.token.encode()),
+         "top_logprobs": [{"token": s, "logprob": _clamp(lp), "bytes": list(s.encode())} for _, s, lp in t.top]}
+        for t in items]}
+
+
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    arrival = request.state.arrival_time
+    engine = state.engine(body.model, "llm")
+    prompt_ids = _render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _sampling_params(body, engine, len(prompt_ids), max_tokens, logprobs, "messages")
+    request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
+    choices = _fan_out(state, engine, request_id, [prompt_ids], [params], arrival, body.n)
+    streams = await _start(engine, choices, arrival)
+    created = int(time.time())
+    if body.stream:
+        return _sse_response(_safe_events(_chat_stream(body, choices, streams, request_id, created)))
+    return await _with_cancellation(request, _chat_full(body, choices, streams, request_id, created))
+
+
+async def _chat_full(body: ChatCompletionRequest, choices, streams, request_id: str, created: int) -> Response:
+    async with aclosing(_generate(choices, streams)) as outputs:
+        async for c, out in outputs:
+            c.text.append(out.new_text)
+            if out.logprobs:
+                c.logprobs += out.logprobs
+    response = ChatCompletionResponse(
+        id=request_id, created=created, model=body.model, usage=_usage(choices),
+        choices=[ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content="".join(c.text)),
+                                      logprobs=_chat_logprobs(c.logprobs) if body.logprobs else None,
+                                      finish_reason=c.finish_reason) for c in choices])
+    return JSONResponse(response.model_dump())
+
+
+async def _chat_stream(body: ChatCompletionRequest, choices, streams, request_id: str,
+                       created: int) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options.continuous_usage_stats)
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+
+    def chunk(choice: dict) -> str:
+        event = {**head, "choices": [choice]}
+        if include_usage:
+            event["usage"] = _usage(choices) if continuous else None
+        return sse_event(event)
+
+    async with aclosing(_generate(choices, streams)) as outputs:
+        async for c, out in outputs:
+            events = []
+            if not c.started:  # the role chunk goes out with the first token, never earlier (TTFT)
+                c.started = True
+                events.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}))
+            # one event per engine step, even when the text delta is held back (ITL counts events)
+            delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+            events.append(chunk({"index": c.index, "delta": delta,
+                                 "logprobs": _chat_logprobs(out.logprobs) if out.logprobs else None,
+                                 "finish_reason": out.finish_reason if out.finished else None}))
+            yield "".join(events)
+    if include_usage:
+        yield sse_event({**head, "choices": [], "usage": _usage(choices)})
+
+
+# ---------------------------------------------------------------- completions
+
+def _completion_logprobs(items: list[TokenLogprob], c: _Choice) -> dict:
+    offsets = []
+    for t in items:
+        offsets.append(c.text_offset)
+        c.text_offset += len(t.token)
+    return {"tokens": [t.token for t in items], "token_logprobs": [_clamp(t.logprob) for t in items],
+            "top_logprobs": [{s: _clamp(lp) for _, s, lp in t.top} for t in items], "text_offset": offsets}
+
+
+@router.post("/v1/completions", responses={200: {"model": CompletionResponse}})
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    arrival = request.state.arrival_time
+    engine = state.engine(body.model, "llm")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
+    prompts, prefixes = [], []
+    for prompt in body.prompts():
+        if isinstance(prompt, str):
+            prompts.append(engine.tokenizer(prompt)["input_ids"])
+            prefixes.append(prompt)
+        else:
+            _check_token_ids(engine, prompt, "prompt")
+            prompts.append(prompt)
+            prefixes.append(engine.tokenizer.decode(prompt) if body.echo else "")
+    params = [_sampling_params(body, engine, len(ids), body.max_tokens, body.logprobs, "prompt") for ids in prompts]
+    request_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
+    choices = _fan_out(state, engine, request_id, prompts, params, arrival, body.n,
+                       prefixes if body.echo else None)
+    streams = await _start(engine, choices, arrival)
+    created = int(time.time())
+    if body.stream:
+        return _sse_response(_safe_events(_completion_stream(body, choices, streams, request_id, created)))
+    return await _with_cancellation(request, _completion_full(body, choices, streams, request_id, created))
+
+
+async def _completion_full(body: CompletionRequest, choices, streams, request_id: str, created: int) -> Response:
+    async with aclosing(_generate(choices, streams)) as outputs:
+        async for c, out in outputs:
+            c.text.append(out.new_text)
+            if out.logprobs:
+                c.logprobs += out.logprobs
+    response = CompletionResponse(
+        id=request_id, created=created, model=body.model, usage=_usage(choices),
+        choices=[CompletionChoice(
+            index=c.index, text=c.prefix + "".join(c.text), finish_reason=c.finish_reason,
+            logprobs=CompletionLogprobs(**_completion_logprobs(c.logprobs, c)) if body.logprobs is not None else None)
+            for c in choices])
+    return JSONResponse(response.model_dump())
+
+
+async def _completion_stream(body: CompletionRequest, choices, streams, request_id: str,
+                             created: int) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options.continuous_usage_stats)
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+    async with aclosing(_generate(choices, streams)) as outputs:
+        async for c, out in outputs:
+            text = out.new_text
+            if not c.started:
+                c.started = True
+                text = c.prefix + text
+            event = {**head, "choices": [{
+                "index": c.index, "text": text,
+                "logprobs": _completion_logprobs(out.logprobs, c) if out.logprobs else None,
+                "finish_reason": out.finish_reason if out.finished else None}]}
+            if include_usage:
+                event["usage"] = _usage(choices) if continuous else None
+            yield sse_event(event)
+    if include_usage:
+        yield sse_event({**head, "choices": [], "usage": _usage(choices)})
+
+
+# ---------------------------------------------------------------- tokenize / detokenize
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = server_state(request)
+    engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
+    if body.messages is not None:
+        tokens = _render_chat(engine, body.messages, body.add_generation_prompt,
+                              add_special_tokens=bool(body.add_special_tokens))
+    else:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = engine.tokenizer(body.prompt, add_special_tokens=add_special)["input_ids"]
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state = server_state(request)
+    engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
+    _check_token_ids(engine, body.tokens, "tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

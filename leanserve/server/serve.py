@@ -1,0 +1,130 @@
+"""`leanserve serve`: load the models, then serve them over HTTP until SIGINT/SIGTERM.
+
+Shutdown drains instead of cutting: on the first signal /health and new requests answer 503
+while in-flight requests finish (up to --shutdown-timeout, then they are aborted and their
+streams end with finish_reason "abort" and [DONE]); then uvicorn closes and the process exits.
+A second signal falls through to uvicorn's own handling (a second Ctrl+C forces the exit).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from leanserve.errors import UserError
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.settings import ServerSettings
+
+DEFAULT_MODEL = "zoo/chat-tiny"
+UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
+_ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
+    "--max-num-seqs": ("max_num_seqs", int),
+    "--max-model-len": ("max_model_len", int),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "--num-kv-blocks": ("num_kv_blocks", int),
+    "--block-size": ("block_size", int),
+    "--max-queued-requests": ("max_queued_requests", int),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+    "--device": ("device", str),
+    "--dtype": ("dtype", str),
+    "--seed": ("seed", int),
+}
+_UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory"}
+
+
+def add_arguments(p):
+    defaults = ServerSettings()
+    p.add_argument("--model", action="append", metavar="DIR",
+                   help=f"model directory; repeat to serve several (default: {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="the name clients send as `model`, one per --model (default: the directory name)")
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1/* (repeatable; default: $LEANSERVE_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout, metavar="S",
+                   help="seconds in-flight requests may finish after SIGTERM; 0 aborts them at once")
+    p.add_argument("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
+    engine = p.add_argument_group("engine")
+    engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    for flag, (name, type_) in _ENGINE_OPTIONS.items():
+        engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(),
+                            help=f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}")
+
+
+def _check_model_dir(path: str) -> None:
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if (d / "model_index.json").is_file():
+        raise UserError(f"{path} is an image model (diffusers layout); image serving is not available yet")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{path} is not a model directory (no config.json)")
+
+
+def run(args) -> int:
+    models = args.model or [DEFAULT_MODEL]
+    names = args.served_model_name or []
+    if names and len(names) != len(models):
+        raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
+    for path in models:
+        _check_model_dir(path)
+    env_key = os.environ.get("LEANSERVE_API_KEY")
+    settings = ServerSettings(host=args.host, port=args.port, api_keys=args.api_key or ([env_key] if env_key else []),
+                              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # heavy imports (torch, transformers) only once the arguments are known to be good
+    from leanserve.server.app import create_app
+    from leanserve.server.engine.async_engine import AsyncLLMEngine
+
+    engine_kwargs = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values()
+                     if getattr(args, name) is not None}
+    engines = {}
+    for i, path in enumerate(models):
+        engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=names[i] if names else None,
+                                             **engine_kwargs))
+        if engine.model_name in engines:
+            raise UserError(f"two models are served as {engine.model_name!r}; use --served-model-name")
+        engines[engine.model_name] = engine
+
+    app = create_app(settings, engines)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=UVICORN_GRACE_S)
+    server = DrainingServer(config, app.state.server)
+    server.run()
+    return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGINT/SIGTERM drains the app before uvicorn shuts down."""
+
+    def __init__(self, config: uvicorn.Config, state):
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+        self._draining = False
+
+    async def serve(self, sockets=None):
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame):
+        if not self.started or self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        # the handler runs between two bytecodes of the loop's own thread: schedule, don't await
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self):
+        self._drain_task = asyncio.ensure_future(self._drain())  # keep a reference: tasks are weakly held
+
+    async def _drain(self):
+        await self.state.shutdown()
+        self.should_exit = True

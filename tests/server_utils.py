@@ -1,0 +1,99 @@
+"""Run a REAL `leanserve serve` subprocess for the server tests (like vLLM's RemoteOpenAIServer)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+STARTUP_TIMEOUT_S = 120
+EXIT_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sse_data(lines) -> list[str]:
+    """The `data:` payloads of an SSE body, in order (comments and blank lines skipped)."""
+    return [line.removeprefix("data:").strip() for line in lines if line.startswith("data:")]
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics -> {(sample name, frozenset of label items): value}."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@dataclass
+class RemoteServer:
+    proc: subprocess.Popen
+    url: str        # http://127.0.0.1:PORT
+    log_path: Path  # the server's stdout + stderr
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = EXIT_TIMEOUT_S) -> int:
+        """SIGTERM, then wait for the process to exit; fails (after killing it) if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not exit {timeout} s after SIGTERM:\n{self.log()[-3000:]}") from None
+
+
+@contextmanager
+def remote_server(model_dir, *args: str, env: dict[str, str] | None = None) -> Iterator[RemoteServer]:
+    """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "leanserve.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--log-level", "warning", *args]
+    # one intra-op thread: the tiny model gains nothing from more and the test machine is small
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    log_file = tempfile.NamedTemporaryFile(prefix="leanserve-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+    server = RemoteServer(proc, f"http://127.0.0.1:{port}", Path(log_file.name))
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} during startup:\n{server.log()[-3000:]}")
+            try:
+                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log()[-3000:]}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        code = server.terminate()
+        log_file.close()
+        os.unlink(log_file.name)
+    assert code == 0, f"server exited with {code}"
