@@ -19,8 +19,9 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype):
-    """-> (model in eval mode on `device` in `dtype`, transformers config)."""
+def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *, random_weights: bool = False):
+    """-> (model in eval mode on `device` in `dtype`, transformers config). `random_weights` reads
+    only config.json and fills random weights (full-size benchmarks without a checkpoint)."""
     from transformers import AutoConfig
 
     path = Path(model_dir)
@@ -30,6 +31,8 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype):
     # check model_type ourselves first: AutoConfig's error for unknown types does not say what we support
     get_model_class(json.loads(config_file.read_text()).get("model_type"))
     hf_config = AutoConfig.from_pretrained(path)
+    if random_weights:
+        return build_model(hf_config, device, dtype, random_weights=True), hf_config
     model = build_model(hf_config, device, dtype)
     load_weights(model, iter_safetensors(path), hf_config)
     return model, hf_config

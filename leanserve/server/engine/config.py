@@ -19,3 +19,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queued_requests: int = 256     # waiting-queue bound; admission beyond it -> QueueFullError (429)
     seed: int = 0
+    load_format: str = "safetensors"    # "dummy": random weights from config.json (vLLM's name), for benchmarks

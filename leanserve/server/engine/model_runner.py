@@ -39,7 +39,10 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
-        self.model, self.hf_config = load_model(config.model, self.device, self.dtype)
+        if config.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {config.load_format!r}")
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype,
+                                                random_weights=config.load_format == "dummy")
         self.vocab_size = self.model.vocab_size
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -1,0 +1,39 @@
+"""Decode-throughput timing of the leanserve engine, shared by the CPU and GPU benchmarks."""
+from __future__ import annotations
+
+import time
+
+from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.sampling_params import SamplingParams
+
+
+def sync(engine: LLMEngine) -> None:
+    if engine.model_runner.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Admit all prompts at once, step to completion. Decode rate counts only the steps after
+    every sequence has its first token, so prefill cost is reported separately (as TTFT)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params, check_queue=False)
+    sync(engine)
+    t0 = time.perf_counter()
+    produced, started, t_all_started, decode_tokens = 0, set(), None, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        for out in outs:
+            produced += len(out.new_token_ids)
+            if t_all_started is not None:
+                decode_tokens += len(out.new_token_ids)
+            started.add(out.request_id)
+        if t_all_started is None and len(started) == len(prompts):
+            sync(engine)
+            t_all_started = time.perf_counter()
+    sync(engine)
+    t1 = time.perf_counter()
+    return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
+            "output_tokens": produced, "wall_s": t1 - t0, "tok_s": produced / (t1 - t0),
+            "prefill_s": t_all_started - t0, "decode_tok_s": decode_tokens / (t1 - t_all_started)}
