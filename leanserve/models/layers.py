@@ -125,7 +125,12 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
-    """Write the step's new K/V [T, Hkv, D] into the paged cache at `slot_mapping` (-1 = skip)."""
+    """Write the step's new K/V [T, Hkv, D] into the paged cache at `slot_mapping` (-1 = skip).
+    CUDA: the Triton kernel (one launch, and no mask-indexing host sync, so it can be graph-captured)."""
+    if k.is_cuda:
+        from leanserve.kernels.kv_cache import store_kvcache as store_kvcache_triton  # CPU installs may lack Triton
+        store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
+        return
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid]
@@ -212,10 +217,23 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return o.squeeze(2)
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """The one dispatch point for paged attention (Triton kernels plug in here for CUDA)."""
+    """The one dispatch point for paged attention: pure decode steps on CUDA run the Triton
+    split-K kernel (power-of-2 head dims and block sizes); everything else takes the PyTorch paths."""
     if meta.max_query_len == 1:
+        if q.is_cuda and _pow2(q.shape[-1]) and q.shape[-1] >= 16 and _pow2(meta.block_size):
+            from leanserve.kernels.paged_attention import paged_decode_attention  # CPU installs may lack Triton
+            num_seqs = meta.block_tables.shape[0]
+            out = torch.empty_like(q)
+            out[num_seqs:].zero_()  # rows past B are padding, zeros as in paged_decode_attention_torch
+            paged_decode_attention(q[:num_seqs], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                   meta.max_seq_len, sliding_window, out=out[:num_seqs])
+            return out
         return paged_decode_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
     return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
 
