@@ -26,6 +26,10 @@ def hardware() -> str:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout; $LEANSERVE_GIT_COMMIT where the tree travels without .git (GPU runs)."""
+    import os
+    if os.environ.get("LEANSERVE_GIT_COMMIT"):
+        return os.environ["LEANSERVE_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
