@@ -1,0 +1,116 @@
+"""`leanserve.json`: what a model directory is, how it was made, and how well it does.
+
+Every artifact leanserve writes is a plain transformers/diffusers directory plus this file
+(DESIGN.md "Model directories"). Readers must accept directories without it (dense, as-is).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+FILENAME = "leanserve.json"
+KINDS = ("llm", "image")
+
+
+@dataclass
+class ModelInfo:
+    kind: str                                           # llm | image
+    method: str                                         # dense, moa, moepp, sid, dpm_ot, ensemble, ...
+    settings: dict = field(default_factory=dict)        # the method's own settings (MoA plan, SiD K, ...)
+    base: dict | None = None                            # {"path", "sha256"} of the model this one came from
+    recipe: dict = field(default_factory=dict)          # {"command", "git_commit", "seed"}
+    data: dict | None = None                            # {"description", "sha256"}
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def save_model_info(model_dir: str | Path, info: ModelInfo) -> Path:
+    """Write `leanserve.json` atomically; `created` is stamped now unless already set."""
+    if not info.created:
+        info.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path = Path(model_dir) / FILENAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_model_info(model_dir: str | Path) -> ModelInfo | None:
+    """The directory's `leanserve.json`, or None for a plain transformers/diffusers directory."""
+    path = Path(model_dir) / FILENAME
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    known = {f.name for f in fields(ModelInfo)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    return ModelInfo(**raw)
+
+
+def merge_metrics(model_dir: str | Path, metrics: dict) -> bool:
+    """Merge `metrics` into an existing `leanserve.json` (top-level keys replaced); False if there is none."""
+    info = load_model_info(model_dir)
+    if info is None:
+        return False
+    info.metrics.update(metrics)
+    save_model_info(model_dir, info)
+    return True
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout leanserve runs from, with "+dirty" when it has uncommitted changes."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (installed wheel): the version still identifies the code
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_line(words: str, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> str:
+    """The full command that reproduces `args`, every option spelled out (defaults included,
+    so a later change of defaults does not change what the recipe means)."""
+    parts = words.split()
+    for key, value in vars(args).items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def make_recipe(words: str, args: argparse.Namespace, seed: int, skip: tuple[str, ...] = ()) -> dict:
+    return {"command": command_line(words, args, skip), "git_commit": git_commit(), "seed": seed}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """One hash over a directory's config and weight files (sorted by relative path), for `base`."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not (path.suffix == ".safetensors" or path.name == "config.json"):
+            continue
+        h.update(str(path.relative_to(root)).encode() + b"\0" + file_sha256(path).encode())
+    return h.hexdigest()

@@ -1,0 +1,604 @@
+"""`leanserve train lm`: pretrain a Llama on packed code/docs/tasks text, then chat-finetune it.
+
+Phase 1 (pretrain) reads random windows of packed token streams (`<bos> doc <end_of_text> ...`),
+one stream per domain, drawing each row's domain from the mixture. Phase 2 (chat) trains on
+chat pairs rendered through the tokenizer's chat template with the loss on assistant tokens
+only (each reply and its end-of-turn token). One AdamW and one LR schedule span both phases:
+linear warm-up then cosine decay, restarted at the phase boundary.
+
+Resumable exactly (see trainers/checkpoint.py): all randomness of the data order is one
+torch.Generator per rank whose state is checkpointed. `torchrun` DDP: each rank reads its
+own shard of the documents/conversations; `--batch-size` is the global batch; rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from leanserve.data.build import load_manifest, read_jsonl
+from leanserve.data.tokenizer import EOS, stop_token_ids
+from leanserve.errors import UserError
+from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
+from leanserve.trainers.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from leanserve.trainers.presets import PRESETS
+
+PRETRAIN_DOMAINS = ("code", "docs", "tasks")
+EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
+CHECKPOINT = "checkpoint.pt"
+IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
+# options that may differ between a run and its resume without changing the result
+RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
+
+
+# --------------------------------------------------------------------------- data
+
+def read_split(data: Path, manifest: dict, domain: str, split: str) -> list[dict]:
+    """Rows of one split of a built data directory ([] if the build has no such split)."""
+    entry = manifest["splits"].get(domain, {}).get(split)
+    if entry is None:
+        return []
+    path = data / entry["path"]
+    if not path.is_file():
+        raise UserError(f"{path} is missing; rebuild {data} with `leanserve data build`")
+    return list(read_jsonl(path))
+
+
+def load_tokenizer(path: str | Path):
+    """The chat tokenizer (leanserve/data/tokenizer.py conventions), checked for what training needs."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise UserError(f"{path} is not a tokenizer directory (no tokenizer.json); "
+                        "run `leanserve data tokenizer` first")
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:
+        raise UserError(f"tokenizer {path} has no chat_template")
+    special = [tok.bos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(EOS), *stop_token_ids(tok)]
+    if any(t is None or t == tok.unk_token_id for t in special):
+        raise UserError(f"tokenizer {path} lacks leanserve's special tokens (bos, pad, {EOS}, end of turn)")
+    return tok
+
+
+def encode_documents(tokenizer, texts: list[str]):
+    """One packed stream `<bos> doc <end_of_text> <bos> doc ...`: what pretraining and perplexity read."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    # documents may be longer than the context (they are packed and windowed): no length warning
+    ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation; only assistant replies and their end-of-turn carry loss.
+
+    Each prompt (the conversation so far plus the assistant header) is tokenized in one piece,
+    exactly as the server tokenizes a chat prompt, and each reply on its own: training then sees
+    the token boundary the model meets when it generates.
+    """
+    def render(msgs, add_generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError("the tokenizer's chat template does not render a conversation as a prefix of its "
+                            "continuation; assistant tokens cannot be labelled")
+        prompt_ids, reply_ids = encode(prompt[len(done):]), encode(full[len(prompt):])
+        ids += prompt_ids + reply_ids
+        labels += [IGNORE] * len(prompt_ids) + reply_ids
+        done = full
+    return ids, labels
+
+
+def chat_examples(tokenizer, rows: list[dict], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(ids, labels) of chat rows cut to seq_len, dropping any left without a labelled token;
+    and how many were cut."""
+    examples, truncated = [], 0
+    for row in rows:
+        ids, labels = encode_chat(tokenizer, row["messages"])
+        if len(ids) > seq_len:
+            ids, labels, truncated = ids[:seq_len], labels[:seq_len], truncated + 1
+        if any(t != IGNORE for t in labels[1:]):
+            examples.append((ids, labels))
+    return examples, truncated
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> dict:
+    """Right-padded batch, to `length` or the longest example. No attention mask: under causal
+    attention no real token can see the padding after it, and without a mask SDPA keeps its
+    fused (flash) kernels; the padding's own outputs carry no labels."""
+    length = length or max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids)
+        labels[row, : len(lab)] = torch.as_tensor(lab)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def stream_windows(stream, seq_len: int, max_windows: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Consecutive non-overlapping windows of a packed stream, as (ids, labels) examples."""
+    chunks = stream.split(seq_len)[:max_windows]
+    return [(c.tolist(), c.tolist()) for c in chunks if len(c) > 1]
+
+
+@dataclass
+class PackedMixture:
+    """Random windows of per-domain token streams, each row's domain drawn from `weights`.
+
+    Offsets wrap around the stream, so a small domain is simply repeated (more epochs).
+    """
+    streams: list  # 1-D LongTensor per domain
+    weights: list[float]
+
+    def sample(self, batch_size: int, seq_len: int, generator) -> dict:
+        domains = torch.multinomial(torch.tensor(self.weights), batch_size, replacement=True, generator=generator)
+        rows = []
+        for d in domains.tolist():
+            stream = self.streams[d]
+            start = torch.randint(len(stream), (1,), generator=generator).item()
+            rows.append(stream[(start + torch.arange(seq_len)) % len(stream)])
+        input_ids = torch.stack(rows)
+        return {"input_ids": input_ids, "labels": input_ids}
+
+
+@dataclass
+class ChatExamples:
+    examples: list[tuple[list[int], list[int]]]
+    pad_id: int
+    seq_len: int
+
+    def sample(self, batch_size: int, generator) -> dict:
+        idx = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
+        # one fixed shape: on an H200, batches padded to their own (varying) length ran 4x
+        # slower per step than batches padded to 1024 (CUDA allocator churn), despite 5x fewer tokens
+        return collate([self.examples[i] for i in idx], self.pad_id, self.seq_len)
+
+
+def parse_mix(text: str) -> dict[str, float] | None:
+    """`DOMAIN=WEIGHT,...` normalised to sum 1 (zero weights dropped); None for "natural"."""
+    if text == "natural":
+        return None
+    mix = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in PRETRAIN_DOMAINS:
+            raise UserError(f"--mix: unknown domain {name!r} (choose from {', '.join(PRETRAIN_DOMAINS)})")
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise UserError(f"--mix: {part!r} is not DOMAIN=WEIGHT") from None
+        if not math.isfinite(mix[name]) or mix[name] < 0:
+            raise UserError(f"--mix: weight of {name} must be a finite number >= 0")
+    total = sum(mix.values())
+    if total <= 0:
+        raise UserError("--mix: at least one weight must be positive")
+    return {k: v / total for k, v in mix.items() if v > 0}
+
+
+# --------------------------------------------------------------------------- model and schedule
+
+def model_config(args, tokenizer):
+    """LlamaConfig from the preset with any shape flags overriding it."""
+    preset = PRESETS[args.preset]
+    hidden = args.hidden_size or preset.hidden_size
+    heads = args.heads or preset.num_heads
+    kv_heads = args.kv_heads or preset.num_kv_heads
+    max_len = args.max_len or preset.max_position_embeddings
+    if hidden % heads or (hidden // heads) % 2:
+        raise UserError(f"--hidden-size {hidden} must split into {heads} heads of an even size (rotary embeddings)")
+    if heads % kv_heads:
+        raise UserError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
+    if args.seq_len is not None and args.seq_len > max_len:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's --max-len {max_len}")
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden,
+        intermediate_size=args.intermediate_size or preset.intermediate_size,
+        num_hidden_layers=args.layers or preset.num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len, tie_word_embeddings=preset.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def warmup_cosine(step: int, steps: int, warmup: float, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up over `warmup` of the steps, then cosine down to `min_ratio`."""
+    warm = int(warmup * steps)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_multiplier(step: int, *, pretrain_steps: int, chat_steps: int, warmup: float, chat_scale: float) -> float:
+    if step < pretrain_steps:
+        return warmup_cosine(step, pretrain_steps, warmup)
+    return chat_scale * warmup_cosine(step - pretrain_steps, chat_steps, warmup)
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    # no decay on norms (1-D); the tied embedding matrix is decayed like any weight matrix
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0):
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str):
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(), pick_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size()), device
+
+
+def all_reduce_sum(values: list[float], dist_info: DistInfo, device) -> list[float]:
+    if dist_info.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def token_loss_sum(model, batch: dict, device, autocast) -> tuple[float, int]:
+    """Summed next-token cross-entropy over the labelled tokens of a batch, and their count."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad(), autocast():
+        logits = model(input_ids=batch["input_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss.item(), int((labels != IGNORE).sum())
+
+
+def mean_losses(model, batches: dict[str, list[dict]], device, autocast, dist_info: DistInfo) -> dict[str, float]:
+    """Mean token loss per domain; under DDP every rank scores its own share of the batches."""
+    was_training = model.training
+    model.eval()
+    sums = []
+    for domain_batches in batches.values():
+        total, count = 0.0, 0
+        for batch in domain_batches:
+            loss, n = token_loss_sum(model, batch, device, autocast)
+            total, count = total + loss, count + n
+        sums += [total, count]
+    sums = all_reduce_sum(sums, dist_info, device)
+    model.train(was_training)
+    return {d: sums[2 * i] / sums[2 * i + 1] for i, d in enumerate(batches) if sums[2 * i + 1] > 0}
+
+
+def batched(examples: list, batch_size: int, pad_id: int) -> list[dict]:
+    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
+# --------------------------------------------------------------------------- the command
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--data", required=True, help="output directory of `leanserve data build`")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (`leanserve data tokenizer`)")
+    p.add_argument("--out", required=True, help="model directory to write (HF layout + leanserve.json)")
+    p.add_argument("--preset", default="chat-tiny", choices=sorted(PRESETS), help="model shape (default chat-tiny)")
+    g = p.add_argument_group("shape overrides (default: the preset's)")
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--layers", type=int)
+    g.add_argument("--heads", type=int)
+    g.add_argument("--kv-heads", type=int)
+    g.add_argument("--intermediate-size", type=int)
+    g.add_argument("--max-len", type=int, help="max_position_embeddings")
+    g = p.add_argument_group("training")
+    g.add_argument("--pretrain-steps", type=int, default=3000)
+    g.add_argument("--chat-steps", type=int, default=1000)
+    g.add_argument("--mix", default="natural",
+                   help="pretraining mixture: DOMAIN=WEIGHT,... (e.g. code=2,docs=1,tasks=1) or natural: "
+                        "in proportion to each domain's train tokens (default)")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all ranks")
+    g.add_argument("--seq-len", type=int, help="training sequence length (default: the model's max length)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of the pretraining phase")
+    # lower than --lr: at the pretraining LR the chat phase erases much of what pretraining learnt
+    g.add_argument("--chat-lr", type=float, default=3e-4, help="peak LR of the chat phase")
+    g.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of each phase's steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    g.add_argument("--eval-every", type=int, default=250, help="steps between validation losses")
+    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per domain")
+    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA)")
+    g.add_argument("--save-dtype", choices=["float32", "bfloat16"],
+                   help="weights dtype on disk (default: the preset's)")
+    g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
+    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (time-boxed jobs); resume later")
+
+
+def _check_args(args):
+    data, tok = Path(args.data), Path(args.tokenizer)
+    if not data.is_dir():
+        raise UserError(f"--data {data} does not exist")
+    if not tok.is_dir():
+        raise UserError(f"--tokenizer {tok} does not exist")
+    for name in ("pretrain_steps", "chat_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("batch_size", "eval_every", "eval_batches", "save_every"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("seq_len", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_len"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("lr", "chat_lr", "clip"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    if args.weight_decay < 0:
+        raise UserError("--weight-decay must be >= 0")
+    if not 0 <= args.warmup < 1:
+        raise UserError("--warmup is a fraction of each phase's steps, in [0, 1)")
+    total = args.pretrain_steps + args.chat_steps
+    if args.stop_at is not None and not 0 < args.stop_at < total:
+        raise UserError(f"--stop-at must be between 1 and {total - 1} (the run has {total} steps)")
+    out = Path(args.out)
+    if args.resume and not (out / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no checkpoint {out / CHECKPOINT}")
+    if not args.resume and (out / CHECKPOINT).is_file():
+        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
+    if not args.resume and (out / "config.json").exists():
+        raise UserError(f"{out} already holds a model; choose another --out")
+
+
+def run(args):
+    _check_args(args)
+    mix = parse_mix(args.mix)
+    tokenizer = load_tokenizer(args.tokenizer)
+    config = model_config(args, tokenizer)
+    # resolved here so that the recipe and a resume see the length actually used
+    args.seq_len = args.seq_len or config.max_position_embeddings
+    manifest = load_manifest(args.data)
+    dist_info, device = init_distributed(args.device)
+    try:
+        return Trainer(args, manifest, mix, tokenizer, config, dist_info, device).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, args, manifest: dict, mix: dict[str, float] | None, tokenizer, config,
+                 dist_info: DistInfo, device):
+        self.args, self.tokenizer, self.config, self.dist, self.device = args, tokenizer, config, dist_info, device
+        self.data = Path(args.data)
+        self.out = Path(args.out)
+        self.manifest = manifest
+        if args.batch_size % dist_info.world_size:
+            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {dist_info.world_size} ranks")
+        self.local_batch = args.batch_size // dist_info.world_size
+        if args.bf16 == "on" and device.type != "cuda":
+            raise UserError("--bf16 on needs CUDA (bf16 autocast is for GPU training)")
+        bf16 = device.type == "cuda" and args.bf16 != "off"
+        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.mix = mix  # resolved by _train_data when "natural"
+        self.pretrain, self.chat = self._train_data(mix)
+        self.val = self._val_data()
+
+        torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        model = LlamaForCausalLM(config).to(device)
+        self.model = model
+        if dist_info.world_size > 1:
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        schedule = partial(lr_multiplier, pretrain_steps=args.pretrain_steps, chat_steps=args.chat_steps,
+                           warmup=args.warmup, chat_scale=args.chat_lr / args.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        # all data-order randomness: one generator per rank, checkpointed
+        self.generator = torch.Generator().manual_seed(args.seed * 1_000_003 + dist_info.rank)
+        self.step = 0
+        self.tokens = 0
+        self.loss_ema: dict[str, float] = {}
+        self.history: list[dict] = []
+
+    # ---- data
+
+    def _shard(self, rows: list) -> list:
+        return rows[self.dist.rank::self.dist.world_size]
+
+    def _train_data(self, mix: dict[str, float] | None) -> tuple[PackedMixture | None, ChatExamples | None]:
+        pretrain = chat = None
+        if self.args.pretrain_steps:
+            domains = list(mix) if mix else [d for d in PRETRAIN_DOMAINS
+                                              if self.manifest["splits"].get(d, {}).get("train", {}).get("num_rows")]
+            streams = []
+            for domain in domains:
+                texts = [row["text"] for row in self._shard(read_split(self.data, self.manifest, domain, "train"))]
+                if not texts:
+                    raise UserError(f"{self.data}/{domain}/train.jsonl has no documents for rank {self.dist.rank} "
+                                    f"of {self.dist.world_size}: too few to shard; leave {domain} out of --mix")
+                streams.append(encode_documents(self.tokenizer, texts))
+            if mix is None:  # natural: each domain in proportion to its tokens over all ranks
+                counts = all_reduce_sum([float(len(s)) for s in streams], self.dist, self.device)
+                mix = {d: c / sum(counts) for d, c in zip(domains, counts)}
+            self.mix = mix
+            pretrain = PackedMixture(streams, list(mix.values()))
+            self._log("pretrain (this rank): " + ", ".join(f"{d} {len(s):,} tokens ({mix[d]:.0%} of rows)"
+                                                           for d, s in zip(domains, streams)))
+        if self.args.chat_steps:
+            examples = self._chat_examples(self._shard(read_split(self.data, self.manifest, "chat", "train")), "train")
+            if not examples:
+                raise UserError(f"{self.data}/chat/train.jsonl has no conversations for rank {self.dist.rank}")
+            chat = ChatExamples(examples, self.tokenizer.pad_token_id, self.args.seq_len)
+            self._log(f"chat conversations (this rank): {len(examples):,}")
+        return pretrain, chat
+
+    def _chat_examples(self, rows: list[dict], split: str) -> list[tuple[list[int], list[int]]]:
+        examples, truncated = chat_examples(self.tokenizer, rows, self.args.seq_len)
+        if truncated:
+            self._log(f"chat/{split}: {truncated} conversation(s) cut to --seq-len {self.args.seq_len}")
+        return examples
+
+    def _val_data(self) -> dict[str, list[dict]]:
+        """Fixed validation batches per domain: the same examples every evaluation, split over ranks."""
+        n = self.args.eval_batches * self.args.batch_size
+        val = {}
+        for domain in EVAL_DOMAINS:
+            rows = read_split(self.data, self.manifest, domain, "val")
+            if domain == "chat":
+                examples = self._chat_examples(rows[:n], "val")
+            else:
+                stream = encode_documents(self.tokenizer, [r["text"] for r in rows])
+                examples = stream_windows(stream, self.args.seq_len, n)
+            if examples:
+                val[domain] = batched(self._shard(examples), self.local_batch, self.tokenizer.pad_token_id)
+        return val
+
+    # ---- loop
+
+    def _log(self, message: str):
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    def _phase(self, step: int) -> str:
+        return "pretrain" if step < self.args.pretrain_steps else "chat"
+
+    def _batch(self, phase: str) -> dict:
+        if phase == "pretrain":
+            return self.pretrain.sample(self.local_batch, self.args.seq_len, self.generator)
+        return self.chat.sample(self.local_batch, self.generator)
+
+    def _evaluate(self) -> dict[str, float]:
+        losses = mean_losses(self.model, self.val, self.device, self.autocast, self.dist)
+        self.history.append({"step": self.step, "val_loss": losses})
+        self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
+        return losses
+
+    def _save(self):
+        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler,
+                        rank_state={"generator": self.generator.get_state()},
+                        step=self.step, tokens=self.tokens, loss_ema=self.loss_ema, history=self.history,
+                        args=vars(self.args))
+
+    def _resume(self):
+        try:
+            state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        changed = [k for k, v in vars(self.args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
+        if changed:
+            raise UserError("--resume with different options than the checkpoint: " +
+                            ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(self.args, k)}"
+                                      for k in changed))
+        self.generator.set_state(mine["generator"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.loss_ema, self.history = state["loss_ema"], state["history"]
+        self._log(f"resumed from {self.out / CHECKPOINT} at step {self.step}")
+
+    def train(self) -> int:
+        args = self.args
+        if args.resume:
+            self._resume()
+        total = args.pretrain_steps + args.chat_steps
+        end = args.stop_at if args.stop_at is not None else total
+        self.model.train()
+        bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True, desc="train lm")
+        while self.step < end:
+            phase = self._phase(self.step)
+            batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
+            with self.autocast():
+                loss = self.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            tokens, loss_value = all_reduce_sum(
+                [float((batch["labels"][:, 1:] != IGNORE).sum()), loss.item() / self.dist.world_size],
+                self.dist, self.device)
+            self.tokens += int(tokens)
+            prev = self.loss_ema.get(phase)
+            self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
+            bar.update(1)
+            bar.set_postfix(phase=phase, loss=f"{self.loss_ema[phase]:.3f}",
+                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.step % args.eval_every == 0 and self.step < total:
+                self._evaluate()
+            if self.step % args.save_every == 0 or self.step == args.stop_at:
+                self._save()
+        bar.close()
+        if self.step < total:
+            self._log(f"stopped at step {self.step}/{total}; continue with --resume")
+            return 0
+        val_loss = self._evaluate()
+        if self.dist.is_main:
+            self._write_model(val_loss)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        return 0
+
+    # ---- output
+
+    def _write_model(self, val_loss: dict[str, float]):
+        args = self.args
+        model = unwrap(self.model)
+        save_dtype = args.save_dtype or PRESETS[args.preset].save_dtype
+        num_params = sum(p.numel() for p in model.parameters())
+        model.to(getattr(torch, save_dtype)).save_pretrained(self.out)
+        self.tokenizer.model_max_length = self.config.max_position_embeddings
+        self.tokenizer.save_pretrained(self.out)
+        GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=stop_token_ids(self.tokenizer),
+                         pad_token_id=self.tokenizer.pad_token_id, do_sample=True, temperature=0.6,
+                         top_p=0.9).save_pretrained(self.out)
+        train_rows = ", ".join(f"{d} {s['train']['num_rows']}" for d, s in self.manifest["splits"].items())
+        save_model_info(self.out, ModelInfo(
+            kind="llm", method="dense",
+            settings={"architecture": "LlamaForCausalLM", "preset": args.preset, "num_params": num_params,
+                      "save_dtype": save_dtype, "mix": self.mix, "world_size": self.dist.world_size},
+            recipe=make_recipe("leanserve train lm", args, args.seed, skip=("resume", "stop_at")),
+            data={"description": f"leanserve data build (seed {self.manifest.get('seed')}); train rows: {train_rows}",
+                  "sha256": self.manifest["sha256"]},
+            metrics={"val_loss": val_loss, "val_ppl": {d: math.exp(v) for d, v in val_loss.items()},
+                     "train_loss": self.loss_ema, "train_tokens": self.tokens,
+                     "steps": {"pretrain": args.pretrain_steps, "chat": args.chat_steps},
+                     "val_history": self.history}))
+        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the model directory is the artifact now
+        self._log(f"wrote {self.out} ({num_params / 1e6:.2f}M params, {save_dtype})")

@@ -1,0 +1,262 @@
+"""`leanserve train lm` / `eval lm`: learning, exact resume, the model directory, eval, bad input."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanserve.cli import main
+
+TASK_KINDS = ("add", "sub", "sort", "reverse", "count")  # short prompts: no retrieval in tiny runs
+TRAIN_FLAGS = ["--device", "cpu", "--preset", "tiny", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3",
+               "--eval-batches", "2"]
+
+
+def write_data(root: Path, seed: int = 0) -> Path:
+    """A tiny `leanserve data build`-format directory: code, docs, tasks and chat splits + manifest."""
+    from leanserve.data.build import VERSION
+    from leanserve.data.chat import messages, task_chat_row
+    from leanserve.data.tasks import generate_tasks
+
+    rng = random.Random(seed)
+    sizes = {"train": 60, "val": 12, "test": 12}
+    split_seeds = {"train": 10, "val": 20, "test": 30}
+    rows: dict[str, dict[str, list[dict]]] = {d: {} for d in ("code", "docs", "tasks", "chat")}
+    for split, n in sizes.items():
+        names = [f"f{split}{i}" for i in range(n)]
+        rows["code"][split] = [{"id": f"code-{name}", "source": "synthetic", "text":
+                                f"def {name}(x, y):\n    return x * {rng.randint(2, 9)} + y\n"} for name in names]
+        rows["docs"][split] = [{"id": f"docs-{name}", "source": "synthetic", "text":
+                                f"{name}(x, y) multiplies x by a small number and adds y."} for name in names]
+        tasks = generate_tasks(n, seed=split_seeds[split] + seed, kinds=TASK_KINDS)
+        rows["tasks"][split] = [t.to_row(f"task-{split}-{i}") for i, t in enumerate(tasks)]
+        chat_tasks = generate_tasks(n, seed=split_seeds[split] + seed + 1, kinds=TASK_KINDS)
+        rows["chat"][split] = [task_chat_row(t, f"chat-task-{split}-{i}") for i, t in enumerate(chat_tasks)]
+        rows["chat"][split] += [{"id": f"chat-docs-{name}", "source": "docs", "task": None,
+                                 "messages": messages(f"What does {name} do?", "It multiplies and adds.")}
+                                for name in names[: n // 2]]
+    splits = {}
+    for domain, by_split in rows.items():
+        splits[domain] = {}
+        for split, domain_rows in by_split.items():
+            path = root / domain / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = "".join(json.dumps(r) + "\n" for r in domain_rows)
+            path.write_text(text)
+            splits[domain][split] = {"path": f"{domain}/{split}.jsonl", "num_rows": len(domain_rows),
+                                     "num_bytes": len(text.encode()),
+                                     "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+    manifest = {"version": VERSION, "seed": seed, "splits": splits, "sha256": digest}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def train_texts(data: Path) -> list[str]:
+    texts = []
+    for domain in ("code", "docs", "tasks"):
+        texts += [json.loads(line)["text"] for line in open(data / domain / "train.jsonl")]
+    for line in open(data / "chat" / "train.jsonl"):
+        texts += [m["content"] for m in json.loads(line)["messages"]]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from leanserve.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    data = write_data(root / "data")
+    train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
+    return root
+
+
+def train(corpus: Path, out: Path, *flags: str) -> int:
+    return main(["train", "lm", "--data", str(corpus / "data"), "--tokenizer", str(corpus / "tok"), "--out", str(out),
+                 *TRAIN_FLAGS, *flags])
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    out = corpus / "model"
+    assert train(corpus, out, "--pretrain-steps", "40", "--chat-steps", "20", "--eval-every", "20") == 0
+    return out
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_training_lowers_validation_loss(corpus, trained):
+    untrained = corpus / "untrained"
+    assert train(corpus, untrained, "--pretrain-steps", "0", "--chat-steps", "0") == 0
+    before = json.loads((untrained / "leanserve.json").read_text())["metrics"]["val_loss"]
+    after = json.loads((trained / "leanserve.json").read_text())["metrics"]["val_loss"]
+    assert set(before) == set(after) == {"code", "docs", "tasks", "chat"}
+    for domain in before:
+        assert after[domain] < before[domain] - 0.5, (domain, before[domain], after[domain])
+
+
+def test_model_dir_loads_and_records_provenance(corpus, trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from leanserve.data.tokenizer import stop_token_ids
+    from leanserve.trainers.lm import DistInfo, batched, encode_documents, mean_losses, stream_windows
+
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    tok = AutoTokenizer.from_pretrained(trained)
+    assert model.config.model_type == "llama" and model.config.hidden_size == 64
+    assert model.config.vocab_size == len(tok) and tok.chat_template
+    # the saved weights are the trained ones, not a fresh init
+    assert not torch.equal(load_state(trained)["model.embed_tokens.weight"],
+                           load_state(corpus / "untrained")["model.embed_tokens.weight"])
+    gen = GenerationConfig.from_pretrained(trained)
+    assert gen.eos_token_id == stop_token_ids(tok) and gen.pad_token_id == tok.pad_token_id
+    # the loaded weights reproduce the validation loss recorded at the end of training
+    texts = [json.loads(line)["text"] for line in open(corpus / "data" / "code" / "val.jsonl")]
+    windows = stream_windows(encode_documents(tok, texts), 64, 2 * 8)
+    loss = mean_losses(model, {"code": batched(windows, 8, tok.pad_token_id)}, torch.device("cpu"),
+                       contextlib.nullcontext, DistInfo())["code"]
+    recorded = json.loads((trained / "leanserve.json").read_text())["metrics"]["val_loss"]["code"]
+    assert loss == pytest.approx(recorded, rel=1e-4)
+
+    info = json.loads((trained / "leanserve.json").read_text())
+    manifest = json.loads((corpus / "data" / "manifest.json").read_text())
+    assert info["kind"] == "llm" and info["method"] == "dense" and info["created"]
+    assert info["recipe"]["command"].startswith("leanserve train lm --data ")
+    assert "--pretrain-steps 40" in info["recipe"]["command"] and "--resume" not in info["recipe"]["command"]
+    assert info["recipe"]["seed"] == 0 and "git_commit" in info["recipe"]
+    assert info["data"]["sha256"] == manifest["sha256"]
+    assert info["settings"]["num_params"] == sum(p.numel() for p in model.parameters())
+    assert info["metrics"]["train_tokens"] > 0 and set(info["metrics"]["train_loss"]) == {"pretrain", "chat"}
+    assert not (trained / "checkpoint.pt").exists()
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    steps = ["--pretrain-steps", "6", "--chat-steps", "4", "--eval-every", "3", "--seed", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(corpus, straight, *steps) == 0
+
+    assert train(corpus, resumed, *steps, "--stop-at", "3") == 0  # mid-pretraining
+    assert (resumed / "checkpoint.pt").is_file() and not (resumed / "config.json").exists()
+    assert train(corpus, resumed, *steps, "--stop-at", "8", "--resume") == 0  # across the phase boundary
+    assert train(corpus, resumed, *steps, "--resume") == 0
+
+    a, b = load_state(straight), load_state(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "leanserve.json").read_text())["metrics"] for d in (straight, resumed))
+    assert ma["val_history"] == mb["val_history"] and len(ma["val_history"]) == 4
+    assert ma["train_loss"] == mb["train_loss"] and ma["train_tokens"] == mb["train_tokens"]
+
+
+def test_resume_rejects_changed_options(corpus, tmp_path, capsys):
+    steps = ["--pretrain-steps", "4", "--chat-steps", "0"]
+    assert train(corpus, tmp_path / "m", *steps, "--stop-at", "2") == 0
+    capsys.readouterr()
+    assert train(corpus, tmp_path / "m", *steps, "--lr", "1e-2", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--lr 0.003 -> 0.01" in err
+    assert train(corpus, tmp_path / "m", *steps) == 2  # a checkpoint is there: refuse to start over silently
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_encode_chat_labels_only_the_reply(corpus):
+    from leanserve.trainers.lm import IGNORE, encode_chat, load_tokenizer
+
+    tok = load_tokenizer(corpus / "tok")
+    conv = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"},
+            {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2"}]
+    ids, labels = encode_chat(tok, conv)
+    assert len(ids) == len(labels)
+    # what the server sends for the first turn is exactly the first prompt's ids
+    prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids and set(labels[: len(prompt_ids)]) == {IGNORE}
+    labelled = [t for t in labels if t != IGNORE]
+    assert tok.decode(labelled) == "42<|eot_id|>2<|eot_id|>"
+    assert tok.decode(ids) == tok.apply_chat_template(conv, tokenize=False)
+
+
+def test_chat_tiny_fits_the_zoo_budget():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leanserve.trainers.presets import PRESETS
+
+    p = PRESETS["chat-tiny"]
+    config = LlamaConfig(vocab_size=8192, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                         num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads,
+                         num_key_value_heads=p.num_kv_heads, tie_word_embeddings=p.tie_word_embeddings)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    n = sum(t.numel() for t in model.parameters())  # a tied embedding counts once
+    assert p.num_params(8192) == n
+    assert p.save_dtype == "bfloat16" and 2 * n <= 15e6
+
+
+def test_eval_lm_writes_metrics(corpus, trained, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "lm", "--model", str(trained), "--data", str(corpus / "data"), "--max-docs", "6",
+                 "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["test_ppl"]) == {"code", "docs", "tasks", "chat"}
+    for domain, ppl in result["test_ppl"].items():
+        assert ppl == pytest.approx(math.exp(result["test_loss"][domain]))
+        assert 1 < ppl < 400  # better than uniform over the 400-token vocabulary
+    acc = result["task_accuracy"]
+    assert set(acc) <= set(TASK_KINDS) | {"overall"} and 0 <= acc["overall"] <= 1
+    assert sum(result["task_count"].values()) == 6  # --max-docs caps the task questions too
+    info = json.loads((trained / "leanserve.json").read_text())
+    assert info["metrics"]["test_ppl"] == result["test_ppl"] and "val_loss" in info["metrics"]
+
+
+def test_score_tasks_checks_each_response():
+    from leanserve.data.tasks import generate_tasks
+    from leanserve.eval.lm import score_tasks
+
+    tasks = generate_tasks(8, seed=3, kinds=("add", "sort"))
+    rows = [t.to_row(str(i)) for i, t in enumerate(tasks)]
+    # an "oracle" right on every add task and wrong on every sort task
+    answers = {t.prompt: (t.answer if t.kind == "add" else "no") for t in tasks}
+    accuracy, counts = score_tasks(rows, lambda prompts: [answers[p] for p in prompts])
+    assert accuracy == {"add": 1.0, "sort": 0.0, "overall": 0.5} and counts == {"add": 4, "sort": 4}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "lm", "--data", "/nonexistent/data", "--tokenizer", "/tmp", "--out", "/tmp/x"], "does not exist"),
+    (["eval", "lm", "--model", "/nonexistent/model", "--data", "/tmp"], "does not exist"),
+])
+def test_bad_paths_fail_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+
+
+def test_bad_options_fail_with_one_line(corpus, tmp_path, capsys):
+    assert train(corpus, tmp_path / "m", "--heads", "3") == 2  # 64 does not split into 3 heads
+    assert train(corpus, tmp_path / "m", "--mix", "code=1,video=1") == 2
+    assert train(corpus, tmp_path / "m", "--seq-len", "4096") == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert len(lines) == 3 and all(line.startswith("leanserve train lm: error: ") for line in lines)
+    with pytest.raises(SystemExit) as e:
+        train(corpus, tmp_path / "m", "--preset", "huge")
+    assert e.value.code == 2
+
+
+def test_model_info_reads_back_and_hashes_weights(corpus, trained, tmp_path):
+    from leanserve.models.model_dir import load_model_info, weights_sha256
+
+    info = load_model_info(trained)
+    assert info.kind == "llm" and info.metrics["val_loss"] and info.recipe["seed"] == 0
+    assert weights_sha256(trained) == weights_sha256(trained) != weights_sha256(corpus / "untrained")
+    assert load_model_info(tmp_path) is None  # a plain HF directory
+    (tmp_path / "leanserve.json").write_text('{"kind": "llm", "method": "dense", "colour": "red"}')
+    with pytest.raises(ValueError, match="colour"):
+        load_model_info(tmp_path)
