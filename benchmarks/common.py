@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 from pathlib import Path
+
+from leanserve.models.model_dir import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,22 +26,10 @@ def hardware() -> str:
     return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str:
-    """HEAD of this checkout; $LEANSERVE_GIT_COMMIT where the tree travels without .git (GPU runs)."""
-    import os
-    if os.environ.get("LEANSERVE_GIT_COMMIT"):
-        return os.environ["LEANSERVE_GIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS) -> Path:
     """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json."""
     hw = hardware()
-    payload = {"bench": bench, "hardware": hw, "git_commit": git_commit(),
+    payload = {"bench": bench, "hardware": hw, "git_commit": git_commit() or "unknown",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "results": results}
     out = Path(out_dir)

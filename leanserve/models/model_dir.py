@@ -70,7 +70,10 @@ def merge_metrics(model_dir: str | Path, metrics: dict) -> bool:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout leanserve runs from, with "+dirty" when it has uncommitted changes."""
+    """HEAD of the checkout leanserve runs from, with "+dirty" when it has uncommitted changes;
+    $LEANSERVE_GIT_COMMIT where the tree was copied without .git (a lent GPU machine)."""
+    if os.environ.get("LEANSERVE_GIT_COMMIT"):
+        return os.environ["LEANSERVE_GIT_COMMIT"]
     repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings, engines)`.
 
-`engines` maps a served model name to its engine; each engine has a `kind` ("llm" now,
-"image" later) and the route modules pick the engines of their kind. The lifespan starts
+`engines` maps a served model name to its engine; each engine has a `kind` ("llm" or
+"image") and the route modules pick the engines of their kind. The lifespan starts
 and stops the engines; `ServerState.shutdown()` drains them (SIGTERM, see serve.py).
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from leanserve import __version__
 from leanserve.server.errors import APIError, error_response, install_exception_handlers
 from leanserve.server.metrics import ServerMetrics
-from leanserve.server.routes import openai, ops
+from leanserve.server.routes import images, openai, ops
 from leanserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
+KIND_NAMES = {"llm": "an LLM (chat/completions)", "image": "an image"}
 OPS_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})  # never gated by auth or draining
 FLUSH_TIMEOUT_S = 2.0  # after the engines finished every request, time for the last SSE events to go out
 
@@ -48,15 +49,15 @@ class ServerState:
         if engine is None:
             raise APIError(404, f"The model `{name}` does not exist.", "model")
         if self.kinds[name] != kind:
-            raise APIError(400, f"The model `{name}` is an {self.kinds[name]} model; this endpoint needs "
-                                f"a {kind} model.", "model")
+            raise APIError(400, f"The model `{name}` is {KIND_NAMES[self.kinds[name]]} model; this endpoint "
+                                f"needs {KIND_NAMES[kind]} model.", "model")
         return engine
 
     def default_engine(self, kind: str):
         for name, engine in self.engines.items():
             if self.kinds[name] == kind:
                 return engine
-        raise APIError(404, f"No {kind} model is served.", "model")
+        raise APIError(404, f"No {KIND_NAMES[kind]} model is served.", "model")
 
     def healthy(self) -> bool:
         return self.ready and not self.draining and all(e.stats().healthy for e in self.engines.values())
@@ -183,9 +184,10 @@ def _add_header(send: Send, name: bytes, value: bytes) -> Send:
 
 def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastAPI:
     kinds = {name: e.kind for name, e in engines.items()}
-    llm_engines = {name: e for name, e in engines.items() if kinds[name] == "llm"}
-    state = ServerState(settings=settings, engines=engines, kinds=kinds, metrics=ServerMetrics(llm_engines),
+    state = ServerState(settings=settings, engines=engines, kinds=kinds, metrics=ServerMetrics(engines),
                         api_key_digests=[hashlib.sha256(k.encode()).digest() for k in settings.api_keys])
+    for name, image_metrics in state.metrics.image_models.items():
+        engines[name].batch_observer = image_metrics.observe_batch  # stage timings of each pipeline call
 
     async def log_stats_loop() -> None:
         while True:
@@ -212,6 +214,7 @@ def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastA
     app.state.server = state
     install_exception_handlers(app)
     app.include_router(openai.router)
+    app.include_router(images.router)
     app.include_router(ops.router)
     app.add_middleware(FrontDoorMiddleware, state=state)
     return app

@@ -5,6 +5,9 @@ Two sources, both outside the engine's hot loop:
   preemptions, prefix cache) are read from `engine.stats()` at scrape time by a collector;
 - per-request latencies and token counts are observed by the front end as outputs stream
   through it, from the engine's monotonic stamps (TTFT and e2e start at HTTP arrival).
+Image models (kind "image") get their own names, since there is no standard: running/waiting
+from `engine.stats()`, request latencies observed by the images route, and per-batch stage
+times (text encoding, each denoising step, VAE decoding) reported by the engine after each call.
 Each app owns its CollectorRegistry, so several apps (tests) never share counters.
 """
 from __future__ import annotations
@@ -12,11 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from leanserve.server.engine.outputs import RequestOutput, RequestTimes
+
+if TYPE_CHECKING:  # the image engine imports torch; metrics stay importable without it
+    from leanserve.server.image_engine import BatchStats, ImageOutput
 
 logger = logging.getLogger(__name__)
 disable_created_metrics()  # the *_created series double the exposition for no use (vLLM does the same)
@@ -29,6 +36,8 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 N_BUCKETS = [1, 2, 5, 10, 20]
+# 1 ms - 10 s, roughly geometric: a 1-step generator's text encoding to a large VAE decode
+STAGE_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -79,6 +88,58 @@ class EngineStatsCollector:
                 [name, str(s.block_size), str(engine.config.gpu_memory_utilization),
                  str(s.enable_prefix_caching), str(s.num_kv_blocks)], 1)
         yield from (running, waiting, kv_usage, preemptions, queries, hits, cache_info)
+
+
+class ImageEngineStatsCollector:
+    """Reads the image engines' running/waiting requests at scrape time."""
+
+    def __init__(self, engines: Mapping[str, object]):
+        self.engines = engines
+
+    def collect(self):
+        running = GaugeMetricFamily(P + "image_requests_running", "Image requests with images being generated.",
+                                    labels=["model_name"])
+        waiting = GaugeMetricFamily(P + "image_requests_waiting", "Image requests none of whose images started.",
+                                    labels=["model_name"])
+        for name, engine in self.engines.items():
+            s = engine.stats()
+            running.add_metric([name], s.num_running)
+            waiting.add_metric([name], s.num_waiting)
+        yield from (running, waiting)
+
+
+class ImageModelMetrics:
+    """The labelled children of one served image model."""
+
+    def __init__(self, m: ServerMetrics, name: str):
+        self.name = name
+        self.images_generated = m.images_generated
+        self.e2e = m.image_e2e.labels(name)
+        self.queue = m.image_queue_time.labels(name)
+        self.text_encode = m.text_encode.labels(name)
+        self.denoise_step = m.denoise_step.labels(name)
+        self.vae_decode = m.vae_decode.labels(name)
+        self.images_total = 0  # for the periodic log line
+        self.logged = 0
+
+    def observe_request(self, out: ImageOutput, num_images: int, steps: int) -> None:
+        """A request answered; its e2e latency ends now, with the images encoded."""
+        t = out.times
+        self.e2e.observe(time.monotonic() - t.arrival)
+        if t.queued is not None and t.scheduled is not None:
+            self.queue.observe(t.scheduled - t.queued)
+        height, width = out.images[0].shape[:2]
+        self.images_generated.labels(self.name, f"{width}x{height}", str(steps)).inc(num_images)
+        self.images_total += num_images
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        """One pipeline call, reported by the engine on the event loop."""
+        if stats.text_encode_s is not None:
+            self.text_encode.observe(stats.text_encode_s)
+        for seconds in stats.denoise_steps_s:
+            self.denoise_step.observe(seconds)
+        if stats.vae_decode_s is not None:
+            self.vae_decode.observe(stats.vae_decode_s)
 
 
 class ModelMetrics:
@@ -164,10 +225,13 @@ class RequestMetrics:
 
 
 class ServerMetrics:
-    def __init__(self, engines: Mapping[str, object]):
-        self.engines = engines
+    def __init__(self, all_engines: Mapping[str, object]):
+        """`all_engines`: every served engine; each is measured according to its `kind`."""
+        self.engines = engines = {name: e for name, e in all_engines.items() if e.kind == "llm"}
+        self.image_engines = {name: e for name, e in all_engines.items() if e.kind == "image"}
         self.registry = r = CollectorRegistry()
         r.register(EngineStatsCollector(engines))
+        r.register(ImageEngineStatsCollector(self.image_engines))
         labels = ["model_name"]
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prefill tokens processed.", labels, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generation tokens produced.", labels,
@@ -200,6 +264,18 @@ class ServerMetrics:
                                       token_buckets)
         self.params_n = hist("request_params_n", "The n parameter per request.", N_BUCKETS)
         self.models = {name: ModelMetrics(self, name) for name in engines}
+
+        self.image_e2e = hist("image_generation_seconds", "Image request latency (from HTTP arrival to encoded "
+                              "images).", REQUEST_LATENCY_BUCKETS)
+        self.image_queue_time = hist("image_queue_time_seconds", "Time until the first image of a request "
+                                     "started.", REQUEST_LATENCY_BUCKETS)
+        self.text_encode = hist("text_encode_seconds", "Prompt encoding of one image batch.", STAGE_BUCKETS)
+        self.denoise_step = hist("denoise_step_seconds", "One denoising step of one image batch (both CFG "
+                                 "branches).", STAGE_BUCKETS)
+        self.vae_decode = hist("vae_decode_seconds", "VAE decoding of one image batch.", STAGE_BUCKETS)
+        self.images_generated = Counter(P + "images_generated", "Images returned, by size and steps.",
+                                        labels + ["size", "steps"], registry=r)
+        self.image_models = {name: ImageModelMetrics(self, name) for name in self.image_engines}
         self._last_log = time.monotonic()
 
     def render(self) -> bytes:
@@ -220,3 +296,9 @@ class ServerMetrics:
             logger.info("%s: running %d, waiting %d, KV cache %.1f%%, prompt %.1f tok/s, generation %.1f tok/s, "
                         "prefix cache hit rate %.1f%%", name, s.num_running, s.num_waiting,
                         100 * s.kv_cache_usage, d_prompt / dt, d_gen / dt, hit_rate)
+        for name, im in self.image_models.items():
+            s = self.image_engines[name].stats()
+            d_images, im.logged = im.images_total - im.logged, im.images_total
+            if d_images or s.num_running or s.num_waiting:
+                logger.info("%s: running %d, waiting %d, %.2f images/s", name, s.num_running, s.num_waiting,
+                            d_images / dt)

@@ -18,6 +18,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 8
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
+MAX_IMAGES = 10
 
 
 class OpenAIBaseModel(BaseModel):
@@ -206,6 +207,71 @@ class DetokenizeRequest(OpenAIBaseModel):
     tokens: list[int]
 
 
+class ImageGenerationRequest(OpenAIBaseModel):
+    """OpenAI's images.generate fields plus diffusers-named extensions (spec §6). Bounds that depend
+    on the model (size, steps, guidance, scheduler) are checked by its engine."""
+    prompt: str
+    model: str | None = None                   # default: the first served image model
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = None                    # "WxH" or "auto" (the model's native size)
+    height: int | None = Field(None, ge=1)     # extension; with width, instead of size
+    width: int | None = Field(None, ge=1)
+    response_format: str | None = None         # only b64_json: images are returned inline
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; png is lossless
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None     # default: the pipeline's own
+    guidance_scale: float | None = None        # default: the pipeline's own
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # image i uses seed + i
+    scheduler: str | None = None               # e.g. ddim, dpmsolver++; default: the model's own
+    sampler: str | None = None                 # alias of scheduler
+    # accepted and ignored (OpenAI fields without a meaning here)
+    quality: Any = None
+    style: Any = None
+    background: Any = None
+    moderation: Any = None
+    user: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _b64_only(cls, v: str | None) -> str | None:
+        if v not in (None, "b64_json"):
+            raise ValueError(f"response_format {v!r} is not supported; only 'b64_json' (images are returned "
+                             "inline, there are no hosted URLs)")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, v: str | None) -> str | None:
+        if v is not None and v != "auto":
+            w, _, h = v.partition("x")
+            if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+                raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_size_and_scheduler(self):
+        if self.size is not None and (self.height is not None or self.width is not None):
+            raise ValueError("give either size or height/width, not both")
+        if self.scheduler is not None and self.sampler is not None and self.scheduler != self.sampler:
+            raise ValueError("scheduler and sampler name the same setting; give one")
+        return self
+
+    def requested_size(self) -> tuple[int | None, int | None]:
+        """(width, height) asked for; None where the model's native size applies."""
+        if self.size is not None and self.size != "auto":
+            w, _, h = self.size.partition("x")
+            return int(w), int(h)
+        return self.width, self.height
+
+
 # ---------------------------------------------------------------- responses
 
 class PromptTokensDetails(BaseModel):
@@ -282,12 +348,23 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "leanserve"
+    kind: Literal["llm", "image"] | None = None  # extension: llm -> chat/completions, image -> images
     max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ImageObject(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageObject]
 
 
 class TokenizeResponse(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,8 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.settings import ServerSettings
 
 DEFAULT_MODEL = "zoo/chat-tiny"
+IMAGE_MAX_BATCH = 8           # ImageEngineConfig's defaults, repeated here so --help needs no torch import
+IMAGE_MAX_QUEUED_IMAGES = 64
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
     "--max-num-seqs": ("max_num_seqs", int),
@@ -34,6 +37,8 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep Engi
     "--seed": ("seed", int),
 }
 _UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory"}
+# flags that also configure image engines: EngineConfig field -> ImageEngineConfig field
+_IMAGE_OPTIONS = {"device": "device", "dtype": "dtype", "max_queued_requests": "max_queued_images"}
 
 
 def add_arguments(p):
@@ -52,18 +57,33 @@ def add_arguments(p):
     engine = p.add_argument_group("engine")
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for flag, (name, type_) in _ENGINE_OPTIONS.items():
-        engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(),
-                            help=f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}")
+        help_ = f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}"
+        if name == "max_queued_requests":
+            help_ += f"; image models count images, default {IMAGE_MAX_QUEUED_IMAGES}"
+        engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)
+    image = p.add_argument_group("image engine")
+    image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
+                       help=f"images per denoising loop; concurrent requests of one shape share it "
+                            f"(default: {IMAGE_MAX_BATCH})")
 
 
-def _check_model_dir(path: str) -> None:
+def _model_kind(path: str) -> str:
+    """"image" for a diffusers pipeline directory, "llm" for a transformers one."""
     d = Path(path)
     if not d.is_dir():
         raise UserError(f"model directory {path} does not exist")
-    if (d / "model_index.json").is_file():
-        raise UserError(f"{path} is an image model (diffusers layout); image serving is not available yet")
+    index = d / "model_index.json"
+    if index.is_file():
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError):
+            class_name = None
+        if not class_name:
+            raise UserError(f"{index} names no pipeline class (_class_name); not a diffusers pipeline directory")
+        return "image"
     if not (d / "config.json").is_file():
-        raise UserError(f"{path} is not a model directory (no config.json)")
+        raise UserError(f"{path} is not a model directory (no config.json, nor model_index.json)")
+    return "llm"
 
 
 def run(args) -> int:
@@ -71,8 +91,7 @@ def run(args) -> int:
     names = args.served_model_name or []
     if names and len(names) != len(models):
         raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
-    for path in models:
-        _check_model_dir(path)
+    kinds = [_model_kind(path) for path in models]
     env_key = os.environ.get("LEANSERVE_API_KEY")
     settings = ServerSettings(host=args.host, port=args.port, api_keys=args.api_key or ([env_key] if env_key else []),
                               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
@@ -81,13 +100,20 @@ def run(args) -> int:
     # heavy imports (torch, transformers) only once the arguments are known to be good
     from leanserve.server.app import create_app
     from leanserve.server.engine.async_engine import AsyncLLMEngine
+    from leanserve.server.image_engine import AsyncImageEngine, ImageEngineConfig
 
     engine_kwargs = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values()
                      if getattr(args, name) is not None}
+    image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
+    if args.max_image_batch is not None:
+        image_kwargs["max_image_batch"] = args.max_image_batch
     engines = {}
-    for i, path in enumerate(models):
-        engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=names[i] if names else None,
-                                             **engine_kwargs))
+    for i, (path, kind) in enumerate(zip(models, kinds)):
+        name = names[i] if names else None
+        if kind == "image":
+            engine = AsyncImageEngine(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
+        else:
+            engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=name, **engine_kwargs))
         if engine.model_name in engines:
             raise UserError(f"two models are served as {engine.model_name!r}; use --served-model-name")
         engines[engine.model_name] = engine
