@@ -1,5 +1,6 @@
 """GPU: decode tokens/s of a Llama-3-8B-shaped model with random bf16 weights, leanserve's
-engine next to transformers `generate`, in one run, against the memory-bandwidth bound.
+engine (CUDA graphs for decode, and eager with enforce_eager=True) next to transformers
+`generate`, in one run, against the memory-bandwidth bound.
 
     python benchmarks/bench_decode_gpu.py [--batches 1 64] [--prompt-len 128] [--max-tokens 128]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import random
 import tempfile
 import time
@@ -75,36 +77,50 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ttft-prompt-len", type=int, default=2048)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine logs its graph capture
     bw = copy_bandwidth_gbs()
     path = model_dir()
     rng = random.Random(0)
     prompts = {b: [[rng.randrange(3, 128000) for _ in range(args.prompt_len)] for _ in range(b)] for b in args.batches}
 
-    engine = LLMEngine(EngineConfig(model=str(path), load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batches),
-                                    max_model_len=4096, max_num_batched_tokens=4096, gpu_memory_utilization=0.45))
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
-    time_engine(engine, prompts[args.batches[0]], 8)  # warm-up
-    ours = {}
-    for b in args.batches:
-        r = time_engine(engine, prompts[b], args.max_tokens)
-        r["bound_tok_s"] = bound_tok_s(b, args.prompt_len + args.max_tokens / 2, weight_bytes, bw)
-        r["frac_of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
-        ours[f"batch_{b}"] = r
     long_prompt = [[rng.randrange(3, 128000) for _ in range(args.ttft_prompt_len)]]
-    ttft = min(time_engine(engine, long_prompt, 1)["prefill_s"] for _ in range(3))
-    del engine
-    gc.collect(); torch.cuda.empty_cache()
 
+    def run_engine(enforce_eager: bool) -> tuple[dict, int, float | None]:
+        t = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=str(path), load_format="dummy", dtype="bfloat16",
+                                        max_num_seqs=max(args.batches), max_model_len=4096, max_num_batched_tokens=4096,
+                                        gpu_memory_utilization=0.45, enforce_eager=enforce_eager))
+        print(f"engine (enforce_eager={enforce_eager}) ready in {time.perf_counter() - t:.1f} s")
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
+        time_engine(engine, prompts[args.batches[0]], 8)  # warm-up
+        res = {}
+        for b in args.batches:
+            r = time_engine(engine, prompts[b], args.max_tokens)
+            r["bound_tok_s"] = bound_tok_s(b, args.prompt_len + args.max_tokens / 2, weight_bytes, bw)
+            r["frac_of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
+            res[f"batch_{b}"] = r
+        # prefill runs eagerly either way: TTFT from the default (graphs) engine only
+        ttft = None if enforce_eager else min(time_engine(engine, long_prompt, 1)["prefill_s"] for _ in range(3))
+        del engine
+        gc.collect(); torch.cuda.empty_cache()
+        return res, weight_bytes, ttft
+
+    ours, weight_bytes, ttft = run_engine(enforce_eager=False)
+    eager, _, _ = run_engine(enforce_eager=True)
     theirs = {f"batch_{b}": hf_generate(path, prompts[b], args.max_tokens) for b in args.batches}
     results = {"model": "Llama-3-8B shape, random bf16 weights", "copy_bandwidth_gbs": bw, "weight_bytes": weight_bytes,
-               "leanserve": ours, "transformers_generate": theirs, f"ttft_s_prompt_{args.ttft_prompt_len}": ttft,
-               "notes": "PyTorch attention, no CUDA graphs (issue 4 adds the Triton kernels and graphs)"}
+               "leanserve": ours, "leanserve_eager": eager, "transformers_generate": theirs,
+               f"ttft_s_prompt_{args.ttft_prompt_len}": ttft,
+               "notes": "Triton decode attention and KV store; leanserve: CUDA graphs for decode steps, "
+                        "leanserve_eager: the same engine with enforce_eager=True"}
     out = write_result("decode_gpu", results)
     print(f"copy bandwidth {bw:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; TTFT({args.ttft_prompt_len}) {ttft * 1e3:.1f} ms")
-    print(f"{'batch':>6} {'leanserve tok/s':>16} {'bound':>8} {'frac':>6} {'HF generate tok/s':>18}")
+    print(f"{'batch':>6} {'graphs tok/s':>13} {'eager tok/s':>12} {'graphs/eager':>13} {'bound':>8} {'frac':>6} "
+          f"{'HF generate tok/s':>18}")
     for b in args.batches:
-        o, t = ours[f"batch_{b}"], theirs[f"batch_{b}"]
-        print(f"{b:>6} {o['decode_tok_s']:>16.1f} {o['bound_tok_s']:>8.1f} {o['frac_of_bound']:>6.2f} {t['decode_tok_s']:>18.1f}")
+        o, e, t = ours[f"batch_{b}"], eager[f"batch_{b}"], theirs[f"batch_{b}"]
+        print(f"{b:>6} {o['decode_tok_s']:>13.1f} {e['decode_tok_s']:>12.1f} {o['decode_tok_s'] / e['decode_tok_s']:>13.2f} "
+              f"{o['bound_tok_s']:>8.1f} {o['frac_of_bound']:>6.2f} {t['decode_tok_s']:>18.1f}")
     print(out)
 
 

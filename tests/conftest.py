@@ -6,10 +6,17 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton kernels run in its interpreter. Triton reads this when a kernel module is
+# imported, so it is set here, before any test module imports leanserve.kernels.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _corpus() -> list[str]:
-    import json, textwrap  # noqa: E401 - their docstrings are the corpus
+    import json  # noqa: E401 - their docstrings are the corpus
+    import textwrap
     texts = [m.__doc__ or "" for m in (json, textwrap, os, pytest)]
     texts += [f"{a} + {b} = {a + b}" for a in range(40) for b in range(0, 40, 7)]
     return texts * 3

@@ -2,23 +2,13 @@
 on a GPU the compiled kernel is tested."""
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
+from leanserve.kernels import kv_cache as kvc
+
+# on CPU, tests/conftest.py has turned Triton's interpreter on before this module was imported
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # read when @triton.jit decorates a kernel, i.e. when the kernel module is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from triton.runtime import interpreter  # noqa: E402
-
-from leanserve.kernels import kv_cache as kvc  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(kvc._store_kvcache_kernel, interpreter.InterpretedFunction):
-    kvc = importlib.reload(kvc)  # imported earlier in this process, before the interpreter was on
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 

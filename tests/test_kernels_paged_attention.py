@@ -2,26 +2,18 @@
 interpreter; on a GPU the compiled kernels are tested (plus the CUDA dispatch in models/layers)."""
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
+from leanserve.kernels import paged_attention as pa
+
+# on CPU, tests/conftest.py has turned Triton's interpreter on before this module was imported
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # read when @triton.jit decorates a kernel, i.e. when the kernel module is imported
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from leanserve.kernels import paged_attention as pa  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(pa._paged_decode_kernel, interpreter.InterpretedFunction):
-    pa = importlib.reload(pa)  # imported earlier in this process, before the interpreter was on
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}

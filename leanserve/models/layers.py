@@ -221,12 +221,19 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def uses_triton_decode(head_dim: int, block_size: int) -> bool:
+    """Whether decode attention on CUDA runs the Triton kernel (power-of-2 shapes) rather than the
+    PyTorch path; the engine captures CUDA graphs only then (the PyTorch fallback would be
+    captured gathering max_model_len tokens of K/V per row, every step)."""
+    return _pow2(head_dim) and head_dim >= 16 and _pow2(block_size)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """The one dispatch point for paged attention: pure decode steps on CUDA run the Triton
     split-K kernel (power-of-2 head dims and block sizes); everything else takes the PyTorch paths."""
     if meta.max_query_len == 1:
-        if q.is_cuda and _pow2(q.shape[-1]) and q.shape[-1] >= 16 and _pow2(meta.block_size):
+        if q.is_cuda and uses_triton_decode(q.shape[-1], meta.block_size):
             from leanserve.kernels.paged_attention import paged_decode_attention  # CPU installs may lack Triton
             num_seqs = meta.block_tables.shape[0]
             out = torch.empty_like(q)

@@ -20,3 +20,5 @@ class EngineConfig:
     max_queued_requests: int = 256     # waiting-queue bound; admission beyond it -> QueueFullError (429)
     seed: int = 0
     load_format: str = "safetensors"    # "dummy": random weights from config.json (vLLM's name), for benchmarks
+    enforce_eager: bool = False         # CUDA: no graphs, every decode step runs the model eagerly (vLLM's name)
+    cuda_graph_batch_sizes: list[int] | None = None  # None = 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to max_num_seqs

@@ -1,5 +1,6 @@
 """Owns the model, the paged KV cache and the sampler; turns a scheduled step into tensors,
-runs the forward and samples one token for every sequence whose prompt is fully computed."""
+runs the forward and samples one token for every sequence whose prompt is fully computed.
+On CUDA, pure-decode steps replay CUDA graphs (cuda_graph.py) unless enforce_eager is set."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,16 @@ import logging
 import torch
 
 from leanserve.models.attention_metadata import AttentionMetadata
+from leanserve.models.layers import uses_triton_decode
 from leanserve.models.loader import load_model
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.sampler import Sampler, SamplerOutput
+from leanserve.server.engine.cuda_graph import (
+    CUDAGraphRunner,
+    DecodeInputs,
+    check_batch_sizes,
+    default_batch_sizes,
+)
+from leanserve.server.engine.sampler import Sampler, SamplerOutput, to_device
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.sequence import Sequence
 
@@ -41,11 +49,16 @@ class ModelRunner:
         self.block_size = config.block_size
         if config.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {config.load_format!r}")
+        self.graph_batch_sizes = (default_batch_sizes(config.max_num_seqs) if config.cuda_graph_batch_sizes is None
+                                  else check_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs))
         self.model, self.hf_config = load_model(config.model, self.device, self.dtype,
                                                 random_weights=config.load_format == "dummy")
         self.vocab_size = self.model.vocab_size
+        # LLMEngine's rule; graphs are captured for contexts up to this length
+        self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graph_runner: CUDAGraphRunner | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -79,7 +92,7 @@ class ModelRunner:
         total = c.max_num_batched_tokens
         lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
         num_blocks = sum(-(-n // bs) for n in lens)
-        self.allocate_kv_cache(num_blocks)
+        self._allocate_kv_cache(num_blocks)
         seqs, next_block = [], 0
         for n in lens:
             seq = Sequence("profile", [0] * n, SamplingParams(temperature=0), 0.0, [])
@@ -92,6 +105,24 @@ class ModelRunner:
         self.model.compute_logits(hidden[rows]).softmax(-1)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The serving KV cache; on CUDA, then the decode graphs (they bake in its addresses)."""
+        self.graph_runner = None
+        self._allocate_kv_cache(num_blocks)
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        if not uses_triton_decode(self.model.head_dim, self.block_size):
+            logger.warning("CUDA graphs off: decode attention takes the PyTorch path (head_dim %d, block_size %d "
+                           "need powers of two, head_dim >= 16)", self.model.head_dim, self.block_size)
+            return
+        runner = CUDAGraphRunner(self.model, self.kv_caches, self.graph_batch_sizes, self.max_model_len,
+                                 self.block_size, self.device)
+        try:
+            runner.capture()
+        except RuntimeError as e:
+            raise RuntimeError(f"CUDA graph capture failed ({e}); run with enforce_eager=True (--enforce-eager)") from e
+        self.graph_runner = runner
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = (2, m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # zeros, not empty: a kernel that reads a whole block must not meet NaN garbage
@@ -116,32 +147,52 @@ class ModelRunner:
             if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
                 sample_rows.append(query_start_loc[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in scheduled)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in scheduled]
-        dev = self.device
-
-        def tensor(x, dtype):
-            return torch.tensor(x, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
-
+        tables = [b for seq, _ in scheduled for b in seq.block_table + [-1] * (width - len(seq.block_table))]
+        num_seqs, num_tokens = len(scheduled), len(input_ids)
+        # one copy per dtype, each array a contiguous view of it: every copy is a launch
+        ids = to_device(input_ids + positions + slots, torch.int64, self.device).view(3, num_tokens)
+        ints = to_device(query_start_loc + seq_lens + tables, torch.int32, self.device)
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
+            slot_mapping=ids[2],
+            query_start_loc=ints[:num_seqs + 1],
+            seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
+            block_tables=ints[2 * num_seqs + 1:].view(num_seqs, width),
             max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
             block_size=bs,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows
+        return ids[0], ids[1], meta, sample_rows
+
+    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
+        """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
+        bs = self.block_size
+        inputs = DecodeInputs([], [], [], [], [])
+        for seq, _ in scheduled:
+            pos = seq.num_computed_tokens
+            inputs.input_ids.append(seq.token_ids[pos])
+            inputs.positions.append(pos)
+            inputs.slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
+            inputs.seq_lens.append(pos + 1)
+            inputs.block_tables.append(seq.block_table)
+        return inputs
 
     @torch.inference_mode()
     def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that sampled (batch order) and their samples."""
-        input_ids, positions, meta, sample_rows = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        pure_decode = self.graph_runner is not None and all(n == 1 for _, n in scheduled)
+        decode = self._prepare_decode(scheduled) if pure_decode else None
+        if decode is not None and self.graph_runner.can_run(decode):
+            hidden = self.graph_runner.run(decode)
+            # one token per sequence: row i is sequence i (a 1-token prefill chunk may not sample)
+            sample_rows = [i for i, (seq, _) in enumerate(scheduled) if seq.num_computed_tokens + 1 == seq.num_tokens]
+        else:
+            input_ids, positions, meta, sample_rows = self._prepare(scheduled)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sampling:
             return [], None
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return sampling, self.sampler(logits, sampling)
+        if len(sample_rows) < hidden.shape[0]:  # else every row samples, in order: no gather
+            hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
+        return sampling, self.sampler(self.model.compute_logits(hidden), sampling)

@@ -4,6 +4,10 @@ argmax | temperature -> min_p -> top_k/top_p -> exponential-race sampling.
 
 Logprobs are vLLM's default "raw_logprobs": log_softmax of the model's logits before any
 processing, so they describe the model, not the sampling settings.
+
+On CUDA a step syncs with the host once, when the sampled ids (and logprobs) are read: per-row
+settings travel in pinned memory without blocking, which processing steps run is decided from
+the host-side params (never from a device tensor), and nothing indexes with Python lists.
 """
 from __future__ import annotations
 
@@ -21,9 +25,16 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row, best first, k = params.logprobs
 
 
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> tensor on `device`. CUDA: through pinned memory with a non-blocking copy; a
+    pageable copy would make the host wait for the GPU to drain its queue."""
+    pin = device.type == "cuda"
+    return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
+
+
 def _padded(rows: list[list[int]], pad: int, device) -> torch.Tensor:
     width = max(map(len, rows), default=0)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    return to_device([r + [pad] * (width - len(r)) for r in rows], torch.int64, device)
 
 
 def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -43,13 +54,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     sub = [seqs[i] for i in rows]
     out_counts = _token_counts([s.output_token_ids for s in sub], vocab, dev)
     seen = (_token_counts([s.prompt_token_ids for s in sub], vocab, dev) > 0) | (out_counts > 0)
-    rep = torch.tensor([s.params.repetition_penalty for s in sub], device=dev)[:, None]
-    freq = torch.tensor([s.params.frequency_penalty for s in sub], device=dev)[:, None]
-    pres = torch.tensor([s.params.presence_penalty for s in sub], device=dev)[:, None]
-    x = logits[rows]
+    rep, freq, pres = to_device([[s.params.repetition_penalty for s in sub], [s.params.frequency_penalty for s in sub],
+                                 [s.params.presence_penalty for s in sub]], torch.float32, dev)[:, :, None]
+    index = to_device(rows, torch.int64, dev)
+    x = logits[index]
     x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     x = x - freq * out_counts - pres * (out_counts > 0).float()
-    logits[rows] = x
+    logits[index] = x
     return logits
 
 
@@ -74,49 +85,44 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits [N, vocab] float32 (modified in place), one row per sequence in `seqs`."""
-        n, vocab = logits.shape
-        dev = logits.device
+        vocab = logits.shape[-1]
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_logprobs) else None
 
-        for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens and s.stop_token_ids:
-                logits[i, [t for t in s.stop_token_ids if t < vocab]] = float("-inf")
-            if s.params.logit_bias:
-                ids = list(s.params.logit_bias)
-                logits[i, ids] += torch.tensor([s.params.logit_bias[t] for t in ids], device=dev)
-        logits = apply_penalties(logits, seqs)
+        sampled = self.sample(logits, seqs)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled.tolist())  # the step's one host sync
+        # ids and logprobs each as one [N, 1 + k] table: column 0 the sampled token, then the top-k
+        top_vals, top_ids = raw_logprobs.topk(min(max(k or 0 for k in want_logprobs), vocab), dim=-1)
+        ids = torch.cat([sampled[:, None], top_ids], 1).tolist()
+        vals = torch.cat([raw_logprobs.gather(1, sampled[:, None]), top_vals], 1).tolist()
+        top = [list(zip(ids[i][1:1 + (k or 0)], vals[i][1:1 + (k or 0)])) for i, k in enumerate(want_logprobs)]
+        return SamplerOutput([r[0] for r in ids], [r[0] for r in vals], top)
 
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampled ids [N], on the logits' device, without a host sync (logits modified in place)."""
+        _apply_min_tokens_and_logit_bias(logits, seqs)
+        logits = apply_penalties(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
-            sampled = logits.argmax(-1)
-        else:
-            sampled = self._sample(logits, seqs, greedy)
-
-        token_ids = sampled.tolist()
-        out = SamplerOutput(token_ids)
-        if raw_logprobs is not None:
-            out.logprobs = raw_logprobs.gather(1, sampled[:, None])[:, 0].tolist()
-            top_vals, top_ids = raw_logprobs.topk(min(max(k or 0 for k in want_logprobs), vocab), dim=-1)
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-            out.top_logprobs = [list(zip(top_ids[i][:k or 0], top_vals[i][:k or 0])) for i, k in enumerate(want_logprobs)]
-        return out
+            return logits.argmax(-1)
+        return self._sample(logits, seqs, greedy)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         dev, vocab = logits.device, logits.shape[-1]
-        greedy_mask = torch.tensor(greedy, device=dev)
+        top_k_host = [vocab if s.params.top_k <= 0 else min(s.params.top_k, vocab) for s in seqs]
+        # one copy for all per-row settings; float32 holds top_k exactly (vocabularies < 2**24)
+        temp, min_p, top_k, top_p, greedy_mask = to_device(
+            [[1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], [s.params.min_p for s in seqs],
+             top_k_host, [s.params.top_p for s in seqs], greedy], torch.float32, dev)
         greedy_ids = logits.argmax(-1)
-        temp = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=dev)
         logits = logits / temp[:, None]
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-        if bool((min_p > 0).any()):
+        if any(s.params.min_p > 0 for s in seqs):
             probs = logits.softmax(-1)
             cutoff = min_p[:, None] * probs.max(-1, keepdim=True).values
             logits = logits.masked_fill(probs < cutoff, float("-inf"))
-        top_k = torch.tensor([vocab if s.params.top_k <= 0 else min(s.params.top_k, vocab) for s in seqs], device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        if bool((top_k < vocab).any() or (top_p < 1).any()):
-            logits = apply_top_k_top_p(logits, top_k, top_p)
+        if any(k < vocab for k in top_k_host) or any(s.params.top_p < 1 for s in seqs):
+            logits = apply_top_k_top_p(logits, top_k.long(), top_p)
         probs = logits.softmax(-1)
         # argmax(p / q) with q ~ Exp(1) draws from p (the exponential race; no host sync, and a
         # row's draw depends only on its own generator, so seeded rows are batch-independent)
@@ -124,4 +130,26 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None and not greedy[i]:
                 q[i].exponential_(generator=s.generator)
-        return torch.where(greedy_mask, greedy_ids, probs.div(q).argmax(-1))
+        return torch.where(greedy_mask.bool(), greedy_ids, probs.div(q).argmax(-1))
+
+
+def _apply_min_tokens_and_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place, as one index_add: -inf on the stop ids of rows still under min_tokens, plus
+    each row's logit_bias (-inf + bias stays -inf)."""
+    vocab = logits.shape[-1]
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for i, s in enumerate(seqs):
+        if s.num_output_tokens < s.params.min_tokens:
+            stop = [t for t in s.stop_token_ids if t < vocab]
+            rows += [i] * len(stop)
+            cols += stop
+            vals += [float("-inf")] * len(stop)
+        if s.params.logit_bias:
+            rows += [i] * len(s.params.logit_bias)
+            cols += s.params.logit_bias.keys()
+            vals += s.params.logit_bias.values()
+    if rows:
+        flat = to_device([r * vocab + c for r, c in zip(rows, cols)], torch.int64, logits.device)
+        logits.view(-1).index_add_(0, flat, to_device(vals, torch.float32, logits.device))

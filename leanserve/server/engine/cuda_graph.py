@@ -1,0 +1,177 @@
+"""CUDA graphs for pure-decode steps (vLLM's CUDAGraphRunner, nano-vllm's capture_cudagraph).
+
+An eager decode step launches every kernel of every layer from Python (~500 for an 8B Llama), and
+at small batches the GPU waits on those launches. Here the model forward is captured once per
+bucketed batch size and a step replays the smallest graph that fits its batch: one launch.
+
+A graph bakes in tensor addresses and host ints, hence:
+- inputs live in static buffers sized for the largest bucket; a step copies its rows in and pads
+  the rest of its bucket with rows that write no KV (slot -1) and read only one cached token;
+- attention is captured with max_seq_len = max_model_len (the Triton kernel sizes its split-K
+  grid from that host int); each row still loops over its own seq_len only;
+- batches larger than the largest bucket, steps with prefill chunks, and CPU stay eager.
+Logits and sampling run outside the graph, on the slice of real rows.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanserve.errors import UserError
+from leanserve.models.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0. Block 0 always
+# exists and holds finite values (the cache is zero-initialised), so any decode attention
+# implementation stays finite on it, whatever the batch's real sequences hold.
+PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_BLOCK = 0, 0, -1, 1, 0
+
+
+def default_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then powers of two and their 1.5x (16, 24, 32, 48, 64, 96, ...) below
+    max_num_seqs, and max_num_seqs itself: every decode batch has a graph, padded by at most
+    ~1.5x past 8 rows (decode reads the weights once per step, so extra rows cost little)."""
+    sizes, p = [1, 2, 4, 8], 16
+    while p < max_num_seqs:
+        sizes += [p, p * 3 // 2]
+        p *= 2
+    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+
+
+def check_batch_sizes(sizes: list[int], max_num_seqs: int) -> list[int]:
+    bad = [s for s in sizes if not 1 <= s <= max_num_seqs]
+    if not sizes or bad:
+        raise UserError(f"cuda_graph_batch_sizes must be non-empty and within [1, max_num_seqs={max_num_seqs}], "
+                         f"got {sizes}")
+    return sorted(set(sizes))
+
+
+def select_bucket(num_seqs: int, batch_sizes: list[int]) -> int | None:
+    """The smallest captured batch size >= num_seqs (batch_sizes sorted); None if none is."""
+    i = bisect.bisect_left(batch_sizes, num_seqs)
+    return batch_sizes[i] if i < len(batch_sizes) else None
+
+
+@dataclass(slots=True)
+class DecodeInputs:
+    """One decode step on the host: one new token per sequence, in batch order."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]  # ragged: each sequence's own table
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def max_blocks(self) -> int:
+        return max(map(len, self.block_tables), default=0)
+
+
+def pad_decode_inputs(inputs: DecodeInputs, bucket: int) -> DecodeInputs:
+    """Pad to `bucket` rows with PAD rows, and every table with -1 to the widest one (columns past
+    a row's seq_len are never read, so the graph's buffer keeps stale values there)."""
+    pad = bucket - inputs.num_seqs
+    if pad < 0:
+        raise ValueError(f"{inputs.num_seqs} sequences do not fit a bucket of {bucket}")
+    width = max(inputs.max_blocks, 1)
+    tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
+    tables += [[PAD_BLOCK] + [-1] * (width - 1)] * pad
+    return DecodeInputs(inputs.input_ids + [PAD_TOKEN] * pad, inputs.positions + [PAD_POSITION] * pad,
+                        inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad, tables)
+
+
+class CUDAGraphRunner:
+    """The model's decode forward captured at each of `batch_sizes`, all graphs in one memory pool."""
+
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], batch_sizes: list[int], max_model_len: int,
+                 block_size: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.batch_sizes = sorted(batch_sizes)
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.device = device
+        self.max_blocks = -(-max_model_len // block_size)
+        max_bs = self.batch_sizes[-1]
+        # input_ids, positions and slot_mapping of a bs-row bucket are the views [0:bs], [bs:2bs],
+        # [2bs:3bs] of one buffer, so a step fills all three with one copy
+        self.ids = torch.zeros(3 * max_bs, dtype=torch.int64, device=device)
+        self.seq_lens = torch.full((max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_bs, self.max_blocks), PAD_BLOCK, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.hidden: torch.Tensor | None = None  # [max_bs, hidden_size]: the graphs write their output here
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids, positions, slot_mapping = self.ids[:3 * bs].view(3, bs)
+        meta = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=self.query_start_loc[:bs + 1],
+                                 seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+                                 max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size)
+        return input_ids, positions, meta
+
+    def _fill_padding(self, bs: int) -> None:
+        """Make all bs rows padding: warm-up and capture run the model without touching the KV cache."""
+        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], []), bs))
+
+    def _forward(self, bs: int) -> None:
+        input_ids, positions, meta = self._inputs(bs)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.hidden is None:  # the first (largest) bucket sizes the output buffer
+            self.hidden = torch.empty_like(hidden)
+        self.hidden[:bs] = hidden
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        # the capture stream is made on the current device: make that the model's
+        with torch.cuda.device(self.device):
+            free_before = torch.cuda.mem_get_info()[0]
+            t0 = time.perf_counter()
+            pool = None
+            for bs in reversed(self.batch_sizes):  # largest first: the smaller graphs reuse its pool memory
+                self._fill_padding(bs)
+                self._forward(bs)  # eager warm-up with the exact shapes: Triton compiles outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: CUDA calls from other threads (another engine loading) must not fail the capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._forward(bs)
+                pool = graph.pool()
+                self.graphs[bs] = graph
+            torch.cuda.synchronize()
+            logger.info("CUDA graphs: captured decode batch sizes %s in %.1f s, %.2f GiB", self.batch_sizes,
+                        time.perf_counter() - t0, (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+
+    def can_run(self, inputs: DecodeInputs) -> bool:
+        return inputs.num_seqs <= self.batch_sizes[-1] and inputs.max_blocks <= self.max_blocks
+
+    def _copy(self, padded: DecodeInputs) -> None:
+        """Padded host inputs -> the static buffers: three copies, from pinned memory on CUDA (a
+        pageable copy would make the host wait for the GPU to drain its queue)."""
+        bs, width = padded.num_seqs, padded.max_blocks
+
+        def copy(dst: torch.Tensor, data: list, dtype: torch.dtype) -> None:
+            dst.copy_(torch.tensor(data, dtype=dtype, pin_memory=dst.is_cuda), non_blocking=True)
+
+        copy(self.ids[:3 * bs], padded.input_ids + padded.positions + padded.slot_mapping, torch.int64)
+        copy(self.seq_lens[:bs], padded.seq_lens, torch.int32)
+        copy(self.block_tables[:bs, :width], padded.block_tables, torch.int32)
+
+    @torch.inference_mode()
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Hidden states [num_seqs, hidden_size] of one decode step: a view into the graphs' output
+        buffer, valid until the next run (stream order keeps later reads of it correct)."""
+        bs = select_bucket(inputs.num_seqs, self.batch_sizes)
+        self._copy(pad_decode_inputs(inputs, bs))
+        self.graphs[bs].replay()
+        return self.hidden[:inputs.num_seqs]
