@@ -19,7 +19,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "build"): ("leanserve.data.build", "build the local corpora, tasks and chat sets with a manifest"),
     ("data", "tokenizer"): ("leanserve.data.tokenizer", "train the byte-level BPE tokenizer on built data"),
     ("train", "lm"): ("leanserve.trainers.lm", "pretrain then chat-finetune a Llama-architecture LM"),
+    ("train", "diffusion"): ("leanserve.trainers.diffusion", "train a text-to-image diffusion teacher (diffusers layout)"),
     ("eval", "lm"): ("leanserve.eval.lm", "held-out perplexity per domain and task exact-match of an LM"),
+    ("eval", "images"): ("leanserve.eval.images", "FD, KID, alignment, diversity and images/s of an image model"),
 }
 
 

@@ -57,7 +57,7 @@ class ServerState:
         for name, engine in self.engines.items():
             if self.kinds[name] == kind:
                 return engine
-        raise APIError(404, f"No {KIND_NAMES[kind]} model is served.", "model")
+        raise APIError(404, f"No {kind} model is served.", "model")
 
     def healthy(self) -> bool:
         return self.ready and not self.draining and all(e.stats().healthy for e in self.engines.values())

@@ -61,6 +61,8 @@ def add_arguments(p):
         if name == "max_queued_requests":
             help_ += f"; image models count images, default {IMAGE_MAX_QUEUED_IMAGES}"
         engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     image = p.add_argument_group("image engine")
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
                        help=f"images per denoising loop; concurrent requests of one shape share it "
@@ -104,6 +106,8 @@ def run(args) -> int:
 
     engine_kwargs = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values()
                      if getattr(args, name) is not None}
+    if args.enforce_eager:
+        engine_kwargs["enforce_eager"] = True
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch

@@ -7,14 +7,13 @@ reproducible on its own (a request with seed s + i and n=1 gives choice i's text
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from leanserve.server.cancellation import with_cancellation
 from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.errors import APIError
@@ -47,7 +47,7 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
 # ---------------------------------------------------------------- models
 
 def _model_card(state, name: str, engine) -> ModelCard:
-    return ModelCard(id=name, created=state.created,
+    return ModelCard(id=name, created=state.created, kind=state.kinds[name],
                      max_model_len=engine.max_model_len if state.kinds[name] == "llm" else None)
 
 
@@ -219,27 +219,6 @@ def _usage(choices: list[_Choice]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _with_cancellation(request: Request, handler: Coroutine) -> Response:
-    """Race a non-streaming handler against the client disconnecting (vLLM's with_cancellation):
-    on disconnect the handler is cancelled, which closes its engine streams and aborts them."""
-    task = asyncio.ensure_future(handler)
-    disconnect = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return task.result()
-
 
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -287,7 +266,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     created = int(time.time())
     if body.stream:
         return _sse_response(_safe_events(_chat_stream(body, choices, streams, request_id, created)))
-    return await _with_cancellation(request, _chat_full(body, choices, streams, request_id, created))
+    return await with_cancellation(request, _chat_full(body, choices, streams, request_id, created))
 
 
 async def _chat_full(body: ChatCompletionRequest, choices, streams, request_id: str, created: int) -> Response:
@@ -369,7 +348,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     created = int(time.time())
     if body.stream:
         return _sse_response(_safe_events(_completion_stream(body, choices, streams, request_id, created)))
-    return await _with_cancellation(request, _completion_full(body, choices, streams, request_id, created))
+    return await with_cancellation(request, _completion_full(body, choices, streams, request_id, created))
 
 
 async def _completion_full(body: CompletionRequest, choices, streams, request_id: str, created: int) -> Response:

@@ -1,0 +1,365 @@
+"""/v1/images/generations of a real `leanserve serve` process serving tiny random-weight SD-style,
+SDXL-style and leanserve pixel-space pipelines (plus a tiny LLM, for the cross-kind errors): PNGs of the requested
+size, n, seeds that give the same image alone or batched, samplers, the official openai client,
+errors in the envelope, metrics, cancellation of waiting and running requests, and SIGTERM draining."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import signal
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from server_utils import metric, remote_server, scrape
+
+SD, XL, PIXEL, LLM = "tiny-sd", "tiny-sdxl", "tiny-pixel", "tiny-llm"
+NATIVE = 16           # unet sample_size 8 x VAE factor 2
+PIXEL_NATIVE = 8      # our pixel pipeline: the UNet's sample_size
+STEPS = 2
+LONG = 200            # steps of a request that keeps the worker busy for a second or more
+MAX_BATCH = 4
+MAX_QUEUED = 8
+URL = "/v1/images/generations"
+
+
+def clip_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer over single bytes only (no merges): real class and special tokens, tiny vocab."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_tiny_pipeline(out_dir, xl: bool = False, seed: int = 0):
+    """A random-weight SD 1.5-style (or SDXL-style: two text encoders, text_time conditioning)
+    diffusers directory with the teachers' scheduler (scaled_linear betas, epsilon, no clipping)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    channels, width = (8, 16), 16
+
+    def text_config(**kw):
+        return CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width,
+                              intermediate_size=2 * width, num_attention_heads=2, num_hidden_layers=1,
+                              max_position_embeddings=16, **kw)
+
+    unet_kw = dict(block_out_channels=channels, layers_per_block=1, sample_size=NATIVE // 2, in_channels=4,
+                   out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=list(channels), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=NATIVE)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    if xl:
+        time_dim = 4
+        unet = UNet2DConditionModel(cross_attention_dim=2 * width, addition_embed_type="text_time",
+                                    addition_time_embed_dim=time_dim,
+                                    projection_class_embeddings_input_dim=6 * time_dim + width, **unet_kw)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, unet=unet, scheduler=scheduler, text_encoder=CLIPTextModel(text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=width)),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), force_zeros_for_empty_prompt=True)
+    else:
+        unet = UNet2DConditionModel(cross_attention_dim=width, **unet_kw)
+        pipe = StableDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, tokenizer=clip_tokenizer(),
+                                       text_encoder=CLIPTextModel(text_config()), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_tiny_pixel_pipeline(out_dir, seed: int = 0):
+    """leanserve's own pixel-space pipeline (no VAE) with random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                                                hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                                num_hidden_layers=1, max_position_embeddings=16))
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=PIXEL_NATIVE,
+                                in_channels=3, out_channels=3, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                attention_head_dim=4, cross_attention_dim=16)
+    PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                           scheduler=teacher_scheduler()).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llm_dir):
+    models = {SD: build_tiny_pipeline(tmp_path_factory.mktemp("sd")),
+              XL: build_tiny_pipeline(tmp_path_factory.mktemp("sdxl"), xl=True),
+              PIXEL: build_tiny_pixel_pipeline(tmp_path_factory.mktemp("pixel")), LLM: tiny_llm_dir}
+    dirs, *more = [str(d) for d in models.values()]
+    args = [a for d in more for a in ("--model", d)] + [a for name in models for a in ("--served-model-name", name)]
+    with remote_server(dirs, *args, "--max-model-len", "64", "--max-image-batch", str(MAX_BATCH),
+                       "--max-queued-requests", str(MAX_QUEUED)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def body(**kw) -> dict:
+    return {"model": SD, "prompt": "a small red circle in the top left", "num_inference_steps": STEPS, **kw}
+
+
+def decode(item: dict, fmt: str = "PNG") -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    assert image.format == fmt and image.mode == "RGB"
+    return np.asarray(image).astype(np.int16)
+
+
+def generate(http, **kw) -> list[np.ndarray]:
+    r = http.post(URL, json=body(**kw))
+    assert r.status_code == 200, r.text
+    resp = r.json()
+    assert set(resp) == {"created", "data"} and abs(resp["created"] - time.time()) < 120
+    assert all(item["revised_prompt"] is None for item in resp["data"])
+    return [decode(item) for item in resp["data"]]
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and int(np.abs(a - b).max()) <= 1
+
+
+def wait_idle(server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(server.url)
+        gauges = [metric(samples, f"leanserve:image_requests_{g}", model_name=SD) for g in ("running", "waiting")]
+        if gauges == [0, 0]:
+            return samples
+        assert time.monotonic() < deadline, f"image gauges stuck at {gauges}"
+        time.sleep(0.05)
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    return metric(after, f"leanserve:{name}", **labels) - metric(before, f"leanserve:{name}", **labels)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_sizes_and_n(http):
+    native = generate(http, n=2, seed=1)
+    assert len(native) == 2 and all(img.shape == (NATIVE, NATIVE, 3) for img in native)
+    wide = generate(http, size="24x16", seed=1)  # W x H: 24 wide, 16 high
+    assert wide[0].shape == (16, 24, 3)
+    assert same(generate(http, width=24, height=16, seed=1)[0], wide[0])
+    assert generate(http, size="auto", seed=1)[0].shape == (NATIVE, NATIVE, 3)
+    r = http.post(URL, json=body(output_format="jpeg", output_compression=90))
+    assert r.status_code == 200 and decode(r.json()["data"][0], "JPEG").shape == (NATIVE, NATIVE, 3)
+
+
+def test_seeds_alone_and_batched(server, http):
+    """Image i of a request uses seed + i; an image is the same alone or batched with others."""
+    alone = generate(http, n=2, seed=7)
+    assert same(generate(http, seed=8)[0], alone[1])
+    assert not same(generate(http, seed=9)[0], alone[0])
+    before = wait_idle(server)
+
+    async def concurrent():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            # a long request of another shape keeps the worker busy until the three below all wait
+            blocker = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG, seed=0)))
+            await asyncio.sleep(0.2)
+            rs = await asyncio.gather(c.post(URL, json=body(n=2, seed=7)), c.post(URL, json=body(seed=8)),
+                                      c.post(URL, json=body(seed=3)))
+            assert (await blocker).status_code == 200
+        return rs
+
+    rs = asyncio.run(concurrent())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    batched = [decode(item) for r in rs for item in r.json()["data"]]
+    assert same(batched[0], alone[0]) and same(batched[1], alone[1]) and same(batched[2], alone[1])
+    after = wait_idle(server)
+    # 2 pipeline calls: the blocker, then the 4 waiting images together (MAX_BATCH)
+    assert delta(before, after, "text_encode_seconds_count", model_name=SD) == 2
+    assert delta(before, after, "denoise_step_seconds_count", model_name=SD) == LONG + STEPS
+
+
+def test_samplers_and_negative_prompt(http):
+    kw = dict(seed=5, guidance_scale=6.0, num_inference_steps=6)
+    base = generate(http, **kw)[0]
+    for name in ("dpmsolver++", "ddpm", "unipc"):  # not euler: on the same timesteps it is DDIM
+        assert not same(generate(http, scheduler=name, **kw)[0], base), name
+    assert same(generate(http, sampler="ddim", **kw)[0], base)  # the model ships DDIM
+    assert same(generate(http, **kw)[0], base)  # and gets it back after the others
+    assert not same(generate(http, negative_prompt="blue square", **kw)[0], base)
+
+
+def test_openai_client(server):
+    client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+    resp = client.images.generate(model=SD, prompt="a blue square", n=2, size="16x16", response_format="b64_json",
+                                  extra_body={"num_inference_steps": STEPS, "seed": 11, "negative_prompt": "red"})
+    assert len(resp.data) == 2
+    assert all(decode(item.model_dump()).shape == (NATIVE, NATIVE, 3) for item in resp.data)
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(model=SD, prompt="a blue square", response_format="url")
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="no-such-model", prompt="a blue square")
+
+
+def test_sdxl_style_pipeline(http):
+    plain = generate(http, model=XL, n=2, seed=3, size="16x24")
+    assert [img.shape for img in plain] == [(24, 16, 3)] * 2
+    assert same(generate(http, model=XL, seed=4, size="16x24")[0], plain[1])
+    negative = generate(http, model=XL, seed=3, size="16x24", negative_prompt="green")
+    assert not same(negative[0], plain[0])
+
+
+def test_pixel_pipeline(server, http):
+    """leanserve's pixel-space teacher: its trained size only, its own defaults, seeds as for SD."""
+    images = generate(http, model=PIXEL, n=2, seed=21)
+    assert [img.shape for img in images] == [(PIXEL_NATIVE, PIXEL_NATIVE, 3)] * 2
+    assert same(generate(http, model=PIXEL, seed=22)[0], images[1])
+    assert not same(generate(http, model=PIXEL, seed=21, num_inference_steps=4)[0], images[0])
+    assert_error(http.post(URL, json=body(model=PIXEL, size=f"{2 * PIXEL_NATIVE}x{2 * PIXEL_NATIVE}")), 400, "size")
+    before = scrape(server.url)
+    r = http.post(URL, json={"model": PIXEL, "prompt": "a green triangle", "seed": 1})
+    assert r.status_code == 200
+    # the pipeline's own default steps (25), one text_encode per call, no VAE
+    samples = scrape(server.url)
+    assert delta(before, samples, "denoise_step_seconds_count", model_name=PIXEL) == 25
+    assert delta(before, samples, "text_encode_seconds_count", model_name=PIXEL) == 1
+    assert delta(before, samples, "vae_decode_seconds_count", model_name=PIXEL) == 0
+
+
+@pytest.mark.parametrize("fields, status, param", [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "   "}, 400, "prompt"),
+    ({"size": "18x16"}, 400, "size"),        # not a multiple of 4 (VAE x UNet downsampling)
+    ({"size": "64x64"}, 400, "size"),        # beyond 2x native
+    ({"size": "big"}, 400, "size"),
+    ({"size": "16x16", "width": 16}, 400, None),
+    ({"n": 0}, 400, "n"),
+    ({"n": 11}, 400, "n"),
+    ({"num_inference_steps": 0}, 400, "num_inference_steps"),
+    ({"num_inference_steps": 500}, 400, "num_inference_steps"),
+    ({"guidance_scale": 25}, 400, "guidance_scale"),
+    ({"response_format": "url"}, 400, "response_format"),
+    ({"scheduler": "no-such-sampler"}, 400, "scheduler"),
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"model": LLM}, 400, "model"),          # a chat model on the images route
+])
+def test_bad_requests(http, fields, status, param):
+    assert_error(http.post(URL, json=body(**fields)), status, param)
+    assert len(generate(http)) == 1  # still serving
+
+
+def test_image_model_on_chat_routes(http):
+    chat = {"model": SD, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert_error(http.post("/v1/chat/completions", json=chat), 400, "model")
+    assert_error(http.post("/v1/completions", json={"model": SD, "prompt": "hi"}), 400, "model")
+    assert http.post("/v1/completions", json={"model": LLM, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    models = http.get("/v1/models").json()["data"]
+    assert {m["id"] for m in models} == {SD, XL, PIXEL, LLM}
+    assert {m["id"]: m["max_model_len"] for m in models}[SD] is None
+
+
+def test_metrics_counts(server, http):
+    before = wait_idle(server)
+    for seed in range(3):
+        generate(http, n=2, seed=seed)
+    generate(http, size="24x16")
+    after = wait_idle(server)
+    assert delta(before, after, "images_generated_total", model_name=SD, size="16x16", steps=str(STEPS)) == 6
+    assert delta(before, after, "images_generated_total", model_name=SD, size="24x16", steps=str(STEPS)) == 1
+    assert delta(before, after, "image_generation_seconds_count", model_name=SD) == 4
+    assert delta(before, after, "image_queue_time_seconds_count", model_name=SD) == 4
+    assert delta(before, after, "image_generation_seconds_sum", model_name=SD) > 0
+    # sequential requests: one pipeline call each
+    assert delta(before, after, "text_encode_seconds_count", model_name=SD) == 4
+    assert delta(before, after, "vae_decode_seconds_count", model_name=SD) == 4
+    assert delta(before, after, "denoise_step_seconds_count", model_name=SD) == 4 * STEPS
+
+
+def test_queue_full_429(server):
+    async def flood():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            blocker = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
+            await asyncio.sleep(0.1)
+            queued = asyncio.ensure_future(c.post(URL, json=body(n=MAX_QUEUED)))
+            await asyncio.sleep(0.1)
+            over = await c.post(URL, json=body())
+            return over, await queued, await blocker
+
+    over, queued, blocker = asyncio.run(flood())
+    assert_error(over, 429)
+    assert over.headers["retry-after"]
+    assert queued.status_code == 200 and len(queued.json()["data"]) == MAX_QUEUED
+    assert blocker.status_code == 200
+
+
+def test_disconnect_cancels_waiting_and_running(server, http):
+    async def waiting_then_gone():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c, \
+                httpx.AsyncClient(base_url=server.url, timeout=0.1) as impatient:
+            blocker = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
+            await asyncio.sleep(0.1)
+            # waits behind the blocker (another shape); its client gives up before it starts
+            with pytest.raises(httpx.TimeoutException):
+                await impatient.post(URL, json=body(num_inference_steps=7))
+            assert (await blocker).status_code == 200
+
+    async def running_then_gone():
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.2) as impatient:
+            with pytest.raises(httpx.TimeoutException):
+                await impatient.post(URL, json=body(num_inference_steps=LONG))
+
+    before = wait_idle(server)
+    asyncio.run(waiting_then_gone())
+    middle = wait_idle(server)
+    assert delta(before, middle, "denoise_step_seconds_count", model_name=SD) == LONG  # the waiting one never ran
+    asyncio.run(running_then_gone())
+    after = wait_idle(server)
+    assert 0 < delta(middle, after, "denoise_step_seconds_count", model_name=SD) < LONG  # stopped early
+    assert delta(before, after, "images_generated_total", model_name=SD, size="16x16", steps=str(LONG)) == 1
+    assert delta(before, after, "images_generated_total", model_name=SD, size="16x16", steps="7") == 0
+    assert len(generate(http)) == 1
+
+
+def test_sigterm_drains_then_aborts(tmp_path):
+    """SIGTERM: the running request finishes within --shutdown-timeout, the one behind it is
+    aborted with a 503 in the envelope, and the process exits cleanly."""
+    with remote_server(build_tiny_pipeline(tmp_path / "sd"), "--served-model-name", SD,
+                       "--shutdown-timeout", "0.8") as server:
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                short = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=40)))
+                await asyncio.sleep(0.1)
+                long = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
+                await asyncio.sleep(0.1)
+                server.proc.send_signal(signal.SIGTERM)
+                return await short, await long
+
+        short, long = asyncio.run(run())
+        assert short.status_code == 200 and len(short.json()["data"]) == 1
+        assert_error(long, 503)
+        assert server.proc.wait(timeout=30) == 0
