@@ -133,6 +133,7 @@ def engine(tiny_llm_dir):
     return LLMEngine(engine_config(tiny_llm_dir))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU engine")
 def test_cpu_has_no_graphs(engine, tiny_llm_dir):
     assert engine.model_runner.graph_runner is None
     with pytest.raises(UserError, match="cuda_graph_batch_sizes"):

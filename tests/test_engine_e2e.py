@@ -20,9 +20,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 def engine_config(model_dir, **overrides) -> EngineConfig:
-    # small blocks and a small step budget, so prompts span blocks and prefills are chunked
+    # small blocks and a small step budget, so prompts span blocks and prefills are chunked;
+    # fp32 also on a GPU (auto would pick bf16 there), so results compare exactly with transformers
     kwargs = dict(model=str(model_dir), block_size=4, num_kv_blocks=256, max_model_len=128,
-                  max_num_batched_tokens=32, max_num_seqs=8)
+                  max_num_batched_tokens=32, max_num_seqs=8, dtype="float32")
     return EngineConfig(**(kwargs | overrides))
 
 
