@@ -66,8 +66,7 @@ def hf_generate(path: Path, prompts: list[list[int]], max_tokens: int) -> dict:
     out = {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens, "wall_s": total_s,
            "tok_s": len(prompts) * max_tokens / total_s, "prefill_s": prefill_s,
            "decode_tok_s": len(prompts) * (max_tokens - 1) / (total_s - prefill_s)}
-    del model
-    return out
+    return out  # the model is freed with this frame
 
 
 def main():

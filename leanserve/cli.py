@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "diffusion"): ("leanserve.trainers.diffusion", "train a text-to-image diffusion teacher (diffusers layout)"),
     ("eval", "lm"): ("leanserve.eval.lm", "held-out perplexity per domain and task exact-match of an LM"),
     ("eval", "images"): ("leanserve.eval.images", "FD, KID, alignment, diversity and images/s of an image model"),
+    ("eval", "classifier"): ("leanserve.eval.classifier", "train the shapes attribute classifier behind the image metrics"),
 }
 
 

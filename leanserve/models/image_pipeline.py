@@ -1,0 +1,108 @@
+"""Load an image model directory for serving and eval, and switch its sampler.
+
+Supported directories (diffusers layout, `leanserve.json` optional):
+- leanserve's pixel-space pipeline (`leanserve train diffusion`), built by PixelDiffusionPipeline
+  from leanserve's own code;
+- standard Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SDXL
+  (`StableDiffusionXLPipeline`) directories, built by diffusers.
+No code from a model directory is ever run: a directory whose pipeline or components are custom
+code (a `.py` file next to the weights) is refused. Weights are read from safetensors only.
+
+Every pipeline takes the same call (diffusers' convention): `pipe(prompt=[...], negative_prompt=[...]
+| None, num_inference_steps=, guidance_scale=, generator=[one per image], height=, width=,
+output_type="np").images` -> float [N, H, W, 3] in [0, 1].
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from leanserve.errors import UserError
+
+# sampler name -> (diffusers scheduler class, settings forced on top of the pipeline's scheduler config)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    # x0 is never clipped (DDIM/DDPM default to clip_sample=True, which is wrong for latents and
+    # for leanserve's teachers alike)
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+PIXEL_PIPELINE = "PixelDiffusionPipeline"
+DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def pipeline_class_name(model_dir: str | Path) -> str:
+    """The pipeline class a directory's model_index.json names; UserError if it is not one we load."""
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{model_dir} is not a diffusers pipeline directory (no model_index.json)")
+    config = json.loads(index.read_text())
+    name = config.get("_class_name")
+    # our pipeline names the copy of its module saved beside the weights: ["pixel_pipeline", class]
+    if isinstance(name, list) and len(name) == 2 and name[1] == PIXEL_PIPELINE:
+        name = name[1]
+    if name not in (PIXEL_PIPELINE, *DIFFUSERS_PIPELINES):
+        raise UserError(f"{model_dir}: pipeline {name!r} is not supported; leanserve loads "
+                        f"{', '.join((PIXEL_PIPELINE, *DIFFUSERS_PIPELINES))}")
+    for component, value in config.items():
+        if component.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library = value[0]
+        if library not in ("diffusers", "transformers") and not _is_diffusers_pipeline_module(library):
+            raise UserError(f"{model_dir}: component {component} is custom code ({value}); leanserve runs no code "
+                            "from model directories")
+    return name
+
+
+def _is_diffusers_pipeline_module(name: str) -> bool:
+    # components shipped inside a diffusers pipeline package, e.g. SD's
+    # ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    import diffusers.pipelines
+    return hasattr(diffusers.pipelines, name)
+
+
+def load_image_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The directory's pipeline on `device` in `dtype`, with its per-call progress bar off (serving/eval)."""
+    from leanserve.models.model_dir import load_model_info
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"image model directory {model_dir} does not exist")
+    info = load_model_info(model_dir)
+    if info is not None and info.kind != "image":
+        raise UserError(f"{model_dir} holds a {info.kind!r} model (leanserve.json), not an image model")
+    name = pipeline_class_name(model_dir)
+    if name == PIXEL_PIPELINE:
+        from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
+        pipe = PixelDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+    else:
+        import diffusers
+        pipe = getattr(diffusers, name).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_size(pipe) -> int:
+    """The image size (height = width) a pipeline's UNet was trained for."""
+    if hasattr(pipe, "default_size"):
+        return pipe.default_size
+    size = pipe.unet.config.sample_size
+    return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+
+
+def set_sampler(pipe, name: str):
+    """Replace `pipe.scheduler` with sampler `name` built from the current scheduler's config
+    (same betas, training steps, prediction type and timestep spacing). Returns `pipe`."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    class_name, overrides = SAMPLERS[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    return pipe
