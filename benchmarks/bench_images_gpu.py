@@ -29,7 +29,13 @@ import torch
 from common import RESULTS, write_result
 
 from leanserve.data.tokenizer import train_tokenizer
-from leanserve.server.image_engine import AsyncImageEngine, BatchStats, ImageEngineConfig, ImageParams, StageClock
+from leanserve.server.image_config import ImageEngineConfig
+from leanserve.server.image_engine import (
+    AsyncImageEngine,
+    BatchStats,
+    ImageParams,
+    StageClock,
+)
 
 PROMPT = "a small red circle in the top left on a white background"
 NEGATIVE = "blurry, low quality"
@@ -59,8 +65,14 @@ MODELS = {
 
 
 def build_pipeline(name: str, tokenizer, device: torch.device, dtype: torch.dtype):
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = MODELS[name]

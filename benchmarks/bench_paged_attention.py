@@ -16,10 +16,17 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton.testing
-from common import copy_bandwidth_gbs, write_result  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    copy_bandwidth_gbs,
+    write_result,
+)
 
 from leanserve.kernels.paged_attention import (
-    BLOCK_N, num_kv_splits, paged_decode_attention, paged_decode_attention_ref)
+    BLOCK_N,
+    num_kv_splits,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 from leanserve.models.attention_metadata import AttentionMetadata
 from leanserve.models.layers import paged_decode_attention_torch
 

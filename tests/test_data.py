@@ -13,7 +13,14 @@ import pytest
 from leanserve.cli import main
 from leanserve.data.build import load_manifest, read_jsonl, split_of
 from leanserve.data.chat import summary
-from leanserve.data.tasks import KINDS, Task, check, generate_task, generate_tasks, retrieval_task
+from leanserve.data.tasks import (
+    KINDS,
+    Task,
+    check,
+    generate_task,
+    generate_tasks,
+    retrieval_task,
+)
 from leanserve.errors import UserError
 
 SMALL = ["--max-docs", "60", "--num-tasks", "48,24,24"]

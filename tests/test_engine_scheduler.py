@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from test_engine_e2e import engine_config
 
 from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.errors import QueueFullError
@@ -12,8 +13,6 @@ from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
 from leanserve.server.engine.sequence import Sequence, SequenceStatus
-from test_engine_e2e import engine_config
-
 
 _bases = itertools.count(1000, 1000)
 

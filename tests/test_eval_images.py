@@ -12,7 +12,12 @@ import torch
 
 from leanserve.data.shapes import EVAL_PROMPTS, parse_caption, sample, sample_for_prompt
 from leanserve.eval import image_metrics as M
-from leanserve.eval.classifier import HEADS, head_accuracy, labelled_images, load_classifier
+from leanserve.eval.classifier import (
+    HEADS,
+    head_accuracy,
+    labelled_images,
+    load_classifier,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -180,8 +185,8 @@ def test_evaluate_separates_a_faithful_pipeline_from_a_prompt_blind_one(classifi
 def test_eval_images_command_writes_json_grid_and_metrics(tmp_path, monkeypatch):
     from PIL import Image
 
-    from leanserve.models import image_pipeline
     from leanserve.eval import images
+    from leanserve.models import image_pipeline
     from leanserve.models.model_dir import ModelInfo, load_model_info, save_model_info
 
     model_dir = tmp_path / "model"

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from leanserve.errors import UserError
-from leanserve.models.image_pipeline import SAMPLERS, load_image_pipeline, native_size, set_sampler
+from leanserve.models.image_pipeline import (
+    SAMPLERS,
+    load_image_pipeline,
+    native_size,
+    set_sampler,
+)
 from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
 
 PROMPTS = ["a red circle in the top left", "a big blue square", "a small green star on a white background"]
@@ -217,7 +222,12 @@ def test_timesteps_latents_callback_and_output_types(pipe):
 # --------------------------------------------------------------------------- SD / SDXL directories
 
 def tiny_sd(tokenizer, xl: bool):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(0)
     unet_kwargs = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,

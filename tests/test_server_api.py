@@ -11,9 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
-
 from server_utils import remote_server, sse_data
+from transformers import AutoTokenizer
 
 MODEL = "tiny-llm"
 MESSAGES = [{"role": "user", "content": "What is 12 + 7?"}]

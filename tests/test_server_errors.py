@@ -10,7 +10,6 @@ import re
 import httpx
 import openai
 import pytest
-
 from server_utils import remote_server, sse_data
 
 MODEL = "tiny-llm"

@@ -15,7 +15,6 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-
 from server_utils import metric, remote_server, scrape
 
 SD, XL, PIXEL, LLM = "tiny-sd", "tiny-sdxl", "tiny-pixel", "tiny-llm"
@@ -43,8 +42,13 @@ def build_tiny_pipeline(out_dir, xl: bool = False, seed: int = 0):
     """A random-weight SD 1.5-style (or SDXL-style: two text encoders, text_time conditioning)
     diffusers directory with the teachers' scheduler (scaled_linear betas, epsilon, no clipping)."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -87,7 +91,10 @@ def build_tiny_pixel_pipeline(out_dir, seed: int = 0):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+    from leanserve.models.pixel_pipeline import (
+        PixelDiffusionPipeline,
+        teacher_scheduler,
+    )
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,

@@ -8,9 +8,8 @@ import time
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
-
 from server_utils import metric, remote_server, scrape
+from transformers import AutoTokenizer
 
 MODEL = "tiny-llm"
 # 40 blocks of 4 tokens: one request of ~20 + 40 tokens (15 blocks) fits alone, 8 at once do not

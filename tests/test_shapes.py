@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from leanserve.data import shapes
-from leanserve.data.shapes import (BACKGROUND_RGB, EVAL_PROMPTS, OBJECT_ATTRIBUTES, POSITIONS, RGB, SHAPES,
-                                   UNDERSPECIFIED_PROMPTS, ShapesDataset, describe, parse_caption, render, sample,
-                                   sample_for_prompt)
+from leanserve.data.shapes import (
+    BACKGROUND_RGB,
+    EVAL_PROMPTS,
+    OBJECT_ATTRIBUTES,
+    POSITIONS,
+    RGB,
+    SHAPES,
+    UNDERSPECIFIED_PROMPTS,
+    ShapesDataset,
+    describe,
+    parse_caption,
+    render,
+    sample,
+    sample_for_prompt,
+)
 
 
 def test_same_seed_and_index_give_identical_bytes():

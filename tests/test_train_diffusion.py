@@ -114,7 +114,10 @@ def test_vae_latent_path_writes_a_stable_diffusion_pipeline(tmp_path, tokenizer_
 
 
 def test_zoo_preset_fits_the_size_budget(tmp_path, tokenizer_dir):
-    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+    from leanserve.models.pixel_pipeline import (
+        PixelDiffusionPipeline,
+        teacher_scheduler,
+    )
 
     preset = diffusion.PRESETS["shapes-tiny"]
     tokenizer = diffusion.load_tokenizer(tokenizer_dir)

@@ -108,7 +108,13 @@ def test_model_dir_loads_and_records_provenance(corpus, trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from leanserve.data.tokenizer import stop_token_ids
-    from leanserve.trainers.lm import DistInfo, batched, encode_documents, mean_losses, stream_windows
+    from leanserve.trainers.lm import (
+        DistInfo,
+        batched,
+        encode_documents,
+        mean_losses,
+        stream_windows,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(trained)
     tok = AutoTokenizer.from_pretrained(trained)

@@ -24,8 +24,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from leanserve.data.chat import docs_rows, task_chat_row
-from leanserve.data.corpus import (MAX_FILE_BYTES, code_document, docs_document, module_docs, stdlib_files,
-                                   topic_documents)
+from leanserve.data.corpus import (
+    MAX_FILE_BYTES,
+    code_document,
+    docs_document,
+    module_docs,
+    stdlib_files,
+    topic_documents,
+)
 from leanserve.data.tasks import KINDS, Task, generate_task
 from leanserve.errors import UserError
 

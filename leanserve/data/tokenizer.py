@@ -29,7 +29,14 @@ CHAT_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 8192,
                     model_max_length: int = 1024):
     """Train a byte-level BPE on `texts` and save it (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

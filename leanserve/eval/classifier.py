@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from leanserve.data import shapes
 from leanserve.errors import UserError

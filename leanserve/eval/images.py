@@ -155,7 +155,12 @@ def evaluate(pipe, classifier, settings: EvalSettings, *, set_sampler: Callable[
     from tqdm import tqdm
 
     from leanserve.data.shapes import EVAL_PROMPTS, parse_caption
-    from leanserve.eval.image_metrics import alignment, frechet_distance, kid, pairwise_distances
+    from leanserve.eval.image_metrics import (
+        alignment,
+        frechet_distance,
+        kid,
+        pairwise_distances,
+    )
 
     if set_sampler is None and len(settings.samplers) > 1:
         raise ValueError("comparing samplers needs set_sampler")
@@ -257,7 +262,12 @@ def run(args):
     import torch
 
     from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
-    from leanserve.models.image_pipeline import SAMPLERS, load_image_pipeline, native_size, set_sampler
+    from leanserve.models.image_pipeline import (
+        SAMPLERS,
+        load_image_pipeline,
+        native_size,
+        set_sampler,
+    )
     from leanserve.models.model_dir import load_model_info, merge_metrics
     from leanserve.trainers.lm import pick_device
 

@@ -23,8 +23,17 @@ from leanserve.data.tasks import Task, check
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.models.model_dir import merge_metrics
-from leanserve.trainers.lm import (DistInfo, batched, chat_examples, encode_documents, load_tokenizer, mean_losses,
-                                   pick_device, read_split, stream_windows)
+from leanserve.trainers.lm import (
+    DistInfo,
+    batched,
+    chat_examples,
+    encode_documents,
+    load_tokenizer,
+    mean_losses,
+    pick_device,
+    read_split,
+    stream_windows,
+)
 
 DOC_DOMAINS = ("code", "docs", "tasks")
 

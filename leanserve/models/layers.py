@@ -128,7 +128,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     """Write the step's new K/V [T, Hkv, D] into the paged cache at `slot_mapping` (-1 = skip).
     CUDA: the Triton kernel (one launch, and no mask-indexing host sync, so it can be graph-captured)."""
     if k.is_cuda:
-        from leanserve.kernels.kv_cache import store_kvcache as store_kvcache_triton  # CPU installs may lack Triton
+        from leanserve.kernels.kv_cache import (
+            store_kvcache as store_kvcache_triton,  # CPU installs may lack Triton
+        )
         store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
         return
     valid = slot_mapping >= 0
@@ -234,7 +236,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     split-K kernel (power-of-2 head dims and block sizes); everything else takes the PyTorch paths."""
     if meta.max_query_len == 1:
         if q.is_cuda and uses_triton_decode(q.shape[-1], meta.block_size):
-            from leanserve.kernels.paged_attention import paged_decode_attention  # CPU installs may lack Triton
+            from leanserve.kernels.paged_attention import (
+                paged_decode_attention,  # CPU installs may lack Triton
+            )
             num_seqs = meta.block_tables.shape[0]
             out = torch.empty_like(q)
             out[num_seqs:].zero_()  # rows past B are padding, zeros as in paged_decode_attention_torch

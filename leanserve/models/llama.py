@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.models.attention_metadata import AttentionMetadata
-from leanserve.models.layers import GatedMLP, MergedLinear, PagedAttention, RMSNorm, RotaryEmbedding
+from leanserve.models.layers import (
+    GatedMLP,
+    MergedLinear,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -31,21 +31,12 @@ import torch
 from leanserve.errors import UserError
 from leanserve.server.engine.errors import EngineDeadError, QueueFullError
 from leanserve.server.engine.model_runner import resolve_device, resolve_dtype
+from leanserve.server.image_config import ImageEngineConfig
 
 logger = logging.getLogger(__name__)
 
 MAX_STEPS = 200       # teachers; distilled generators will narrow this to their trained step counts
 MAX_GUIDANCE = 20.0
-
-
-@dataclass(slots=True)
-class ImageEngineConfig:
-    model: str                            # diffusers pipeline directory (model_index.json)
-    served_model_name: str | None = None  # default: the directory's basename
-    device: str = "auto"                  # auto = cuda if available else cpu
-    dtype: str = "auto"                   # auto = bfloat16 on cuda, float32 on cpu
-    max_image_batch: int = 8              # images per pipeline call (one denoising loop)
-    max_queued_images: int = 64           # waiting images beyond this -> QueueFullError (429)
 
 
 @dataclass(slots=True)
@@ -166,7 +157,11 @@ class AsyncImageEngine:
 
     def __init__(self, config: ImageEngineConfig, pipe=None):
         """`pipe`: an already built pipeline on its device (benchmarks); default: load `config.model`."""
-        from leanserve.models.image_pipeline import SAMPLERS, load_image_pipeline, native_size
+        from leanserve.models.image_pipeline import (
+            SAMPLERS,
+            load_image_pipeline,
+            native_size,
+        )
 
         for name in ("max_image_batch", "max_queued_images"):
             if getattr(config, name) < 1:

@@ -18,11 +18,11 @@ import uvicorn
 
 from leanserve.errors import UserError
 from leanserve.server.engine.config import EngineConfig
+from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.settings import ServerSettings
 
-DEFAULT_MODEL = "zoo/chat-tiny"
-IMAGE_MAX_BATCH = 8           # ImageEngineConfig's defaults, repeated here so --help needs no torch import
-IMAGE_MAX_QUEUED_IMAGES = 64
+DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-teacher"]
+_IMAGE_DEFAULTS = ImageEngineConfig(model="")
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
     "--max-num-seqs": ("max_num_seqs", int),
@@ -44,7 +44,7 @@ _IMAGE_OPTIONS = {"device": "device", "dtype": "dtype", "max_queued_requests": "
 def add_arguments(p):
     defaults = ServerSettings()
     p.add_argument("--model", action="append", metavar="DIR",
-                   help=f"model directory; repeat to serve several (default: {DEFAULT_MODEL})")
+                   help=f"model directory; repeat to serve several (default: {' and '.join(DEFAULT_MODELS)})")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
                    help="the name clients send as `model`, one per --model (default: the directory name)")
     p.add_argument("--host", default=defaults.host)
@@ -59,14 +59,14 @@ def add_arguments(p):
     for flag, (name, type_) in _ENGINE_OPTIONS.items():
         help_ = f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}"
         if name == "max_queued_requests":
-            help_ += f"; image models count images, default {IMAGE_MAX_QUEUED_IMAGES}"
+            help_ += f"; image models count images, default {_IMAGE_DEFAULTS.max_queued_images}"
         engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)
     engine.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     image = p.add_argument_group("image engine")
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
                        help=f"images per denoising loop; concurrent requests of one shape share it "
-                            f"(default: {IMAGE_MAX_BATCH})")
+                            f"(default: {_IMAGE_DEFAULTS.max_image_batch})")
 
 
 def _model_kind(path: str) -> str:
@@ -89,7 +89,7 @@ def _model_kind(path: str) -> str:
 
 
 def run(args) -> int:
-    models = args.model or [DEFAULT_MODEL]
+    models = args.model or DEFAULT_MODELS
     names = args.served_model_name or []
     if names and len(names) != len(models):
         raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
@@ -102,7 +102,7 @@ def run(args) -> int:
     # heavy imports (torch, transformers) only once the arguments are known to be good
     from leanserve.server.app import create_app
     from leanserve.server.engine.async_engine import AsyncLLMEngine
-    from leanserve.server.image_engine import AsyncImageEngine, ImageEngineConfig
+    from leanserve.server.image_engine import AsyncImageEngine
 
     engine_kwargs = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values()
                      if getattr(args, name) is not None}

@@ -49,7 +49,13 @@ from pathlib import Path
 import torch
 
 from leanserve.errors import UserError
-from leanserve.trainers.lm import DistInfo, all_reduce_sum, init_distributed, make_optimizer, warmup_cosine
+from leanserve.trainers.lm import (
+    DistInfo,
+    all_reduce_sum,
+    init_distributed,
+    make_optimizer,
+    warmup_cosine,
+)
 
 CHECKPOINT = "checkpoint.pt"
 TOKENIZER_DIR = "tokenizer"
@@ -541,8 +547,16 @@ class Trainer:
     def _write_pipeline(self, losses: dict[str, float]):
         from diffusers import StableDiffusionPipeline
 
-        from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info, weights_sha256
-        from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+        from leanserve.models.model_dir import (
+            ModelInfo,
+            make_recipe,
+            save_model_info,
+            weights_sha256,
+        )
+        from leanserve.models.pixel_pipeline import (
+            PixelDiffusionPipeline,
+            teacher_scheduler,
+        )
 
         args = self.args
         save_dtype = args.save_dtype or self.preset.save_dtype

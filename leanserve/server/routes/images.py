@@ -17,11 +17,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, features
 
-from leanserve.server.errors import APIError
-from leanserve.server.image_engine import ImageGenerationError, ImageParamError, ImageParams, RequestAbortedError
-from leanserve.server.protocol import ImageGenerationRequest, ImageObject, ImagesResponse
-from leanserve.server.routes import server_state
 from leanserve.server.cancellation import with_cancellation
+from leanserve.server.errors import APIError
+from leanserve.server.image_engine import (
+    ImageGenerationError,
+    ImageParamError,
+    ImageParams,
+    RequestAbortedError,
+)
+from leanserve.server.protocol import (
+    ImageGenerationRequest,
+    ImageObject,
+    ImagesResponse,
+)
+from leanserve.server.routes import server_state
 
 router = APIRouter()
 

@@ -28,12 +28,31 @@ from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.errors import APIError
 from leanserve.server.metrics import RequestMetrics
 from leanserve.server.protocol import (
-    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, ModelCard, ModelList, SamplingRequest, TokenizeRequest, TokenizeResponse,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from leanserve.server.routes import server_state
-from leanserve.server.streaming import SSE_DONE, SSE_HEADERS, merge_streams, sse_error, sse_event
+from leanserve.server.streaming import (
+    SSE_DONE,
+    SSE_HEADERS,
+    merge_streams,
+    sse_error,
+    sse_event,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -1,0 +1,14 @@
+"""Settings of an image engine (torch-free, so `leanserve serve --help` stays fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class ImageEngineConfig:
+    model: str                            # diffusers pipeline directory (model_index.json)
+    served_model_name: str | None = None  # default: the directory's basename
+    device: str = "auto"                  # auto = cuda if available else cpu
+    dtype: str = "auto"                   # auto = bfloat16 on cuda, float32 on cpu
+    max_image_batch: int = 8              # images per pipeline call (one denoising loop)
+    max_queued_images: int = 64           # waiting images beyond this -> QueueFullError (429)
