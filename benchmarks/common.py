@@ -3,27 +3,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 from pathlib import Path
 
+from leanserve.eval.report import hardware
 from leanserve.models.model_dir import git_commit
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def hardware() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS) -> Path:

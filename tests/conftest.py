@@ -53,3 +53,14 @@ def build_tiny_llm(out_dir, *, vocab_size: int = 512, hidden_size: int = 64, num
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two
+    contended ones (OpenMP spinning). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

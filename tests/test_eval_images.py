@@ -19,14 +19,7 @@ from leanserve.eval.classifier import (
     load_classifier,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matrices: a second thread only adds OpenMP spinning, badly so on a shared 2-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

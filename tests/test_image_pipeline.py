@@ -21,13 +21,7 @@ from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_sche
 PROMPTS = ["a red circle in the top left", "a big blue square", "a small green star on a white background"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread is several times faster than two contended ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

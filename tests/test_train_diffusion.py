@@ -16,13 +16,7 @@ from leanserve.trainers import diffusion
 FLAGS = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--val-size", "16", "--lr", "2e-3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread is several times faster than two contended ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,6 @@ dependency.)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -251,17 +249,11 @@ def headline(results: dict) -> dict:
     }
 
 
-def _hardware(device) -> str:
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def run(args):
     import torch
 
     from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
+    from leanserve.eval.report import emit_json, hardware
     from leanserve.models.image_pipeline import (
         SAMPLERS,
         load_image_pipeline,
@@ -290,17 +282,11 @@ def run(args):
                             num_images=args.num_images, diversity_seeds=args.diversity_seeds, batch_size=args.batch_size,
                             resolution=args.resolution or native_size(pipe), real_seed=args.real_seed)
     results, grid = evaluate(pipe, classifier, settings, set_sampler=set_sampler)
-    results = {"model": str(args.model), "hardware": _hardware(device), "dtype": str(dtype).removeprefix("torch."),
+    results = {"model": str(args.model), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
                "classifier": {"dir": str(classifier_dir),
                               "test_accuracy": classifier_info.metrics.get("test_accuracy") if classifier_info else None},
                **results}
-    text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    emit_json(results, args.out)
     if args.grid:
         save_grid(grid, args.grid)
         print(f"wrote {args.grid}")

@@ -9,7 +9,6 @@ task, greedy-decodes an answer from the chat-templated prompt and checks it exac
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from functools import partial
@@ -22,6 +21,7 @@ from leanserve.data.build import load_manifest
 from leanserve.data.tasks import Task, check
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
+from leanserve.eval.report import emit_json
 from leanserve.models.model_dir import merge_metrics
 from leanserve.trainers.lm import (
     DistInfo,
@@ -144,13 +144,7 @@ def run(args):
         "test_loss": test_loss, "test_ppl": {d: math.exp(v) for d, v in test_loss.items()},
         "task_accuracy": accuracy, "task_count": counts, "task_skipped": skipped,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    emit_json(result, args.out)
     merged = merge_metrics(model_dir, {k: result[k] for k in ("test_loss", "test_ppl", "task_accuracy", "task_count")}
                            | {"eval_data_sha256": result["data_sha256"], "eval_max_docs": args.max_docs})
     if not merged:

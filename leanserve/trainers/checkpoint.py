@@ -124,3 +124,14 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def check_resume_args(saved: dict, args, free: tuple[str, ...]) -> None:
+    """Refuse to resume with options that change the result (everything but `free`): one line
+    naming each changed option, old -> new."""
+    from leanserve.errors import UserError
+
+    changed = [k for k, v in vars(args).items() if k not in free and saved.get(k) != v]
+    if changed:
+        raise UserError("--resume with different options than the checkpoint: " +
+                        ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in changed))

@@ -473,17 +473,13 @@ class Trainer:
                         history=self.history, ema=self.ema.state_dict(), args=vars(self.args))
 
     def _resume(self):
-        from leanserve.trainers.checkpoint import load_checkpoint
+        from leanserve.trainers.checkpoint import check_resume_args, load_checkpoint
 
         try:
             state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
         except ValueError as e:
             raise UserError(str(e)) from None
-        changed = [k for k, v in vars(self.args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
-        if changed:
-            raise UserError("--resume with different options than the checkpoint: " +
-                            ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(self.args, k)}"
-                                      for k in changed))
+        check_resume_args(state["args"], self.args, RESUME_FREE)
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(mine["generator"])
         self.step, self.window_steps = state["step"], state["window_steps"]

@@ -30,7 +30,12 @@ from leanserve.data.build import load_manifest, read_jsonl
 from leanserve.data.tokenizer import EOS, stop_token_ids
 from leanserve.errors import UserError
 from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
-from leanserve.trainers.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from leanserve.trainers.checkpoint import (
+    check_resume_args,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from leanserve.trainers.presets import PRESETS
 
 PRETRAIN_DOMAINS = ("code", "docs", "tasks")
@@ -522,11 +527,7 @@ class Trainer:
             state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
         except ValueError as e:
             raise UserError(str(e)) from None
-        changed = [k for k, v in vars(self.args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
-        if changed:
-            raise UserError("--resume with different options than the checkpoint: " +
-                            ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(self.args, k)}"
-                                      for k in changed))
+        check_resume_args(state["args"], self.args, RESUME_FREE)
         self.generator.set_state(mine["generator"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_ema, self.history = state["loss_ema"], state["history"]
