@@ -275,3 +275,16 @@ def test_temperature_default_from_generation_config(tiny_llm_dir, tmp_path):
         texts = [c.post("/v1/completions", json=b).json()["choices"][0]["text"]
                  for b in (body, body, {**body, "temperature": 0}, {**body, "temperature": 1.0, "seed": 1})]
     assert texts[0] == texts[1] == texts[2] != texts[3]
+
+
+def test_chat_template_flag(tiny_llm_dir, tmp_path):
+    """--chat-template replaces the tokenizer's template for rendering chat requests."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    messages = [{"role": "user", "content": "1 + 2 ="}]
+    expected = AutoTokenizer.from_pretrained(tiny_llm_dir)("user: 1 + 2 =\nassistant:", add_special_tokens=False)
+    with remote_server(tiny_llm_dir, "--served-model-name", MODEL, "--chat-template", str(template),
+                       "--num-kv-blocks", "64") as server:
+        r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": messages})
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == expected["input_ids"]

@@ -240,6 +240,7 @@ def test_engine_death(dying_engine_app):
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/model"], "does not exist"),
     (["--model", "{image}"], "names no pipeline class"),
+    (["--model", "{tiny}", "--chat-template", "/no/such/template.jinja"], "no such file"),
     (["--model", "{tiny}", "--model", "{tiny}", "--served-model-name", "a"], "one per model"),
 ])
 def test_serve_cli_errors(args, message, tiny_llm_dir, tmp_path, capsys):

@@ -78,6 +78,27 @@ def test_exact_counts(server, tiny_llm_dir):
     assert delta("time_to_first_token_seconds_sum") > 0
 
 
+def test_http_middleware_metrics(server):
+    """Counted per route template, method and status; ops routes and scrapes are not counted."""
+    before = scrape(server.url)
+    for _ in range(2):
+        assert httpx.get(server.url + f"/v1/models/{MODEL}").status_code == 200
+    assert httpx.post(server.url + "/v1/completions", json={"model": MODEL}).status_code == 400
+    assert httpx.get(server.url + "/no/such/route").status_code == 404
+    httpx.get(server.url + "/health")
+    after = scrape(server.url)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("http_requests_total", handler="/v1/models/{model_id:path}", method="GET", status="200") == 2
+    assert delta("http_requests_total", handler="/v1/completions", method="POST", status="400") == 1
+    assert delta("http_requests_total", handler="other", method="GET", status="404") == 1
+    assert delta("http_request_duration_seconds_count", handler="/v1/completions", method="POST") == 1
+    assert not any(name == "http_requests_total" and ("handler", path) in labels
+                   for name, labels in after for path in ("/health", "/metrics"))
+
+
 def test_disconnects_abort_and_gauges_return_to_zero(server):
     before = wait_idle(server)
     k = 3

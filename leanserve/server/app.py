@@ -103,11 +103,32 @@ class FrontDoorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["arrival_time"] = time.monotonic()  # TTFT and e2e start here
-        state, path, method = self.state, scope["path"], scope["method"]
+        arrival = scope.setdefault("state", {})["arrival_time"] = time.monotonic()  # TTFT and e2e start here
+        path, method = scope["path"], scope["method"]
         if path in OPS_PATHS:
             await self.app(scope, receive, send)
             return
+        status = 500  # what a client sees if the app fails before starting a response
+
+        async def send_seeing_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, send_seeing_status)
+        finally:
+            # label by the route template the router matched (it leaves it in the scope); unknown
+            # paths share one label, so a scanner cannot grow the label set without bound
+            route = scope.get("route")
+            handler = getattr(route, "path", "other")
+            metrics = self.state.metrics
+            metrics.http_requests.labels(handler, method, str(status)).inc()
+            metrics.http_duration.labels(handler, method).observe(time.monotonic() - arrival)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state, path, method = self.state, scope["path"], scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
         if state.api_key_digests and path.startswith("/v1/") and method != "OPTIONS" \

@@ -270,6 +270,13 @@ class ServerMetrics:
                                       token_buckets)
         self.params_n = hist("request_params_n", "The n parameter per request.", N_BUCKETS)
         self.models = {name: ModelMetrics(self, name) for name in engines}
+        # HTTP middleware metrics, named like the instrumentator vLLM uses (no prefix); the ops
+        # routes (/metrics, /health, /load, /version) are not counted
+        self.http_requests = Counter("http_requests", "HTTP requests by route, method and status.",
+                                     ["handler", "method", "status"], registry=r)
+        self.http_duration = Histogram("http_request_duration_seconds", "HTTP request duration, to the last "
+                                       "byte sent.", ["handler", "method"], buckets=REQUEST_LATENCY_BUCKETS,
+                                       registry=r)
 
         self.image_e2e = hist("image_generation_seconds", "Image request latency (from HTTP arrival to encoded "
                               "images).", REQUEST_LATENCY_BUCKETS)

@@ -45,6 +45,8 @@ def add_arguments(p):
     defaults = ServerSettings()
     p.add_argument("--model", action="append", metavar="DIR",
                    help=f"model directory; repeat to serve several (default: {' and '.join(DEFAULT_MODELS)})")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for every chat model, instead of the tokenizer's own")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
                    help="the name clients send as `model`, one per --model (default: the directory name)")
     p.add_argument("--host", default=defaults.host)
@@ -94,6 +96,11 @@ def run(args) -> int:
     if names and len(names) != len(models):
         raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
     kinds = [_model_kind(path) for path in models]
+    chat_template = None
+    if args.chat_template:
+        if not Path(args.chat_template).is_file():
+            raise UserError(f"--chat-template {args.chat_template}: no such file")
+        chat_template = Path(args.chat_template).read_text()
     env_key = os.environ.get("LEANSERVE_API_KEY")
     settings = ServerSettings(host=args.host, port=args.port, api_keys=args.api_key or ([env_key] if env_key else []),
                               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
@@ -118,6 +125,8 @@ def run(args) -> int:
             engine = AsyncImageEngine(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
         else:
             engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=name, **engine_kwargs))
+            if chat_template is not None:
+                engine.tokenizer.chat_template = chat_template
         if engine.model_name in engines:
             raise UserError(f"two models are served as {engine.model_name!r}; use --served-model-name")
         engines[engine.model_name] = engine
