@@ -1,0 +1,415 @@
+"""`leanserve distill sid`: distil a pixel-space diffusion teacher into a 1..K-step generator with
+Score identity Distillation (spec: shared/specs/sid.md; losses in trainers/sid_loss.py).
+
+The generator θ and the fake score network ψ start as copies of the teacher's UNet; the teacher
+φ and the text encoder stay frozen. Data-free: only prompts are needed (shapes train captions),
+except with `--gan`, which also uses the real images of the fake phase's captions.
+Every iteration draws one k ~ U{1..K}, shared by both phases, then strictly alternates
+1. fake phase: k-step generator samples without gradient, ψ's denoising loss (guided at κ1, 10%
+   empty prompts whenever a fake κ is not 1), Adam step on ψ;
+2. generator phase: fresh prompts and noise, the k-step chain with gradient through its last call
+   only, the SiD loss with the per-sample 1/w normaliser (the gradient goes through the teacher's
+   and the fake network's Jacobians), samples with non-finite values dropped, non-finite gradients
+   zeroed, Adam step on θ;
+then an EMA of θ (EDM-style half-life in images with a ramp); the EMA is what gets written.
+With `--gan` (Diffusion-GAN, spec §7) the fake phase also trains ψ's encoder as a discriminator
+(real and generated images noised with the same t and ε), and after `--gan-warmup` the generator
+loss becomes 0.5·SiD + 0.5·weight·adversarial.
+Adam β = (0, 0.999), no weight decay, constant LR (spec §5). fp32 by default with TF32 off (the
+SiD signal is a difference of two nearly equal network outputs); `--bf16` autocasts the UNets.
+
+Randomness: one generator on the device for noise, timesteps and dropout; one seeded CPU
+generator for k. Both are checkpointed with the networks, EMA and optimizer: `--resume`
+continues exactly (trainers/checkpoint.py). Single process only (no torchrun yet).
+
+Output: a SiDPipeline directory (models/sid_pipeline.py) usable at 1..K steps, + leanserve.json
+(K, the four kappas, alpha, t_init, images seen).
+
+    leanserve distill sid --teacher zoo/shapes-teacher --steps 4 --guidance lsg --kappa 1.5 \\
+        --iterations 5000 --batch-size 128 --out runs/shapes-sid
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanserve.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+# options that may differ between a run and its resume without changing the result
+RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing")
+LOG_EVERY = 10  # iterations between progress-bar loss updates (each one waits for the GPU)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    from leanserve.trainers.sid_loss import GUIDANCES
+
+    p.add_argument("--teacher", required=True, help="pixel-space teacher pipeline directory (leanserve train diffusion)")
+    p.add_argument("--out", required=True, help="generator pipeline directory to write (SiDPipeline + leanserve.json)")
+    p.add_argument("--steps", type=int, default=4, help="K: the generator is trained on a uniform mixture of 1..K steps")
+    p.add_argument("--guidance", default="lsg", choices=GUIDANCES,
+                   help="lsg: all four kappas = --kappa; zero-cfg: teacher 1, fake 0; anti-cfg: teacher 1, fake --kappa < 0")
+    p.add_argument("--kappa", type=float, help="guidance scale (lsg default 1.5, anti-cfg default -1; not for zero-cfg)")
+    p.add_argument("--kappas", help="explicit κ1,κ2,κ3,κ4 (fake training, fake in α·L1, fake in L2, teacher), "
+                                    "overriding --guidance's; e.g. Anti-CFG with κ1 = 1: 1,-1,-1,1")
+    p.add_argument("--alpha", type=float, default=1.0, help="SiD bias-correction weight (sweep 0.5, 1.0, 1.2)")
+    p.add_argument("--t-init", type=int, default=625, help="timestep of the generator's first step (625: sigma 2.5 "
+                                                           "on the scaled_linear schedule)")
+    g = p.add_argument_group("Diffusion-GAN (data-aided: real shapes images paired with their captions)")
+    g.add_argument("--gan", action="store_true", help="add the Diffusion-GAN loss, the fake network's encoder "
+                                                      "(mid-block output, channel mean) as discriminator")
+    g.add_argument("--gan-weight", type=float, default=1e-3, help="adversarial term relative to the SiD term")
+    g.add_argument("--gan-warmup", type=float, default=0.1,
+                   help="fraction of the iterations before the generator gets the adversarial term (D trains from 0)")
+    g = p.add_argument_group("training")
+    g.add_argument("--iterations", type=int, default=5000, help="fake + generator updates")
+    g.add_argument("--batch-size", type=int, default=64, help="images per phase (each phase draws its own batch)")
+    g.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of both networks")
+    g.add_argument("--ema-half-life", type=float, default=50_000, help="EMA half-life of the generator, in images")
+    g.add_argument("--ema-ramp", type=float, default=0.05, help="half-life is at most this times the images seen")
+    g.add_argument("--cond-dropout", type=float, default=0.1,
+                   help="fraction of fake-phase prompts replaced by the empty prompt when a fake kappa is not 1")
+    g.add_argument("--seed", type=int, default=0, help="noise, timesteps, k, dropout")
+    g.add_argument("--data-seed", type=int, default=0, help="the shapes caption stream")
+    g.add_argument("--save-every", type=int, default=500, help="iterations between checkpoints")
+    g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
+    g.add_argument("--stop-at", type=int, help="stop after this iteration with a checkpoint; resume later")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNets (default fp32, TF32 off)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in backward: the generator loss backpropagates through the "
+                        "generator, the teacher and the fake network, so memory is ~3 UNets' activations (x2 with CFG)")
+    g.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype on disk (float16 keeps a shapes generator under the zoo's 15 MB)")
+
+
+def _check_args(args):
+
+    for name in ("steps", "iterations", "batch_size", "save_every"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("lr", "ema_half_life", "ema_ramp"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
+    if not args.gan_weight > 0:
+        raise UserError("--gan-weight must be > 0")
+    if not 0 <= args.gan_warmup < 1:
+        raise UserError("--gan-warmup is a fraction of the iterations, in [0, 1)")
+    if not 0 <= args.cond_dropout < 1:
+        raise UserError("--cond-dropout must be in [0, 1)")
+    if not 0 < args.t_init < 1000:
+        raise UserError("--t-init must be in [1, 999]")
+    if args.steps > args.t_init:
+        raise UserError(f"--steps {args.steps} exceeds --t-init {args.t_init} (steps would repeat timesteps)")
+    if args.kappas is not None and args.kappa is not None:
+        raise UserError("give --kappa or --kappas, not both")
+    try:
+        run_kappas(args)
+    except ValueError as e:
+        raise UserError(f"--guidance {args.guidance}: {e}") from None
+    if args.stop_at is not None and not 0 < args.stop_at < args.iterations:
+        raise UserError(f"--stop-at must be between 1 and {args.iterations - 1}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("leanserve distill sid runs in one process (torchrun DDP is not implemented yet)")
+    if not Path(args.teacher).is_dir():
+        raise UserError(f"--teacher {args.teacher} does not exist")
+    out = Path(args.out)
+    if args.resume and not (out / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no checkpoint {out / CHECKPOINT}")
+    if not args.resume and (out / CHECKPOINT).is_file():
+        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
+    if (out / "model_index.json").exists():
+        raise UserError(f"{out} already holds a pipeline; choose another --out")
+
+
+def run_kappas(args):
+    """The four κ of this run: --kappas verbatim, else --guidance's preset at --kappa."""
+    from leanserve.trainers.sid_loss import Kappas, guidance_kappas
+
+    if args.kappas is None:
+        return guidance_kappas(args.guidance, args.kappa)
+    try:
+        values = [float(v) for v in args.kappas.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"--kappas takes four comma-separated numbers, got {args.kappas!r}")
+    return Kappas(*values)
+
+
+def load_teacher(path: Path):
+    from leanserve.models.image_pipeline import PIXEL_PIPELINE, pipeline_class_name
+    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
+
+    if pipeline_class_name(path) != PIXEL_PIPELINE:
+        raise UserError(f"--teacher {path}: SiD distils pixel-space teachers ({PIXEL_PIPELINE}) only for now")
+    pipe = PixelDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    config = pipe.scheduler.config
+    if config.prediction_type != "epsilon":
+        raise UserError(f"--teacher {path}: prediction_type {config.prediction_type!r}; SiD here needs epsilon")
+    if not hasattr(pipe.scheduler, "alphas_cumprod"):
+        raise UserError(f"--teacher {path}: scheduler {type(pipe.scheduler).__name__} has no discrete alphas_cumprod")
+    return pipe
+
+
+def run(args):
+    from leanserve.trainers.lm import pick_device
+
+    _check_args(args)
+    return Trainer(args, pick_device(args.device)).train()
+
+
+class Trainer:
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.out = Path(args.out)
+        self.kappas = run_kappas(args)
+        if device.type == "cuda" and not args.bf16:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.bf16 else None
+
+        self.teacher_pipe = load_teacher(Path(args.teacher))
+        self.teacher_pipe.text_encoder.to(device).requires_grad_(False).eval()
+        self.alphas_cumprod = self.teacher_pipe.scheduler.alphas_cumprod.to(device)
+        teacher = self.teacher_pipe.unet.to(device).requires_grad_(False).eval()
+        if args.gradient_checkpointing:
+            # diffusers gates it on torch.is_grad_enabled(), not on .training: the eval-mode teacher is covered too
+            teacher.enable_gradient_checkpointing()  # the copies below inherit it
+        self.teacher = teacher
+        self.generator = copy.deepcopy(teacher).requires_grad_(True)
+        self.fake = copy.deepcopy(teacher).requires_grad_(True)
+        self.ema = copy.deepcopy(teacher)
+        # one module and one optimizer for the checkpoint; Adam steps only parameters with a .grad,
+        # and each phase leaves exactly its own network's gradients
+        self.state = torch.nn.ModuleDict({"generator": self.generator, "fake": self.fake, "ema": self.ema})
+        self.optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": self.fake.parameters()}],
+                                          lr=args.lr, betas=(0.0, 0.999), eps=1e-8)
+        with torch.no_grad():
+            self.uncond = self._encode([""])
+        self.rng = torch.Generator(device).manual_seed(args.seed)
+        self.k_rng = torch.Generator().manual_seed(args.seed + 1)
+        self.gan_start = int(args.gan_warmup * args.iterations)  # first iteration with the adversarial term
+        self.step = 0
+        self.history: list[dict] = []
+        self.window = torch.zeros(2, device=device)  # summed fake/generator losses since the last log
+
+    # ---- pieces
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.teacher_pipe._encode(prompts, self.device).float()
+
+    def _examples(self, phase: int) -> list:
+        """(image, caption) examples of this iteration's phase: a fresh slice of the shapes train stream,
+        never reused. The captions are the prompts; the images are used by the GAN loss only."""
+        from leanserve.data.shapes import sample
+
+        b, size = self.args.batch_size, self.teacher_pipe.default_size
+        first = (2 * self.step + phase) * b
+        return [sample(self.args.data_seed, i, size, split="train") for i in range(first, first + b)]
+
+    def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng, device=self.device)
+
+    def _eps(self, unet):
+        from leanserve.trainers.sid_loss import unet_eps
+        return unet_eps(unet, self.autocast)
+
+    def _shape(self) -> tuple[int, ...]:
+        size = self.teacher_pipe.default_size
+        return (self.args.batch_size, 3, size, size)
+
+    # ---- one iteration
+
+    def _fake_phase(self, timesteps: list[int]) -> torch.Tensor:
+        from leanserve.data.shapes import to_tensor
+        from leanserve.trainers.sid_loss import (
+            fake_loss,
+            gan_discriminator_loss,
+            generator_chain,
+            sample_timesteps,
+        )
+
+        examples = self._examples(0)
+        cond = text = self._encode([ex.caption for ex in examples])
+        if self.kappas.needs_uncond_fake:
+            drop = torch.rand(cond.shape[0], generator=self.rng, device=self.device) < self.args.cond_dropout
+            cond = torch.where(drop[:, None, None], self.uncond, cond)
+        shape = self._shape()
+        with torch.no_grad():
+            x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
+                                  noise=lambda: self._randn(shape))
+        t, eps = sample_timesteps(shape[0], self.rng, self.device), self._randn(shape)
+        loss = fake_loss(self._eps(self.fake), x_g, t, eps, cond, self.uncond, self.kappas.fake_train,
+                         self.alphas_cumprod)
+        if self.args.gan:
+            x_real = to_tensor(np.stack([ex.image for ex in examples])).to(self.device)
+            # L_ψ + L_D, L_D a plain mean over logit positions (spec §7). SiD-DiT's × C·H·W made D's term
+            # ~2100 (0.69 × 3072) against ~10 for ψ's denoising loss on the shapes teacher
+            loss = loss + gan_discriminator_loss(self.fake, x_real, x_g, t, eps, text, self.alphas_cumprod,
+                                                 self.autocast)
+        loss = loss.mean()
+        loss.backward()
+        if self.args.gan:
+            torch.nn.utils.clip_grad_value_(self.fake.parameters(), 1.0)  # SiDA, with the GAN on
+        self._finish_step(self.fake)
+        return loss.detach()
+
+    def _generator_phase(self, timesteps: list[int]) -> torch.Tensor:
+        from leanserve.trainers.sid_loss import (
+            adversarial_loss,
+            discriminator_logits,
+            finite_samples,
+            generator_chain,
+            generator_loss,
+            sample_timesteps,
+        )
+
+        cond = self._encode([ex.caption for ex in self._examples(1)])
+        shape = self._shape()
+        x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
+                              noise=lambda: self._randn(shape), grad=True)
+        t = sample_timesteps(shape[0], self.rng, self.device)
+        self.fake.requires_grad_(False)  # frozen for this phase; its Jacobian still carries θ's gradient
+        try:
+            out = generator_loss(self._eps(self.teacher), self._eps(self.fake), x_g, t, self._randn(shape), cond,
+                                 self.uncond, self.kappas, self.args.alpha, self.alphas_cumprod)
+            per_sample = out.per_sample
+            if self.args.gan and self.step >= self.gan_start:
+                logits = discriminator_logits(self.fake, out.x_t, t, cond, self.autocast)
+                adversarial = adversarial_loss(logits) * x_g[0].numel() / out.w  # SiDA: 1/w like the SiD term
+                per_sample = 0.5 * per_sample + 0.5 * self.args.gan_weight * adversarial
+            ok = finite_samples(x_g, out.y_real, out.y_fake, per_sample[:, None])
+            loss = torch.where(ok, per_sample, 0.0).sum() / shape[0]
+            loss.backward()
+        finally:
+            self.fake.requires_grad_(True)
+        self._finish_step(self.generator)
+        return loss.detach()
+
+    def _finish_step(self, network: torch.nn.Module):
+        for p in network.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _update_ema(self):
+        from leanserve.trainers.sid_loss import ema_beta
+
+        beta = ema_beta(self.args.batch_size, self.step * self.args.batch_size, self.args.ema_half_life,
+                        self.args.ema_ramp)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - beta)
+
+    def train_iteration(self) -> int:
+        """One fake update then one generator update at a shared k ~ U{1..K}; returns k."""
+        from leanserve.trainers.sid_loss import chain_timesteps
+
+        k = int(torch.randint(1, self.args.steps + 1, (), generator=self.k_rng))
+        timesteps = chain_timesteps(k, self.args.t_init)
+        self.generator.train()
+        self.fake.train()
+        self.window[0] += self._fake_phase(timesteps)
+        self.window[1] += self._generator_phase(timesteps)
+        self.step += 1
+        self._update_ema()
+        return k
+
+    # ---- checkpoints
+
+    def _save(self):
+        from leanserve.trainers.checkpoint import save_checkpoint
+
+        save_checkpoint(self.out / CHECKPOINT, self.state, self.optimizer,
+                        rank_state={"noise": self.rng.get_state(), "window": self.window.cpu()},
+                        step=self.step, k_rng=self.k_rng.get_state(), history=self.history, args=vars(self.args))
+
+    def _resume(self):
+        from leanserve.trainers.checkpoint import check_resume_args, load_checkpoint
+
+        try:
+            state, mine = load_checkpoint(self.out / CHECKPOINT, self.state, self.optimizer)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        check_resume_args(state["args"], self.args, RESUME_FREE)
+        self.rng.set_state(mine["noise"])
+        self.window.copy_(mine["window"])
+        self.k_rng.set_state(state["k_rng"])
+        self.step, self.history = state["step"], state["history"]
+        self._log(f"resumed from {self.out / CHECKPOINT} at iteration {self.step}")
+
+    def _log(self, message: str):
+        from tqdm import tqdm
+        tqdm.write(message)
+
+    # ---- loop
+
+    def train(self) -> int:
+        from tqdm import tqdm
+
+        args = self.args
+        if args.resume:
+            self._resume()
+        end = args.stop_at if args.stop_at is not None else args.iterations
+        bar = tqdm(total=args.iterations, initial=self.step, dynamic_ncols=True, desc="distill sid")
+        while self.step < end:
+            k = self.train_iteration()
+            bar.update(1)
+            if self.step % LOG_EVERY == 0 or self.step == args.iterations:
+                fake, gen = (self.window / (self.step % LOG_EVERY or LOG_EVERY)).tolist()
+                self.window.zero_()
+                self.history.append({"iteration": self.step, "fake_loss": fake, "generator_loss": gen})
+                bar.set_postfix(fake=f"{fake:.4f}", gen=f"{gen:.4f}", k=k)
+            if self.step % args.save_every == 0 or self.step == args.stop_at:
+                self._save()
+        bar.close()
+        if self.step < args.iterations:
+            self._log(f"stopped at iteration {self.step}/{args.iterations}; continue with --resume")
+            return 0
+        self._write_pipeline()
+        return 0
+
+    # ---- output
+
+    def _write_pipeline(self):
+        from leanserve.models.model_dir import (
+            ModelInfo,
+            make_recipe,
+            save_model_info,
+            weights_sha256,
+        )
+        from leanserve.models.sid_pipeline import SiDPipeline
+
+        args, teacher = self.args, self.teacher_pipe
+        dtype = getattr(torch, args.save_dtype)
+        pipe = SiDPipeline(unet=self.ema.requires_grad_(False).eval().to(dtype),
+                           text_encoder=teacher.text_encoder.to(dtype), tokenizer=teacher.tokenizer, scheduler=teacher.scheduler, t_init=args.t_init,
+                           num_steps=args.steps)
+        pipe.save_pretrained(self.out)
+        images_seen = self.step * args.batch_size
+        save_model_info(self.out, ModelInfo(
+            kind="image", method="sid",
+            settings={"pipeline": "SiDPipeline", "space": "pixel", "num_steps": args.steps, "t_init": args.t_init,
+                      "guidance": args.guidance, **self.kappas.as_dict(), "alpha": args.alpha,
+                      "noise": "fresh", "lr": args.lr, "batch_size": args.batch_size,
+                      "ema_half_life": args.ema_half_life, "ema_ramp": args.ema_ramp,
+                      "cond_dropout": args.cond_dropout if self.kappas.needs_uncond_fake else 0.0,
+                      "precision": "bf16-autocast" if args.bf16 else "fp32", "save_dtype": args.save_dtype,
+                      "gan": {"weight": args.gan_weight, "warmup_iterations": self.gan_start,
+                              "discriminator": "fake UNet mid-block output, channel mean, conditional pass",
+                              "real_data": f"shapes train, seed {args.data_seed}"} if args.gan else None},
+            base={"path": str(args.teacher), "sha256": weights_sha256(args.teacher)},
+            recipe=make_recipe("leanserve distill sid", args, args.seed, skip=("resume", "stop_at")),
+            data={"description": f"{'captions and images' if args.gan else 'prompts only'}: leanserve.data.shapes "
+                                 f"train, seed {args.data_seed}, examples 0..{2 * args.iterations * args.batch_size - 1}"},
+            metrics={"iterations": self.step, "images_seen": images_seen, "loss_history": self.history}))
+        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the pipeline directory is the artifact now
+        self._log(f"wrote {self.out} ({args.steps}-step SiD generator, {images_seen} images seen)")
