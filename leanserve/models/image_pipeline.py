@@ -11,6 +11,9 @@ code (a `.py` file next to the weights) is refused. Weights are read from safete
 Every pipeline takes the same call (diffusers' convention): `pipe(prompt=[...], negative_prompt=[...]
 | None, num_inference_steps=, guidance_scale=, generator=[one per image], height=, width=,
 output_type="np").images` -> float [N, H, W, 3] in [0, 1].
+
+A DPM-OT directory (`leanserve train dpm-ot`) is its teacher's directory plus an OT map, which
+`load_ot_map` reads and checks against the loaded pipeline.
 """
 from __future__ import annotations
 
@@ -86,6 +89,38 @@ def load_image_pipeline(model_dir: str | Path, device: str | torch.device = "cpu
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_ot_map(model_dir: str | Path, pipe):
+    """The directory's DPM-OT map (leanserve.json's `ot_map`, else `ot_map.safetensors` if present) on
+    the pipeline's device, or None; UserError if it does not fit `pipe` (schedule, image shape)."""
+    from leanserve.models.dpm_ot_sampler import OT_MAP_FILE, OTMap
+    from leanserve.models.model_dir import load_model_info
+
+    info = load_model_info(model_dir)
+    dpm_ot = info is not None and info.method == "dpm_ot"
+    path = Path(model_dir) / (info.settings.get("ot_map", OT_MAP_FILE) if dpm_ot else OT_MAP_FILE)
+    if not path.is_file():
+        if dpm_ot:
+            raise UserError(f"{model_dir}: leanserve.json says dpm_ot but {path.name} is missing")
+        return None
+    if not hasattr(pipe, "default_size"):
+        raise UserError(f"{path}: DPM-OT maps are for pixel-space pipelines, not {type(pipe).__name__}")
+    try:
+        ot_map = OTMap.load(path, device=pipe.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    size = native_size(pipe)
+    if ot_map.image_shape != (pipe.unet.config.in_channels, size, size):
+        raise UserError(f"{path}: map images are {ot_map.image_shape}, the pipeline makes "
+                        f"{(pipe.unet.config.in_channels, size, size)}")
+    if not 0 <= ot_map.t_prime < len(pipe.scheduler.alphas_cumprod):
+        raise UserError(f"{path}: t′ = {ot_map.t_prime} is outside the pipeline's schedule")
+    alpha_bar = float(pipe.scheduler.alphas_cumprod[ot_map.t_prime])
+    if abs(alpha_bar - ot_map.alpha_bar) > 1e-6:
+        raise UserError(f"{path}: the map was built for ᾱ(t′={ot_map.t_prime}) = {ot_map.alpha_bar:.6g}, the "
+                        f"pipeline's schedule gives {alpha_bar:.6g}")
+    return ot_map
 
 
 def native_size(pipe) -> int:

@@ -11,6 +11,11 @@ multiples of the UNet's total downsampling (VAE factor x 2^(UNet levels - 1): 64
 SDXL), each side within [native / 2, 2 x native] and at most 2 x native^2 pixels; beyond that
 latent-diffusion UNets produce duplicated subjects and memory grows quadratically. Pixel-space
 pipelines (ours, no VAE) only serve the size they were trained at.
+
+Sampler "dpm-ot" (models whose directory carries an OT map, `leanserve train dpm-ot`): the OT jump
+from x_T to x_t′ (no network call), then `num_inference_steps` = K steps of dpm_ot_generate's default tail
+(DDPM ancestral, spec dpm_ot §5) from t′ to 0; 1 <= K <= t′. The per-image generators draw x_T, then
+the step noise, so seeds behave as for the other samplers.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MAX_STEPS = 200       # teachers; distilled generators will narrow this to their trained step counts
 MAX_GUIDANCE = 20.0
+DPM_OT = "dpm-ot"
 
 
 @dataclass(slots=True)
@@ -160,6 +166,7 @@ class AsyncImageEngine:
         from leanserve.models.image_pipeline import (
             SAMPLERS,
             load_image_pipeline,
+            load_ot_map,
             native_size,
         )
 
@@ -173,7 +180,8 @@ class AsyncImageEngine:
             pipe = load_image_pipeline(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
         self.pipe = pipe
         self.device: torch.device = pipe.device
-        self.samplers: tuple[str, ...] = tuple(SAMPLERS)
+        self.ot_map = load_ot_map(config.model, self.pipe)
+        self.samplers: tuple[str, ...] = (*SAMPLERS, DPM_OT) if self.ot_map is not None else tuple(SAMPLERS)
         self._schedulers = {None: self.pipe.scheduler}  # sampler name -> scheduler, built on first use
 
         size = native_size(self.pipe)
@@ -234,9 +242,17 @@ class AsyncImageEngine:
         if not 0 <= p.guidance_scale <= MAX_GUIDANCE:
             raise ImageParamError("guidance_scale", f"guidance_scale must be in [0, {MAX_GUIDANCE:g}], "
                                                     f"got {p.guidance_scale:g}")
+        if p.sampler == DPM_OT and self.ot_map is None:
+            raise ImageParamError("scheduler", f"sampler {DPM_OT!r} needs an OT map and `{self.model_name}` has none "
+                                               "(make one with `leanserve train dpm-ot`); choose one of "
+                                               f"{', '.join(self.samplers)}")
         if p.sampler is not None and p.sampler not in self.samplers:
             raise ImageParamError("scheduler", f"unknown scheduler {p.sampler!r}; choose one of "
                                                f"{', '.join(self.samplers)}")
+        if p.sampler == DPM_OT and p.num_inference_steps > self.ot_map.t_prime:
+            raise ImageParamError("num_inference_steps", f"{DPM_OT} runs num_inference_steps from its jump "
+                                                         f"target t′ = {self.ot_map.t_prime}: at most "
+                                                         f"{self.ot_map.t_prime}, got {p.num_inference_steps}")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -371,7 +387,6 @@ class AsyncImageEngine:
 
     def _run_batch(self, batch: list[tuple[_Request, int]]):
         p = batch[0][0].params
-        self._use_sampler(p.sampler)
         kwargs = dict(
             prompt=[req.prompt for req, _ in batch],
             negative_prompt=[req.params.negative_prompt for req, _ in batch] if p.negative_prompt is not None else None,
@@ -382,7 +397,15 @@ class AsyncImageEngine:
             kwargs["callback_on_step_end"] = lambda pipe, step, t, tensors: self._on_step(pipe, batch, tensors)
         self._clock.marks.clear()
         try:
-            images = self.pipe(**kwargs).images
+            if p.sampler == DPM_OT:
+                from leanserve.models.dpm_ot_sampler import dpm_ot_generate
+                # the tail scheduler is built from the shipped one's config; the map fixes the size
+                self._use_sampler(None)
+                del kwargs["height"], kwargs["width"]
+                images = dpm_ot_generate(self.pipe, self.ot_map, **kwargs).images
+            else:
+                self._use_sampler(p.sampler)
+                images = self.pipe(**kwargs).images
         except Exception as e:  # noqa: BLE001 - one bad call (e.g. out of memory) fails its batch only
             logger.exception("pipeline call failed (%d images %dx%d)", len(batch), p.width, p.height)
             if self.device.type == "cuda":

@@ -3,6 +3,11 @@
 The engine batches concurrent requests of the same shape into one denoising loop; this route
 validates, waits for the images while watching for the client to disconnect (which drops the
 request's waiting images), and encodes them off the event loop.
+
+`sampler` / `scheduler` "dpm-ot" (models with an OT map, `leanserve train dpm-ot`): the OT jump to
+t′, then `num_inference_steps` = K denoising steps. NFE = K: the jump is a lookup and costs no
+network call (with guidance_scale > 1 each step batches the two CFG branches, i.e. 2K UNet rows).
+Models without a map answer 400 naming the sampler.
 """
 from __future__ import annotations
 
