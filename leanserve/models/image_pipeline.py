@@ -3,6 +3,8 @@
 Supported directories (diffusers layout, `leanserve.json` optional):
 - leanserve's pixel-space pipeline (`leanserve train diffusion`), built by PixelDiffusionPipeline
   from leanserve's own code;
+- SiD few-step generators (`leanserve distill sid`), built by leanserve's own SiDPipeline; their
+  K-step chain is fixed by distillation, so `set_sampler` refuses them;
 - standard Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SDXL
   (`StableDiffusionXLPipeline`) directories, built by diffusers.
 No code from a model directory is ever run: a directory whose pipeline or components are custom
@@ -36,6 +38,8 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
 }
 
 PIXEL_PIPELINE = "PixelDiffusionPipeline"
+SID_PIPELINE = "SiDPipeline"
+OWN_PIPELINES = (PIXEL_PIPELINE, SID_PIPELINE)
 DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
@@ -46,12 +50,13 @@ def pipeline_class_name(model_dir: str | Path) -> str:
         raise UserError(f"{model_dir} is not a diffusers pipeline directory (no model_index.json)")
     config = json.loads(index.read_text())
     name = config.get("_class_name")
-    # our pipeline names the copy of its module saved beside the weights: ["pixel_pipeline", class]
-    if isinstance(name, list) and len(name) == 2 and name[1] == PIXEL_PIPELINE:
+    # our pipelines name the copy of their module saved beside the weights, e.g. ["sid_pipeline", class];
+    # that copy is never imported: leanserve builds the class from its own code
+    if isinstance(name, list) and len(name) == 2 and name[1] in OWN_PIPELINES:
         name = name[1]
-    if name not in (PIXEL_PIPELINE, *DIFFUSERS_PIPELINES):
+    if name not in (*OWN_PIPELINES, *DIFFUSERS_PIPELINES):
         raise UserError(f"{model_dir}: pipeline {name!r} is not supported; leanserve loads "
-                        f"{', '.join((PIXEL_PIPELINE, *DIFFUSERS_PIPELINES))}")
+                        f"{', '.join((*OWN_PIPELINES, *DIFFUSERS_PIPELINES))}")
     for component, value in config.items():
         if component.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -83,6 +88,9 @@ def load_image_pipeline(model_dir: str | Path, device: str | torch.device = "cpu
     if name == PIXEL_PIPELINE:
         from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
         pipe = PixelDiffusionPipeline.from_pretrained(model_dir, dtype=dtype)
+    elif name == SID_PIPELINE:
+        from leanserve.models.sid_pipeline import SiDPipeline
+        pipe = SiDPipeline.from_pretrained(model_dir, dtype=dtype)
     else:
         import diffusers
         pipe = getattr(diffusers, name).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
@@ -136,6 +144,12 @@ def set_sampler(pipe, name: str):
     (same betas, training steps, prediction type and timestep spacing). Returns `pipe`."""
     import diffusers
 
+    from leanserve.models.sid_pipeline import SiDPipeline
+
+    if isinstance(pipe, SiDPipeline):
+        # its scheduler only supplies ᾱ_t to the SiD chain; a new sampler would be silently ignored
+        raise ValueError(f"a SiD few-step generator takes no sampler: its 1..{pipe.config.num_steps}-step chain "
+                         "is fixed by distillation")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     class_name, overrides = SAMPLERS[name]

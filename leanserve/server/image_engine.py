@@ -16,6 +16,10 @@ Sampler "dpm-ot" (models whose directory carries an OT map, `leanserve train dpm
 from x_T to x_t′ (no network call), then `num_inference_steps` = K steps of dpm_ot_generate's default tail
 (DDPM ancestral, spec dpm_ot §5) from t′ to 0; 1 <= K <= t′. The per-image generators draw x_T, then
 the step noise, so seeds behave as for the other samplers.
+
+SiD few-step generators (`leanserve distill sid`): `num_inference_steps` is one of 1..K (K, the
+generator's distilled step count, by default), guidance was distilled in (guidance_scale only 0 or
+1, no negative prompt) and the chain admits no sampler: anything else is a 400, never a silent fix.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from leanserve.server.image_config import ImageEngineConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_STEPS = 200       # teachers; distilled generators will narrow this to their trained step counts
+MAX_STEPS = 200       # teachers; a SiD generator allows only its distilled 1..K
 MAX_GUIDANCE = 20.0
 DPM_OT = "dpm-ot"
 
@@ -169,6 +173,7 @@ class AsyncImageEngine:
             load_ot_map,
             native_size,
         )
+        from leanserve.models.sid_pipeline import SiDPipeline
 
         for name in ("max_image_batch", "max_queued_images"):
             if getattr(config, name) < 1:
@@ -181,7 +186,11 @@ class AsyncImageEngine:
         self.pipe = pipe
         self.device: torch.device = pipe.device
         self.ot_map = load_ot_map(config.model, self.pipe)
-        self.samplers: tuple[str, ...] = (*SAMPLERS, DPM_OT) if self.ot_map is not None else tuple(SAMPLERS)
+        # a SiD generator's distilled step count K; None for teachers
+        self.sid_steps: int | None = self.pipe.config.num_steps if isinstance(self.pipe, SiDPipeline) else None
+        self.samplers: tuple[str, ...] = tuple(SAMPLERS) if self.sid_steps is None else ()  # SiD: its chain only
+        if self.ot_map is not None:
+            self.samplers += (DPM_OT,)
         self._schedulers = {None: self.pipe.scheduler}  # sampler name -> scheduler, built on first use
 
         size = native_size(self.pipe)
@@ -191,7 +200,7 @@ class AsyncImageEngine:
         if getattr(self.pipe, "vae", None) is not None:
             self.size_multiple = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.down_block_types) - 1)
         call = inspect.signature(self.pipe.__call__).parameters
-        self.default_steps: int = _default(call, "num_inference_steps", 50)
+        self.default_steps: int = self.sid_steps or _default(call, "num_inference_steps", 50)
         self.default_guidance: float = _default(call, "guidance_scale", 7.5)
         self._has_step_callback = "callback_on_step_end" in call
         self._clock = StageClock(self.device)
@@ -236,6 +245,9 @@ class AsyncImageEngine:
         if not ok:
             raise ImageParamError("size", f"size {p.width}x{p.height} is not supported by `{self.model_name}`; "
                                           f"supported: {self.supported_sizes()}")
+        if self.sid_steps is not None:
+            self._check_sid_params(p)
+            return
         if not 1 <= p.num_inference_steps <= MAX_STEPS:
             raise ImageParamError("num_inference_steps", f"num_inference_steps must be in [1, {MAX_STEPS}], "
                                                          f"got {p.num_inference_steps}")
@@ -253,6 +265,24 @@ class AsyncImageEngine:
             raise ImageParamError("num_inference_steps", f"{DPM_OT} runs num_inference_steps from its jump "
                                                          f"target t′ = {self.ot_map.t_prime}: at most "
                                                          f"{self.ot_map.t_prime}, got {p.num_inference_steps}")
+
+    def _check_sid_params(self, p: ImageParams) -> None:
+        k = self.sid_steps
+        if not 1 <= p.num_inference_steps <= k:
+            allowed = str(k) if k == 1 else f"1..{k}"
+            raise ImageParamError("num_inference_steps", f"`{self.model_name}` is a SiD generator distilled for "
+                                                         f"{allowed} steps: num_inference_steps must be one of "
+                                                         f"{allowed}, got {p.num_inference_steps}")
+        if p.guidance_scale not in (0.0, 1.0):
+            raise ImageParamError("guidance_scale", f"`{self.model_name}` is a SiD generator with the guidance "
+                                                    "distilled in: omit guidance_scale (or give 0 or 1), got "
+                                                    f"{p.guidance_scale:g}")
+        if p.negative_prompt is not None:
+            raise ImageParamError("negative_prompt", f"`{self.model_name}` is a SiD generator with the guidance "
+                                                     "distilled in: it takes no negative_prompt")
+        if p.sampler is not None:
+            raise ImageParamError("scheduler", f"`{self.model_name}` is a SiD generator: its few-step chain is fixed "
+                                               f"by distillation and takes no sampler/scheduler, got {p.sampler!r}")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
