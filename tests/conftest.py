@@ -57,10 +57,7 @@ def tiny_llm_dir(tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster than two
-    contended ones (OpenMP spinning). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Use with `pytestmark = pytest.mark.usefixtures("one_thread")` (see torch_threads.py)."""
+    from torch_threads import single_thread
+    with single_thread():
+        yield

@@ -20,6 +20,7 @@ from test_server_images import (
     decode,
     same,
 )
+from torch_threads import single_thread
 
 from leanserve.cli import main
 from leanserve.errors import UserError
@@ -37,14 +38,10 @@ PROMPT = "a small red circle"
 def model_dirs(tmp_path_factory):
     teacher = build_tiny_pixel_pipeline(tmp_path_factory.mktemp("teacher") / "pipe")
     out = tmp_path_factory.mktemp("ot") / "dpm-ot"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         assert main(["train", "dpm-ot", "--model", str(teacher), "--out", str(out), "--t-prime", str(T_PRIME),
                      "--targets", "data", "--num-targets", "8", "--max-iters", "200", "--tol-max-rel", "0.5",
                      "--device", "cpu"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return {OT: out, PLAIN: teacher}
 
 

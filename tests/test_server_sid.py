@@ -18,6 +18,7 @@ from test_server_images import (
     same,
 )
 from test_sid import distill
+from torch_threads import single_thread
 
 from leanserve.models.image_pipeline import (
     load_image_pipeline,
@@ -35,12 +36,8 @@ PROMPT = "a small red circle"
 def sid_dir(tmp_path_factory):
     teacher = build_tiny_pixel_pipeline(tmp_path_factory.mktemp("teacher") / "pipe")
     out = tmp_path_factory.mktemp("sid") / "generator"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         assert distill(teacher, out, "--iterations", "1") == 0
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -17,12 +17,11 @@ PixelDiffusionPipeline); leanserve itself builds SiDPipeline from its own code.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
@@ -78,6 +77,8 @@ def generator_chain(eps_fn: EpsFn, z: torch.Tensor, timesteps: list[int], cond: 
 
 
 class SiDPipeline(PixelDiffusionPipeline):
+    _module_file, _module_name = __file__, MODULE_NAME  # saved beside the weights (see PixelDiffusionPipeline)
+
     def __init__(self, unet, text_encoder, tokenizer, scheduler, t_init: int = 625, num_steps: int = 1):
         super().__init__(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         if not 0 < t_init < scheduler.config.num_train_timesteps:
@@ -85,15 +86,6 @@ class SiDPipeline(PixelDiffusionPipeline):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.register_to_config(t_init=t_init, num_steps=num_steps)
-
-    def save_pretrained(self, save_directory: str | Path, **kwargs):
-        DiffusionPipeline.save_pretrained(self, save_directory, **kwargs)
-        save_directory = Path(save_directory)
-        shutil.copyfile(__file__, save_directory / f"{MODULE_NAME}.py")
-        index = save_directory / "model_index.json"
-        config = json.loads(index.read_text())
-        config["_class_name"] = [MODULE_NAME, type(self).__name__]
-        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, dtype: torch.dtype | None = None,

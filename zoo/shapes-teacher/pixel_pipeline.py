@@ -35,10 +35,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    retrieve_timesteps,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -93,13 +101,17 @@ class PixelDiffusionPipeline(DiffusionPipeline):
 
     # ---- save / load
 
+    # the module saved beside the weights, which plain diffusers loads with trust_remote_code;
+    # subclasses defined in other modules name their own
+    _module_file, _module_name = __file__, MODULE_NAME
+
     def save_pretrained(self, save_directory: str | Path, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
         save_directory = Path(save_directory)
-        shutil.copyfile(__file__, save_directory / f"{MODULE_NAME}.py")
+        shutil.copyfile(self._module_file, save_directory / f"{self._module_name}.py")
         index = save_directory / "model_index.json"
         config = json.loads(index.read_text())
-        config["_class_name"] = [MODULE_NAME, type(self).__name__]
+        config["_class_name"] = [self._module_name, type(self).__name__]
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod

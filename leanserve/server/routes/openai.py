@@ -288,12 +288,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return await with_cancellation(request, _chat_full(body, choices, streams, request_id, created))
 
 
-async def _chat_full(body: ChatCompletionRequest, choices, streams, request_id: str, created: int) -> Response:
+async def _collect(choices, streams) -> None:
+    """Run a non-streaming request to the end, gathering each choice's text and logprobs."""
     async with aclosing(_generate(choices, streams)) as outputs:
         async for c, out in outputs:
             c.text.append(out.new_text)
             if out.logprobs:
                 c.logprobs += out.logprobs
+
+
+async def _chat_full(body: ChatCompletionRequest, choices, streams, request_id: str, created: int) -> Response:
+    await _collect(choices, streams)
     response = ChatCompletionResponse(
         id=request_id, created=created, model=body.model, usage=_usage(choices),
         choices=[ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content="".join(c.text)),
@@ -371,11 +376,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 
 async def _completion_full(body: CompletionRequest, choices, streams, request_id: str, created: int) -> Response:
-    async with aclosing(_generate(choices, streams)) as outputs:
-        async for c, out in outputs:
-            c.text.append(out.new_text)
-            if out.logprobs:
-                c.logprobs += out.logprobs
+    await _collect(choices, streams)
     response = CompletionResponse(
         id=request_id, created=created, model=body.model, usage=_usage(choices),
         choices=[CompletionChoice(
