@@ -53,9 +53,11 @@ class EvalSettings:
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="image model directory (diffusers layout)")
-    p.add_argument("--sampler", nargs="+", default=["ddim"], help="samplers to compare (ddim dpmsolver++ unipc euler ddpm)")
+    p.add_argument("--sampler", nargs="+", help="samplers to compare (ddim dpmsolver++ unipc euler ddpm; default ddim; "
+                                             "none for a SiD generator, whose chain is fixed)")
     p.add_argument("--steps", nargs="+", type=int, default=[25], help="numbers of sampling steps to compare")
-    p.add_argument("--guidance", nargs="+", type=float, default=[2.0], help="classifier-free guidance scales (1 = none)")
+    p.add_argument("--guidance", nargs="+", type=float,
+                   help="classifier-free guidance scales (1 = none; default 2, and 1 for a SiD generator)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="evaluation seeds (generator noise); mean and std over them")
     p.add_argument("--num-images", type=int, default=500, help="images per FD set (generated and each real set)")
     p.add_argument("--diversity-seeds", type=int, default=16, help="images per diversity prompt")
@@ -261,6 +263,7 @@ def run(args):
         set_sampler,
     )
     from leanserve.models.model_dir import load_model_info, merge_metrics
+    from leanserve.models.sid_pipeline import SiDPipeline
     from leanserve.trainers.lm import pick_device
 
     for name in ("num_images", "diversity_seeds", "batch_size"):
@@ -268,20 +271,26 @@ def run(args):
             raise UserError(f"--{name.replace('_', '-')} is too small")
     if any(s <= 0 for s in args.steps):
         raise UserError("--steps must be > 0")
-    unknown = [s for s in args.sampler if s not in SAMPLERS]
+    unknown = [s for s in args.sampler or [] if s not in SAMPLERS]
     if unknown:
         raise UserError(f"unknown sampler(s) {unknown}; choose from {', '.join(SAMPLERS)}")
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
              "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
     pipe = load_image_pipeline(args.model, device, dtype)
+    if isinstance(pipe, SiDPipeline):  # its few-step chain is the sampler, with the guidance distilled in
+        if args.sampler or (args.guidance and args.guidance != [1.0]):
+            raise UserError(f"{args.model} is a SiD generator: it takes no --sampler and only --guidance 1")
+        samplers, guidance, switch = ["sid"], [1.0], None
+    else:
+        samplers, guidance, switch = args.sampler or ["ddim"], args.guidance or [2.0], set_sampler
     classifier_dir = Path(args.classifier) if args.classifier else DEFAULT_DIR
     classifier = load_classifier(classifier_dir, device)
     classifier_info = load_model_info(classifier_dir)
-    settings = EvalSettings(samplers=args.sampler, steps=args.steps, guidance=args.guidance, seeds=args.seeds,
+    settings = EvalSettings(samplers=samplers, steps=args.steps, guidance=guidance, seeds=args.seeds,
                             num_images=args.num_images, diversity_seeds=args.diversity_seeds, batch_size=args.batch_size,
                             resolution=args.resolution or native_size(pipe), real_seed=args.real_seed)
-    results, grid = evaluate(pipe, classifier, settings, set_sampler=set_sampler)
+    results, grid = evaluate(pipe, classifier, settings, set_sampler=switch)
     results = {"model": str(args.model), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
                "classifier": {"dir": str(classifier_dir),
                               "test_accuracy": classifier_info.metrics.get("test_accuracy") if classifier_info else None},

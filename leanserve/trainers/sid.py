@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from leanserve.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 # options that may differ between a run and its resume without changing the result
-RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing")
+RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing", "time_limit")
 LOG_EVERY = 10  # iterations between progress-bar loss updates (each one waits for the GPU)
 
 
@@ -80,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--save-every", type=int, default=500, help="iterations between checkpoints")
     g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
     g.add_argument("--stop-at", type=int, help="stop after this iteration with a checkpoint; resume later")
+    g.add_argument("--time-limit", type=float,
+                   help="minutes: end training early when they are spent and write the generator as it is (the "
+                        "iterations done are recorded; the EMA and GAN schedules still follow --iterations)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNets (default fp32, TF32 off)")
@@ -114,6 +119,8 @@ def _check_args(args):
         run_kappas(args)
     except ValueError as e:
         raise UserError(f"--guidance {args.guidance}: {e}") from None
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UserError("--time-limit must be > 0 minutes")
     if args.stop_at is not None and not 0 < args.stop_at < args.iterations:
         raise UserError(f"--stop-at must be between 1 and {args.iterations - 1}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -206,14 +213,22 @@ class Trainer:
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         return self.teacher_pipe._encode(prompts, self.device).float()
 
-    def _examples(self, phase: int) -> list:
-        """(image, caption) examples of this iteration's phase: a fresh slice of the shapes train stream,
-        never reused. The captions are the prompts; the images are used by the GAN loss only."""
-        from leanserve.data.shapes import sample
-
-        b, size = self.args.batch_size, self.teacher_pipe.default_size
+    def _example_indices(self, phase: int) -> range:
+        """This iteration's phase's slice of the shapes train stream: fresh, never reused."""
+        b = self.args.batch_size
         first = (2 * self.step + phase) * b
-        return [sample(self.args.data_seed, i, size, split="train") for i in range(first, first + b)]
+        return range(first, first + b)
+
+    def _captions(self, phase: int) -> list[str]:
+        from leanserve.data.shapes import scene
+        return [scene(self.args.data_seed, i, split="train")[1] for i in self._example_indices(phase)]
+
+    def _real_images(self, phase: int) -> torch.Tensor:
+        """The images behind `_captions(phase)` (the GAN's real data), [B, 3, H, W] in [-1, 1] on the device."""
+        from leanserve.data.shapes import sample, to_tensor
+        size = self.teacher_pipe.default_size
+        images = [sample(self.args.data_seed, i, size, split="train").image for i in self._example_indices(phase)]
+        return to_tensor(np.stack(images)).to(self.device)
 
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.rng, device=self.device)
@@ -229,7 +244,6 @@ class Trainer:
     # ---- one iteration
 
     def _fake_phase(self, timesteps: list[int]) -> torch.Tensor:
-        from leanserve.data.shapes import to_tensor
         from leanserve.trainers.sid_loss import (
             fake_loss,
             gan_discriminator_loss,
@@ -237,8 +251,7 @@ class Trainer:
             sample_timesteps,
         )
 
-        examples = self._examples(0)
-        cond = text = self._encode([ex.caption for ex in examples])
+        cond = text = self._encode(self._captions(0))
         if self.kappas.needs_uncond_fake:
             drop = torch.rand(cond.shape[0], generator=self.rng, device=self.device) < self.args.cond_dropout
             cond = torch.where(drop[:, None, None], self.uncond, cond)
@@ -250,7 +263,7 @@ class Trainer:
         loss = fake_loss(self._eps(self.fake), x_g, t, eps, cond, self.uncond, self.kappas.fake_train,
                          self.alphas_cumprod)
         if self.args.gan:
-            x_real = to_tensor(np.stack([ex.image for ex in examples])).to(self.device)
+            x_real = self._real_images(0)
             # L_ψ + L_D, L_D a plain mean over logit positions (spec §7). SiD-DiT's × C·H·W made D's term
             # ~2100 (0.69 × 3072) against ~10 for ψ's denoising loss on the shapes teacher
             loss = loss + gan_discriminator_loss(self.fake, x_real, x_g, t, eps, text, self.alphas_cumprod,
@@ -272,7 +285,7 @@ class Trainer:
             sample_timesteps,
         )
 
-        cond = self._encode([ex.caption for ex in self._examples(1)])
+        cond = self._encode(self._captions(1))
         shape = self._shape()
         x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
                               noise=lambda: self._randn(shape), grad=True)
@@ -359,8 +372,10 @@ class Trainer:
         if args.resume:
             self._resume()
         end = args.stop_at if args.stop_at is not None else args.iterations
+        started, first = time.perf_counter(), self.step
+        deadline = started + 60 * args.time_limit if args.time_limit is not None else math.inf
         bar = tqdm(total=args.iterations, initial=self.step, dynamic_ncols=True, desc="distill sid")
-        while self.step < end:
+        while self.step < end and time.perf_counter() < deadline:
             k = self.train_iteration()
             bar.update(1)
             if self.step % LOG_EVERY == 0 or self.step == args.iterations:
@@ -371,7 +386,12 @@ class Trainer:
             if self.step % args.save_every == 0 or self.step == args.stop_at:
                 self._save()
         bar.close()
-        if self.step < args.iterations:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds_per_iteration = (time.perf_counter() - started) / max(self.step - first, 1)
+        if self.step < end:
+            self._log(f"time limit: ending at iteration {self.step}/{args.iterations}")
+        elif self.step < args.iterations:
             self._log(f"stopped at iteration {self.step}/{args.iterations}; continue with --resume")
             return 0
         self._write_pipeline()
@@ -409,7 +429,10 @@ class Trainer:
             base={"path": str(args.teacher), "sha256": weights_sha256(args.teacher)},
             recipe=make_recipe("leanserve distill sid", args, args.seed, skip=("resume", "stop_at")),
             data={"description": f"{'captions and images' if args.gan else 'prompts only'}: leanserve.data.shapes "
-                                 f"train, seed {args.data_seed}, examples 0..{2 * args.iterations * args.batch_size - 1}"},
-            metrics={"iterations": self.step, "images_seen": images_seen, "loss_history": self.history}))
+                                 f"train, seed {args.data_seed}, examples 0..{2 * self.step * args.batch_size - 1}"},
+            metrics={"iterations": self.step, "planned_iterations": args.iterations, "images_seen": images_seen,
+                     "seconds_per_iteration": self.seconds_per_iteration,
+                     "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
+                     if self.device.type == "cuda" else None, "loss_history": self.history}))
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the pipeline directory is the artifact now
         self._log(f"wrote {self.out} ({args.steps}-step SiD generator, {images_seen} images seen)")
