@@ -139,7 +139,8 @@ def _diversity_summary(specs: list[dict], features: np.ndarray, labels: list[dic
     return {k: float(np.mean(v)) for k, v in sorted(rows.items())}
 
 
-def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    """Per metric: mean, std (population, over seeds) and the per-seed values."""
     return {k: {"mean": float(np.mean([r[k] for r in per_seed])), "std": float(np.std([r[k] for r in per_seed])),
                 "values": [r[k] for r in per_seed]} for k in per_seed[0]}
 
@@ -213,7 +214,7 @@ def evaluate(pipe, classifier, settings: EvalSettings, *, set_sampler: Callable[
             bar.update()
         rows.append({"sampler": sampler, "steps": steps, "guidance": guidance,
                      # classifier-free guidance (scale > 1) runs the UNet twice per step
-                     "unet_evals": steps * (2 if guidance > 1 else 1), "metrics": _aggregate(per_seed)})
+                     "unet_evals": steps * (2 if guidance > 1 else 1), "metrics": aggregate(per_seed)})
     bar.close()
     results = {"settings": asdict(settings), "eval_prompts": len(EVAL_PROMPTS),
                "diversity_prompts": list(diversity_prompts()), "reference": reference, "rows": rows}
@@ -251,50 +252,80 @@ def headline(results: dict) -> dict:
     }
 
 
-def run(args):
-    import torch
-
-    from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
-    from leanserve.eval.report import emit_json, hardware
+def evaluate_model(model_dir: str | Path, classifier, classifier_dir: str | Path, device, dtype, *,
+                   samplers: list[str] | None, steps: list[int], guidance: list[float] | None, seeds: list[int],
+                   num_images: int, diversity_seeds: int, batch_size: int, resolution: int | None = None,
+                   real_seed: int = 0, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Load one image model and evaluate it: (the `eval images` results JSON, the grid rows).
+    samplers/guidance None: the defaults (ddim, cfg 2; a SiD generator's own chain at guidance 1)."""
+    from leanserve.eval.report import hardware
     from leanserve.models.image_pipeline import (
-        SAMPLERS,
         load_image_pipeline,
         native_size,
         set_sampler,
     )
-    from leanserve.models.model_dir import load_model_info, merge_metrics
+    from leanserve.models.model_dir import load_model_info
     from leanserve.models.sid_pipeline import SiDPipeline
-    from leanserve.trainers.lm import pick_device
 
+    pipe = load_image_pipeline(model_dir, device, dtype)
+    if isinstance(pipe, SiDPipeline):  # its few-step chain is the sampler, with the guidance distilled in
+        if samplers or (guidance and guidance != [1.0]):
+            raise UserError(f"{model_dir} is a SiD generator: it takes no --sampler and only --guidance 1")
+        samplers, guidance, switch = ["sid"], [1.0], None
+    else:
+        samplers, guidance, switch = samplers or ["ddim"], guidance or [2.0], set_sampler
+    classifier_info, info = load_model_info(classifier_dir), load_model_info(model_dir)
+    settings = EvalSettings(samplers=samplers, steps=steps, guidance=guidance, seeds=seeds, num_images=num_images,
+                            diversity_seeds=diversity_seeds, batch_size=batch_size,
+                            resolution=resolution or native_size(pipe), real_seed=real_seed)
+    results, grid = evaluate(pipe, classifier, settings, set_sampler=switch, progress=progress)
+    # what the model is travels with its numbers (a JSON may come back from a GPU without the directory)
+    model_info = info and {"method": info.method, "settings": info.settings,
+                           "metrics": {k: v for k, v in info.metrics.items() if isinstance(v, (int, float))}}
+    return {"model": str(model_dir), "model_info": model_info, "hardware": hardware(device),
+            "dtype": str(dtype).removeprefix("torch."), "classifier": {"dir": str(classifier_dir),
+                           "test_accuracy": classifier_info.metrics.get("test_accuracy") if classifier_info else None},
+            **results}, grid
+
+
+def check_counts(args):
+    """UserError for image counts or steps the evaluation cannot use."""
     for name in ("num_images", "diversity_seeds", "batch_size"):
         if getattr(args, name) < (2 if name != "batch_size" else 1):
             raise UserError(f"--{name.replace('_', '-')} is too small")
     if any(s <= 0 for s in args.steps):
         raise UserError("--steps must be > 0")
+
+
+def device_and_dtype(device_name: str, dtype_name: str):
+    """The torch device and pipeline dtype of --device/--dtype (auto: float16 on cuda, float32 on cpu)."""
+    import torch
+
+    from leanserve.trainers.lm import pick_device
+
+    device = pick_device(device_name)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "auto": torch.float16 if device.type == "cuda" else torch.float32}[dtype_name]
+    return device, dtype
+
+
+def run(args):
+    from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
+    from leanserve.eval.report import emit_json
+    from leanserve.models.image_pipeline import SAMPLERS
+    from leanserve.models.model_dir import merge_metrics
+
+    check_counts(args)
     unknown = [s for s in args.sampler or [] if s not in SAMPLERS]
     if unknown:
         raise UserError(f"unknown sampler(s) {unknown}; choose from {', '.join(SAMPLERS)}")
-    device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
-    pipe = load_image_pipeline(args.model, device, dtype)
-    if isinstance(pipe, SiDPipeline):  # its few-step chain is the sampler, with the guidance distilled in
-        if args.sampler or (args.guidance and args.guidance != [1.0]):
-            raise UserError(f"{args.model} is a SiD generator: it takes no --sampler and only --guidance 1")
-        samplers, guidance, switch = ["sid"], [1.0], None
-    else:
-        samplers, guidance, switch = args.sampler or ["ddim"], args.guidance or [2.0], set_sampler
+    device, dtype = device_and_dtype(args.device, args.dtype)
     classifier_dir = Path(args.classifier) if args.classifier else DEFAULT_DIR
     classifier = load_classifier(classifier_dir, device)
-    classifier_info = load_model_info(classifier_dir)
-    settings = EvalSettings(samplers=samplers, steps=args.steps, guidance=guidance, seeds=args.seeds,
-                            num_images=args.num_images, diversity_seeds=args.diversity_seeds, batch_size=args.batch_size,
-                            resolution=args.resolution or native_size(pipe), real_seed=args.real_seed)
-    results, grid = evaluate(pipe, classifier, settings, set_sampler=switch)
-    results = {"model": str(args.model), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
-               "classifier": {"dir": str(classifier_dir),
-                              "test_accuracy": classifier_info.metrics.get("test_accuracy") if classifier_info else None},
-               **results}
+    results, grid = evaluate_model(args.model, classifier, classifier_dir, device, dtype, samplers=args.sampler,
+                                   steps=args.steps, guidance=args.guidance, seeds=args.seeds,
+                                   num_images=args.num_images, diversity_seeds=args.diversity_seeds,
+                                   batch_size=args.batch_size, resolution=args.resolution, real_seed=args.real_seed)
     emit_json(results, args.out)
     if args.grid:
         save_grid(grid, args.grid)
