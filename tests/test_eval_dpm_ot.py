@@ -60,8 +60,9 @@ def test_rows_settings_and_unet_calls(run):
     assert labels == ["data t'=10 N=16", "data t'=342 N=16 fresh-noise"]
     for m in results["maps"]:
         assert m["solver_result"]["iterations"] == 30 and "converged" in m["solver_result"]
-    # 1 baseline x 1 NFE + the DDPM reference + 2 maps x 1 tail x 2 assignments x 1 NFE
-    assert [r["method"] for r in results["rows"]] == ["baseline", "ddpm-reference"] + ["dpm-ot"] * 4
+    # 1 baseline x 1 NFE + 2 maps x 1 tail x 2 assignments x 1 NFE + the DDPM reference (last: the costliest)
+    assert [r["method"] for r in results["rows"]] == ["baseline"] + ["dpm-ot"] * 4 + ["ddpm-reference"]
+    assert results["complete"] is True
     batches = math.ceil(N_IMAGES / BATCH)
     for row in results["rows"]:
         # counted on the UNet itself: K calls per batch (the jump costs none), one image per call and image

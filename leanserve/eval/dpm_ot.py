@@ -21,11 +21,15 @@ row (the FD floor), and for the first --num-images clean targets of each map its
 
 Noise: image i of evaluation seed s is drawn from one CPU generator seeded image_seed(s, 0, i)
 (eval/images.py), so every method starts from the same x_T and GPU and CPU runs agree.
-`plot_results` and `markdown_table` read only the results JSON: redraw anywhere.
+`plot_results` and `markdown_table` read only the results JSON: redraw anywhere. --out is
+rewritten after every row with "complete": false (the DDPM reference, the costliest row, runs
+last), so a run cut short by a time limit keeps the rows it finished.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -290,10 +294,6 @@ def _configs(pipe, maps: list[MapEntry], settings: EvalSettings) -> list[_Config
 
     configs = [_Config({"method": "baseline", "label": f"{s} from x_T", "map": None, "sampler": s, "assignment": None,
                         "nfe": k}, baseline(s, k)) for s in settings.baselines for k in settings.nfe]
-    if settings.ddpm_reference_steps:
-        k = settings.ddpm_reference_steps
-        configs.append(_Config({"method": "ddpm-reference", "label": f"ddpm {k} steps", "map": None, "sampler": "ddpm",
-                                "assignment": None, "nfe": k}, baseline("ddpm", k)))
     for entry in maps:
         n = entry.ot_map.num_targets
         for tail in settings.tails:
@@ -305,6 +305,11 @@ def _configs(pipe, maps: list[MapEntry], settings: EvalSettings) -> list[_Config
                         # distinct targets expected from uniform draws: what an exact OT map gives (spec §2)
                         "unique_targets_if_uniform": n * (1 - (1 - 1 / n) ** settings.num_images)},
                         dpm_ot(entry, tail, assignment, k), entry))
+    # last: the costliest row (1000 steps) and the one a cut-short run can best do without
+    if settings.ddpm_reference_steps:
+        k = settings.ddpm_reference_steps
+        configs.append(_Config({"method": "ddpm-reference", "label": f"ddpm {k} steps", "map": None, "sampler": "ddpm",
+                                "assignment": None, "nfe": k}, baseline("ddpm", k)))
     return configs
 
 
@@ -320,9 +325,10 @@ def _check_data_targets(maps: list[MapEntry], train_images: np.ndarray):
                             f"--train-images {len(train_images)} reference (raise it, or check --data-seed)")
 
 
-def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, device, progress: bool = True
-             ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(results without the run's provenance, grid rows: label -> uint8 images)."""
+def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, device, progress: bool = True,
+             on_row: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """(results without the run's provenance, grid rows: label -> uint8 images). `on_row` gets the
+    results so far (`complete` false) after every row: a run cut short keeps what it finished."""
     from tqdm import tqdm
 
     from leanserve.eval.images import GRID_COLUMNS, _aggregate, image_seed
@@ -340,6 +346,14 @@ def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, dev
 
     configs = _configs(pipe, maps, settings)
     rows = []
+
+    def results(complete: bool) -> dict:
+        return {"complete": complete,
+                "settings": {**asdict(settings), "grid_nfe": settings.grid_nfe, "near_copy": NEAR_COPY,
+                             "mmr_taus": list(MMR_TAUS), "prompt": "", "guidance": 1.0},
+                "thresholds": scorer.thresholds, "maps": [e.record for e in maps], "reference": scorer.reference,
+                "rows": rows, "unet_images_total": sum(r["unet_images"] for r in rows) * len(settings.seeds)}
+
     bar = tqdm(total=len(configs) * len(settings.seeds), desc="eval dpm-ot", disable=not progress)
     for config in configs:
         config.run(list(range(WARMUP_IMAGES)))  # lazy init, kernel selection, allocator: kept out of the timing
@@ -361,13 +375,10 @@ def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, dev
             bar.update()
         rows.append({**config.row, "unet_calls": counts["calls"], "unet_images": counts["images"],
                      "metrics": _aggregate(per_seed)})
+        if on_row is not None and len(rows) < len(configs):
+            on_row(results(complete=False))
     bar.close()
-    results = {"settings": {**asdict(settings), "grid_nfe": settings.grid_nfe, "near_copy": NEAR_COPY,
-                            "mmr_taus": list(MMR_TAUS), "prompt": "", "guidance": 1.0},
-               "thresholds": scorer.thresholds, "maps": [e.record for e in maps], "reference": scorer.reference,
-               "rows": rows,
-               "unet_images_total": sum(r["unet_images"] for r in rows) * len(settings.seeds)}
-    return results, grid
+    return results(complete=True), grid
 
 
 # --------------------------------------------------------------------------- outputs (from the JSON only)
@@ -472,11 +483,18 @@ def run(args):
                             seeds=args.seeds, num_images=args.num_images, ddpm_reference_steps=args.ddpm_reference_steps,
                             train_images=args.train_images, batch_size=args.batch_size, resolution=native_size(pipe),
                             real_seed=args.real_seed, data_seed=args.data_seed)
-    results, grid = evaluate(pipe, classifier, maps, settings, device)
-    results = {"teacher": str(args.teacher), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
-               "classifier": {"dir": str(classifier_dir),
-                              "test_accuracy": classifier_info.metrics.get("test_accuracy") if classifier_info else None},
-               **results}
+    provenance = {"teacher": str(args.teacher), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
+                  "classifier": {"dir": str(classifier_dir), "test_accuracy": classifier_info.metrics.get("test_accuracy")
+                                 if classifier_info else None}}
+
+    def write_partial(partial: dict):
+        tmp = Path(args.out + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**provenance, **partial}, indent=2) + "\n")
+        os.replace(tmp, args.out)  # a run killed mid-write keeps the previous complete file
+
+    results, grid = evaluate(pipe, classifier, maps, settings, device, on_row=write_partial if args.out else None)
+    results = {**provenance, **results}
     emit_json(results, args.out)
     print(markdown_table(results))
     if args.plot:
