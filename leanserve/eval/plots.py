@@ -19,6 +19,7 @@ class Series:
     xerr: Sequence[float] | None = None
     yerr: Sequence[float] | None = None
     point_labels: Sequence[str] = field(default_factory=list)  # text beside each point (e.g. "4 steps")
+    fmt: str = "-o"  # line_plot's line and marker style (e.g. "--s", ":" for a reference line)
 
 
 def _figure():
@@ -55,7 +56,7 @@ def line_plot(series: list[Series], path: str | Path, *, title: str, xlabel: str
     """Lines with markers and error bars (e.g. FD against NFE), one per series."""
     plt, fig, ax = _figure()
     for s in series:
-        ax.errorbar(s.x, s.y, yerr=s.yerr, fmt="-o", capsize=2, label=s.label, markersize=3)
+        ax.errorbar(s.x, s.y, yerr=s.yerr, fmt=s.fmt, capsize=2, label=s.label, markersize=3)
     if log_y:
         ax.set_yscale("log")
     _save(plt, fig, ax, path, title, xlabel, ylabel)
