@@ -62,9 +62,31 @@ MODELS = {
                            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
                            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
 }
+# the same component classes at toy sizes, for CPU smoke runs of the scripts that reuse these builders
+TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+TINY_VAE = dict(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=8)
+TINY_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=8,
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+TINY_MODELS = {
+    "sd15": dict(MODELS["sd15"], size=16, vae=dict(sample_size=16, scaling_factor=0.18215), unet=TINY_UNET),
+    "sdxl": dict(MODELS["sdxl"], size=16, vae=dict(sample_size=16, scaling_factor=0.13025),
+                 unet=dict(TINY_UNET, cross_attention_dim=64, use_linear_projection=True,
+                           addition_embed_type="text_time", addition_time_embed_dim=8,
+                           projection_class_embeddings_input_dim=6 * 8 + 32)),
+}
 
 
-def build_pipeline(name: str, tokenizer, device: torch.device, dtype: torch.dtype):
+def make_tokenizer():
+    """A small local BPE padding to 77 tokens (CLIP's length), trained in a second on docstrings."""
+    return train_tokenizer([json.__doc__ or "", random.__doc__ or "", time.__doc__ or "", PROMPT] * 20,
+                           tempfile.mkdtemp(prefix="bench-images-tok-"), vocab_size=512, model_max_length=77)
+
+
+def build_pipeline(name: str, tokenizer, device: torch.device, dtype: torch.dtype, tiny: bool = False):
+    """Random-weight pipeline `name` (MODELS), or its toy-size twin (TINY_MODELS) with tiny=True."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -75,12 +97,13 @@ def build_pipeline(name: str, tokenizer, device: torch.device, dtype: torch.dtyp
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    spec = MODELS[name]
+    spec = (TINY_MODELS if tiny else MODELS)[name]
+    clip_l, clip_g, vae_config = (TINY_CLIP, TINY_CLIP, TINY_VAE) if tiny else (CLIP_L, CLIP_BIGG, SD_VAE)
     with torch.device(device):  # random init straight on the device: seconds, not minutes
         unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**SD_VAE, **spec["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)) if spec["xl"] else None
+        vae = AutoencoderKL(**vae_config, **spec["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**clip_l))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)) if spec["xl"] else None
     if spec["xl"]:
         pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer,
@@ -103,9 +126,13 @@ def sync(device: torch.device) -> None:
 
 
 def summary(walls: list[float], steps_s: list[float], n: int, stats: list[BatchStats] = ()) -> dict:
-    wall, step = statistics.median(walls), statistics.median(steps_s)
-    out = {"s_per_call": wall, "images_per_s": n / wall, "unet_ms_per_eval": 1e3 * step,
-           "ms_per_image_per_eval": 1e3 * step / n, "runs": len(walls)}
+    """s_per_call is the median (p50) latency of one call of n images. Step times run from one step's end
+    to the next (the first from the end of text encoding where that is marked): a 1-step plain diffusers
+    call has no span, so its UNet ms are None there."""
+    wall = statistics.median(walls)
+    step = statistics.median(steps_s) if steps_s else None
+    out = {"s_per_call": wall, "images_per_s": n / wall, "unet_ms_per_eval": step and 1e3 * step,
+           "ms_per_image_per_eval": step and 1e3 * step / n, "runs": len(walls)}
     for key, values in (("text_encode_ms", [s.text_encode_s for s in stats]),
                         ("vae_decode_ms", [s.vae_decode_s for s in stats])):
         values = [v for v in values if v is not None]
@@ -114,7 +141,8 @@ def summary(walls: list[float], steps_s: list[float], n: int, stats: list[BatchS
     return out
 
 
-def time_diffusers(pipe, n: int, steps: int, guidance: float, size: int, runs: int) -> dict:
+def time_diffusers(pipe, n: int, steps: int, guidance: float, size: int, runs: int,
+                   negative: str | None = NEGATIVE) -> dict:
     clock = StageClock(pipe.device)
 
     def on_step(_pipe, _i, _t, tensors):
@@ -125,7 +153,8 @@ def time_diffusers(pipe, n: int, steps: int, guidance: float, size: int, runs: i
         clock.marks.clear()
         sync(pipe.device)
         t = time.perf_counter()
-        pipe(prompt=[PROMPT] * n, negative_prompt=[NEGATIVE] * n, num_inference_steps=steps, guidance_scale=guidance,
+        pipe(prompt=[PROMPT] * n, negative_prompt=None if negative is None else [negative] * n,
+             num_inference_steps=steps, guidance_scale=guidance,
              generator=[torch.Generator("cpu").manual_seed(i) for i in range(n)], height=size, width=size,
              output_type="np", callback_on_step_end=on_step)
         sync(pipe.device)
@@ -219,8 +248,7 @@ def main():
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start = time.perf_counter()
-    tokenizer = train_tokenizer([json.__doc__ or "", random.__doc__ or "", time.__doc__ or "", PROMPT] * 20,
-                                tempfile.mkdtemp(prefix="bench-images-tok-"), vocab_size=512, model_max_length=77)
+    tokenizer = make_tokenizer()
     results = {name: bench_model(name, tokenizer, device, dtype, args.steps, args.runs) for name in args.models}
     results["anchor"] = ("H200, bf16, SDXL 1024x1024 with CFG: 57.7 ms per UNet evaluation at batch 1, "
                          "18 ms per image at batch 8")

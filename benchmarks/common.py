@@ -33,3 +33,62 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
     return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def time_calls(fn, device, runs: int, *, warmup: int = 1, budget_s: float = float("inf")) -> list[float]:
+    """Seconds per call of fn(), warm-up calls excluded. On GPU, CUDA events around each call with the
+    device idle before it (so host gaps inside the call count, as they do for a user); on CPU,
+    perf_counter. Stops after `runs` timed calls or once `budget_s` of wall clock is spent on them,
+    whichever comes first, but always times at least one."""
+    import time
+
+    import torch
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < runs and (not times or time.perf_counter() - started < budget_s):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def free_device_memory(device) -> None:
+    """Drop cached blocks and the peak counter between configurations (after `del` of their tensors)."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
+
+
+class Deadline:
+    """The wall-clock budget of a whole script (the lead's GPU calls are capped): phases ask how much
+    is left and shrink their own budgets instead of overrunning."""
+
+    def __init__(self, seconds: float):
+        import time
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        import time
+        return self.end - time.perf_counter()
