@@ -18,9 +18,17 @@ loss becomes 0.5·SiD + 0.5·weight·adversarial.
 Adam β = (0, 0.999), no weight decay, constant LR (spec §5). fp32 by default with TF32 off (the
 SiD signal is a difference of two nearly equal network outputs); `--bf16` autocasts the UNets.
 
-Randomness: one generator on the device for noise, timesteps and dropout; one seeded CPU
-generator for k. Both are checkpointed with the networks, EMA and optimizer: `--resume`
-continues exactly (trainers/checkpoint.py). Single process only (no torchrun yet).
+Randomness: one generator per rank on the device for noise, timesteps and dropout (rank 0 keeps
+the single-process seed); one CPU generator for k, seeded and advanced identically on every
+rank, so all ranks train the same k each iteration. All are checkpointed with the networks, EMA
+and optimizer: `--resume` continues exactly (trainers/checkpoint.py), at the same world size only.
+
+`torchrun` DDP (gloo on CPU, nccl on CUDA): `--batch-size` is the batch of each rank and each
+phase (the global batch is that times the ranks); every rank reads its own disjoint slice of the
+caption stream. Gradients are averaged over ranks after each phase's backward, before gradient
+clipping, nan_to_num and Adam, so the networks and the EMA stay identical on every rank. Logged
+losses are means over ranks; rank 0 writes checkpoints and the pipeline, and decides when
+`--time-limit` is spent.
 
 Output: a SiDPipeline directory (models/sid_pipeline.py) usable at 1..K steps, + leanserve.json
 (K, the four kappas, alpha, t_init, images seen).
@@ -33,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -71,7 +78,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="fraction of the iterations before the generator gets the adversarial term (D trains from 0)")
     g = p.add_argument_group("training")
     g.add_argument("--iterations", type=int, default=5000, help="fake + generator updates")
-    g.add_argument("--batch-size", type=int, default=64, help="images per phase (each phase draws its own batch)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="images per phase and per rank (each phase draws its own batch; under torchrun the "
+                        "global batch is this times the ranks)")
     g.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate of both networks")
     g.add_argument("--ema-half-life", type=float, default=50_000, help="EMA half-life of the generator, in images")
     g.add_argument("--ema-ramp", type=float, default=0.05, help="half-life is at most this times the images seen")
@@ -83,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
     g.add_argument("--stop-at", type=int, help="stop after this iteration with a checkpoint; resume later")
     g.add_argument("--time-limit", type=float,
-                   help="minutes: end training early when they are spent and write the generator as it is (the "
-                        "iterations done are recorded; the EMA and GAN schedules still follow --iterations)")
+                   help=f"minutes: end training early when they are spent (checked every {LOG_EVERY} iterations, "
+                        "on rank 0's clock) and write the generator as it is (the iterations done are recorded; "
+                        "the EMA and GAN schedules still follow --iterations)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNets (default fp32, TF32 off)")
@@ -123,8 +133,6 @@ def _check_args(args):
         raise UserError("--time-limit must be > 0 minutes")
     if args.stop_at is not None and not 0 < args.stop_at < args.iterations:
         raise UserError(f"--stop-at must be between 1 and {args.iterations - 1}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("leanserve distill sid runs in one process (torchrun DDP is not implemented yet)")
     if not Path(args.teacher).is_dir():
         raise UserError(f"--teacher {args.teacher} does not exist")
     out = Path(args.out)
@@ -167,15 +175,52 @@ def load_teacher(path: Path):
 
 
 def run(args):
-    from leanserve.trainers.lm import pick_device
+    import torch.distributed as dist
+
+    from leanserve.trainers.lm import init_distributed
 
     _check_args(args)
-    return Trainer(args, pick_device(args.device)).train()
+    dist_info, device = init_distributed(args.device)
+    try:
+        return Trainer(args, device, dist_info).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def example_indices(step: int, phase: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
+    """A rank's slice of iteration `step`'s phase (0 fake, 1 generator) of the shapes train stream: fresh,
+    never reused, disjoint over phases and ranks (one process reads what all ranks together would)."""
+    first = ((2 * step + phase) * world_size + rank) * batch_size
+    return range(first, first + batch_size)
+
+
+def average_gradients(params, world_size: int):
+    """Mean of each .grad over the ranks, in place. Manual, not DDP: the fake network is used both as a
+    trained module (fake phase) and frozen inside the generator loss, whose backward goes through its
+    Jacobian; DDP's reducer would expect gradients of its (frozen) parameters there, and its hooks would
+    have to live with gradient checkpointing and several forwards per backward. Called once after
+    each phase's single backward (no accumulation, so pitfall 10's sync context does not arise). The set of
+    parameters with a gradient is the same on every rank: all ranks build the same graph (same k,
+    options and iteration; NaN samples are masked, not removed from the graph)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    works = [dist.all_reduce(g, async_op=True) for g in grads]
+    for work in works:
+        work.wait()
+    torch._foreach_div_(grads, world_size)
 
 
 class Trainer:
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, device: torch.device, dist_info=None):
+        from leanserve.trainers.lm import DistInfo
+
         self.args, self.device = args, device
+        self.dist = dist_info or DistInfo()
+        self.global_batch = args.batch_size * self.dist.world_size
         self.out = Path(args.out)
         self.kappas = run_kappas(args)
         if device.type == "cuda" and not args.bf16:
@@ -200,7 +245,9 @@ class Trainer:
                                           lr=args.lr, betas=(0.0, 0.999), eps=1e-8)
         with torch.no_grad():
             self.uncond = self._encode([""])
-        self.rng = torch.Generator(device).manual_seed(args.seed)
+        # per rank: noise, timesteps and dropout differ between ranks (rank 0 keeps the single-process seed)
+        self.rng = torch.Generator(device).manual_seed(args.seed + 1_000_003 * self.dist.rank)
+        # the same on every rank, one draw per iteration everywhere: every rank trains the same k
         self.k_rng = torch.Generator().manual_seed(args.seed + 1)
         self.gan_start = int(args.gan_warmup * args.iterations)  # first iteration with the adversarial term
         self.step = 0
@@ -214,10 +261,7 @@ class Trainer:
         return self.teacher_pipe._encode(prompts, self.device).float()
 
     def _example_indices(self, phase: int) -> range:
-        """This iteration's phase's slice of the shapes train stream: fresh, never reused."""
-        b = self.args.batch_size
-        first = (2 * self.step + phase) * b
-        return range(first, first + b)
+        return example_indices(self.step, phase, self.args.batch_size, self.dist.rank, self.dist.world_size)
 
     def _captions(self, phase: int) -> list[str]:
         from leanserve.data.shapes import scene
@@ -230,8 +274,16 @@ class Trainer:
         images = [sample(self.args.data_seed, i, size, split="train").image for i in self._example_indices(phase)]
         return to_tensor(np.stack(images)).to(self.device)
 
+    # every random draw of an iteration goes through these three (one generator, a fixed order)
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.rng, device=self.device)
+
+    def _rand(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.rng, device=self.device)
+
+    def _timesteps(self, n: int) -> torch.Tensor:
+        from leanserve.trainers.sid_loss import sample_timesteps
+        return sample_timesteps(n, self.rng, self.device)
 
     def _eps(self, unet):
         from leanserve.trainers.sid_loss import unet_eps
@@ -248,18 +300,17 @@ class Trainer:
             fake_loss,
             gan_discriminator_loss,
             generator_chain,
-            sample_timesteps,
         )
 
         cond = text = self._encode(self._captions(0))
         if self.kappas.needs_uncond_fake:
-            drop = torch.rand(cond.shape[0], generator=self.rng, device=self.device) < self.args.cond_dropout
+            drop = self._rand(cond.shape[0]) < self.args.cond_dropout
             cond = torch.where(drop[:, None, None], self.uncond, cond)
         shape = self._shape()
         with torch.no_grad():
             x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
                                   noise=lambda: self._randn(shape))
-        t, eps = sample_timesteps(shape[0], self.rng, self.device), self._randn(shape)
+        t, eps = self._timesteps(shape[0]), self._randn(shape)
         loss = fake_loss(self._eps(self.fake), x_g, t, eps, cond, self.uncond, self.kappas.fake_train,
                          self.alphas_cumprod)
         if self.args.gan:
@@ -270,6 +321,7 @@ class Trainer:
                                                  self.autocast)
         loss = loss.mean()
         loss.backward()
+        average_gradients(self.fake.parameters(), self.dist.world_size)
         if self.args.gan:
             torch.nn.utils.clip_grad_value_(self.fake.parameters(), 1.0)  # SiDA, with the GAN on
         self._finish_step(self.fake)
@@ -282,14 +334,13 @@ class Trainer:
             finite_samples,
             generator_chain,
             generator_loss,
-            sample_timesteps,
         )
 
         cond = self._encode(self._captions(1))
         shape = self._shape()
         x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
                               noise=lambda: self._randn(shape), grad=True)
-        t = sample_timesteps(shape[0], self.rng, self.device)
+        t = self._timesteps(shape[0])
         self.fake.requires_grad_(False)  # frozen for this phase; its Jacobian still carries θ's gradient
         try:
             out = generator_loss(self._eps(self.teacher), self._eps(self.fake), x_g, t, self._randn(shape), cond,
@@ -304,10 +355,12 @@ class Trainer:
             loss.backward()
         finally:
             self.fake.requires_grad_(True)
+        average_gradients(self.generator.parameters(), self.dist.world_size)
         self._finish_step(self.generator)
         return loss.detach()
 
     def _finish_step(self, network: torch.nn.Module):
+        # after the averaging: every rank zeroes the same elements and takes the same step
         for p in network.parameters():
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
@@ -318,7 +371,7 @@ class Trainer:
     def _update_ema(self):
         from leanserve.trainers.sid_loss import ema_beta
 
-        beta = ema_beta(self.args.batch_size, self.step * self.args.batch_size, self.args.ema_half_life,
+        beta = ema_beta(self.global_batch, self.step * self.global_batch, self.args.ema_half_life,
                         self.args.ema_ramp)
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - beta)
 
@@ -353,6 +406,7 @@ class Trainer:
         except ValueError as e:
             raise UserError(str(e)) from None
         check_resume_args(state["args"], self.args, RESUME_FREE)
+        # every rank restores its own noise generator and loss window; k_rng is the same on all
         self.rng.set_state(mine["noise"])
         self.window.copy_(mine["window"])
         self.k_rng.set_state(state["k_rng"])
@@ -361,7 +415,8 @@ class Trainer:
 
     def _log(self, message: str):
         from tqdm import tqdm
-        tqdm.write(message)
+        if self.dist.is_main:
+            tqdm.write(message)
 
     # ---- loop
 
@@ -374,14 +429,16 @@ class Trainer:
         end = args.stop_at if args.stop_at is not None else args.iterations
         started, first = time.perf_counter(), self.step
         deadline = started + 60 * args.time_limit if args.time_limit is not None else math.inf
-        bar = tqdm(total=args.iterations, initial=self.step, dynamic_ncols=True, desc="distill sid")
-        while self.step < end and time.perf_counter() < deadline:
+        bar = tqdm(total=args.iterations, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
+                   desc="distill sid")
+        out_of_time = False
+        while self.step < end and not out_of_time:
             k = self.train_iteration()
             bar.update(1)
             if self.step % LOG_EVERY == 0 or self.step == args.iterations:
-                fake, gen = (self.window / (self.step % LOG_EVERY or LOG_EVERY)).tolist()
-                self.window.zero_()
-                self.history.append({"iteration": self.step, "fake_loss": fake, "generator_loss": gen})
+                # the time limit is checked here only: rank 0's clock, sent with the losses, stops all ranks
+                # at the same iteration
+                fake, gen, out_of_time = self._flush_losses(self.dist.is_main and time.perf_counter() > deadline)
                 bar.set_postfix(fake=f"{fake:.4f}", gen=f"{gen:.4f}", k=k)
             if self.step % args.save_every == 0 or self.step == args.stop_at:
                 self._save()
@@ -389,13 +446,27 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds_per_iteration = (time.perf_counter() - started) / max(self.step - first, 1)
-        if self.step < end:
+        if out_of_time and self.step < end:
             self._log(f"time limit: ending at iteration {self.step}/{args.iterations}")
         elif self.step < args.iterations:
             self._log(f"stopped at iteration {self.step}/{args.iterations}; continue with --resume")
             return 0
-        self._write_pipeline()
+        if self.dist.is_main:
+            self._write_pipeline()
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()  # no rank exits (or reads OUT) before the pipeline is complete
         return 0
+
+    def _flush_losses(self, stop: bool) -> tuple[float, float, bool]:
+        """Mean fake and generator losses over the ranks and the iterations since the last flush, appended
+        to the history; and whether any rank (in practice rank 0) asked to stop."""
+        from leanserve.trainers.lm import all_reduce_sum
+
+        fake, gen, stops = all_reduce_sum([*self.window.tolist(), float(stop)], self.dist, self.device)
+        self.window.zero_()
+        n = (self.step % LOG_EVERY or LOG_EVERY) * self.dist.world_size
+        self.history.append({"iteration": self.step, "fake_loss": fake / n, "generator_loss": gen / n})
+        return fake / n, gen / n, stops > 0
 
     # ---- output
 
@@ -414,12 +485,13 @@ class Trainer:
                            text_encoder=teacher.text_encoder.to(dtype), tokenizer=teacher.tokenizer, scheduler=teacher.scheduler, t_init=args.t_init,
                            num_steps=args.steps)
         pipe.save_pretrained(self.out)
-        images_seen = self.step * args.batch_size
+        images_seen = self.step * self.global_batch
         save_model_info(self.out, ModelInfo(
             kind="image", method="sid",
             settings={"pipeline": "SiDPipeline", "space": "pixel", "num_steps": args.steps, "t_init": args.t_init,
                       "guidance": args.guidance, **self.kappas.as_dict(), "alpha": args.alpha,
                       "noise": "fresh", "lr": args.lr, "batch_size": args.batch_size,
+                      "world_size": self.dist.world_size,
                       "ema_half_life": args.ema_half_life, "ema_ramp": args.ema_ramp,
                       "cond_dropout": args.cond_dropout if self.kappas.needs_uncond_fake else 0.0,
                       "precision": "bf16-autocast" if args.bf16 else "fp32", "save_dtype": args.save_dtype,
@@ -429,7 +501,7 @@ class Trainer:
             base={"path": str(args.teacher), "sha256": weights_sha256(args.teacher)},
             recipe=make_recipe("leanserve distill sid", args, args.seed, skip=("resume", "stop_at")),
             data={"description": f"{'captions and images' if args.gan else 'prompts only'}: leanserve.data.shapes "
-                                 f"train, seed {args.data_seed}, examples 0..{2 * self.step * args.batch_size - 1}"},
+                                 f"train, seed {args.data_seed}, examples 0..{2 * images_seen - 1}"},
             metrics={"iterations": self.step, "planned_iterations": args.iterations, "images_seen": images_seen,
                      "seconds_per_iteration": self.seconds_per_iteration,
                      "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
