@@ -331,7 +331,7 @@ def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, dev
     results so far (`complete` false) after every row: a run cut short keeps what it finished."""
     from tqdm import tqdm
 
-    from leanserve.eval.images import GRID_COLUMNS, _aggregate, image_seed
+    from leanserve.eval.images import GRID_COLUMNS, aggregate, image_seed
 
     n = settings.num_images
     scorer = Scorer(classifier, settings, device)
@@ -374,7 +374,7 @@ def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, dev
                 grid[f"{config.row['label']} {config.row['nfe']} NFE"] = images[:GRID_COLUMNS]
             bar.update()
         rows.append({**config.row, "unet_calls": counts["calls"], "unet_images": counts["images"],
-                     "metrics": _aggregate(per_seed)})
+                     "metrics": aggregate(per_seed)})
         if on_row is not None and len(rows) < len(configs):
             on_row(results(complete=False))
     bar.close()
