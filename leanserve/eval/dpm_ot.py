@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from leanserve.errors import UserError
+from leanserve.eval.images import add_runtime_arguments
 
 NEAR_COPY = 0.5                 # near-copy threshold, as a fraction of the real test-to-train median NN distance
 MMR_TAUS = (0.1, 0.2, 0.3)      # mode mixture: >= 2 shape classes with softmax >= tau
@@ -85,10 +86,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--real-seed", type=int, default=0, help="seed of the real test-split images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train-split stream (as in train dpm-ot)")
-    p.add_argument("--classifier", help="attribute classifier directory (default: zoo/shapes-classifier)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="pipeline dtype (auto: float16 on cuda, float32 on cpu)")
+    add_runtime_arguments(p)
     p.add_argument("--out", help="write the results JSON here (default: print it)")
     p.add_argument("--plot", help="write the FD-vs-NFE PNG here")
     p.add_argument("--grid", help="write a PNG grid of samples here (the middle NFE)")

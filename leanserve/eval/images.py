@@ -51,6 +51,14 @@ class EvalSettings:
     real_seed: int = 0  # seed of the real reference stream (test split)
 
 
+def add_runtime_arguments(p: argparse.ArgumentParser):
+    """Classifier, device and dtype options shared by the image eval commands."""
+    p.add_argument("--classifier", help="attribute classifier directory (default: zoo/shapes-classifier)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="pipeline dtype (auto: float16 on cuda, float32 on cpu)")
+
+
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="image model directory (diffusers layout)")
     p.add_argument("--sampler", nargs="+", help="samplers to compare (ddim dpmsolver++ unipc euler ddpm; default ddim; "
@@ -64,10 +72,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolution", type=int, help="image size (default: the size the model was trained at)")
     p.add_argument("--real-seed", type=int, default=0, help="seed of the real reference images")
-    p.add_argument("--classifier", help="attribute classifier directory (default: zoo/shapes-classifier)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="pipeline dtype (auto: float16 on cuda, float32 on cpu)")
+    add_runtime_arguments(p)
     p.add_argument("--out", help="write the results JSON here (default: print it)")
     p.add_argument("--grid", help="write a PNG grid of samples here")
     p.add_argument("--write-metrics", action="store_true", help="merge the headline metrics into the model's leanserve.json")

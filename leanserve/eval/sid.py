@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from leanserve.errors import UserError
+from leanserve.eval.images import add_runtime_arguments
 
 DIVERSITY = "diversity.pairwise_distance"  # the headline diversity metric (higher: more diverse)
 # settings that must agree for rows to be comparable (the seeds may differ per file; they are merged)
@@ -46,9 +47,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolution", type=int, help="image size (default: the teacher's)")
     p.add_argument("--real-seed", type=int, default=0, help="seed of the real reference images")
-    p.add_argument("--classifier", help="attribute classifier directory (default: zoo/shapes-classifier)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_runtime_arguments(p)
     p.add_argument("--model-results", help="also write each model's eval images JSON into this folder")
     p.add_argument("--out", required=True, help="the comparison JSON")
     p.add_argument("--plot", help="PNG: FD against alignment.all, one series per arm")
