@@ -182,7 +182,7 @@ def test_misuse_gives_clear_errors(mode2, teacher_dir, generators, tmp_path):  #
 
 def fake_run(model, rows, seeds=(0, 1)) -> dict:
     """An eval images result: rows of (sampler, steps, guidance, {metric: per-seed values})."""
-    metrics = ("fd", "alignment.all", sid.DIVERSITY)
+    metrics = ("fd", "alignment.all", "alignment.shape", "alignment.color", sid.DIVERSITY)
     return {"model": str(model), "hardware": "test", "classifier": {"dir": "zoo/shapes-classifier"},
             "settings": {"num_images": 10, "diversity_seeds": 2, "resolution": 8, "real_seed": 0, "seeds": list(seeds)},
             "reference": {"fd": 1.0, "alignment.all": 1.0, sid.DIVERSITY: 5.0},
@@ -200,7 +200,8 @@ def generator(tmp_path, name, guidance, kappas, gan=False, num_steps=4):
 
 
 def metrics(fd, align, div):
-    return {"fd": [fd, fd + 2], "alignment.all": [align, align], sid.DIVERSITY: [div, div]}
+    return {"fd": [fd, fd + 2], "alignment.all": [align, align], "alignment.shape": [align, align + 0.1],
+            "alignment.color": [align, align - 0.1], sid.DIVERSITY: [div, div]}
 
 
 def test_labels_teacher_choice_goals_and_directions_on_known_numbers(tmp_path):
@@ -244,5 +245,7 @@ def test_labels_teacher_choice_goals_and_directions_on_known_numbers(tmp_path):
     labels = [a["label"] for a in again["arms"]]
     assert "LSG k1.5 K1" in labels and "LSG k1.5 K4" in labels
     assert {"Zero-CFG K4 (zero)", "Zero-CFG K4 (twin)"} <= set(labels)
+    k1_row = next(r for r in again["rows"] if r["arm"] == "LSG k1.5 K1")  # shape (0.8, 0.9), colour (0.8, 0.7)
+    assert sid._plot_alignment(k1_row) == pytest.approx((0.8, 0.0))  # per seed: the mean of shape and colour
     sid.plot_results(again, tmp_path / "again.png")
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
