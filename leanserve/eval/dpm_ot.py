@@ -460,16 +460,13 @@ def _check_args(args):
 
 def run(args):
     from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
-    from leanserve.eval.images import save_grid
+    from leanserve.eval.images import device_and_dtype, save_grid
     from leanserve.eval.report import emit_json, hardware
     from leanserve.models.image_pipeline import load_image_pipeline, native_size
     from leanserve.models.model_dir import load_model_info
-    from leanserve.trainers.lm import pick_device
 
     _check_args(args)
-    device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if device.type == "cuda" else torch.float32}[args.dtype]
+    device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = load_image_pipeline(args.teacher, device, dtype)
     if not hasattr(pipe, "default_size"):
         raise UserError(f"{args.teacher}: DPM-OT needs a pixel-space PixelDiffusionPipeline teacher")

@@ -52,7 +52,7 @@ from leanserve.errors import UserError
 from leanserve.trainers.lm import (
     DistInfo,
     all_reduce_sum,
-    init_distributed,
+    distributed,
     make_optimizer,
     warmup_cosine,
 )
@@ -279,13 +279,8 @@ def load_vae(path: Path):
 
 def run(args):
     _check_args(args)
-    dist_info, device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (dist_info, device):
         return Trainer(args, dist_info, device).train()
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class Trainer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -279,6 +280,16 @@ def init_distributed(device_name: str):
     return DistInfo(dist.get_rank(), dist.get_world_size()), device
 
 
+@contextmanager
+def distributed(device_name: str):
+    """(DistInfo, device) for a training run: init_distributed, and the process group torn down at the end."""
+    try:
+        yield init_distributed(device_name)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float], dist_info: DistInfo, device) -> list[float]:
     if dist_info.world_size == 1:
         return values
@@ -401,12 +412,8 @@ def run(args):
     # resolved here so that the recipe and a resume see the length actually used
     args.seq_len = args.seq_len or config.max_position_embeddings
     manifest = load_manifest(args.data)
-    dist_info, device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (dist_info, device):
         return Trainer(args, manifest, mix, tokenizer, config, dist_info, device).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class Trainer:

@@ -175,17 +175,11 @@ def load_teacher(path: Path):
 
 
 def run(args):
-    import torch.distributed as dist
-
-    from leanserve.trainers.lm import init_distributed
+    from leanserve.trainers.lm import distributed
 
     _check_args(args)
-    dist_info, device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (dist_info, device):
         return Trainer(args, device, dist_info).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def example_indices(step: int, phase: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
