@@ -82,8 +82,8 @@ def peak_memory_gib(device) -> float | None:
 
 
 class Deadline:
-    """The wall-clock budget of a whole script (the lead's GPU calls are capped): phases ask how much
-    is left and shrink their own budgets instead of overrunning."""
+    """The wall-clock budget of a whole script (lent GPU jobs are time-capped): phases ask how much is
+    left and shrink their own budgets instead of overrunning."""
 
     def __init__(self, seconds: float):
         import time
