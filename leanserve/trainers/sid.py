@@ -52,7 +52,8 @@ from leanserve.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 # options that may differ between a run and its resume without changing the result
-RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing", "time_limit")
+RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing", "time_limit",
+               "channels_last")
 LOG_EVERY = 10  # iterations between progress-bar loss updates (each one waits for the GPU)
 
 
@@ -98,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNets (default fp32, TF32 off)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the UNets (cuDNN's tensor-core convolutions are NHWC; "
+                        "NCHW weights cost a layout transform around each convolution)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in backward: the generator loss backpropagates through the "
                         "generator, the teacher and the fake network, so memory is ~3 UNets' activations (x2 with CFG)")
@@ -228,6 +232,8 @@ class Trainer:
         if args.gradient_checkpointing:
             # diffusers gates it on torch.is_grad_enabled(), not on .training: the eval-mode teacher is covered too
             teacher.enable_gradient_checkpointing()  # the copies below inherit it
+        if args.channels_last:
+            teacher.to(memory_format=torch.channels_last)  # so are the copies' weights
         self.teacher = teacher
         self.generator = copy.deepcopy(teacher).requires_grad_(True)
         self.fake = copy.deepcopy(teacher).requires_grad_(True)
@@ -475,7 +481,9 @@ class Trainer:
 
         args, teacher = self.args, self.teacher_pipe
         dtype = getattr(torch, args.save_dtype)
-        pipe = SiDPipeline(unet=self.ema.requires_grad_(False).eval().to(dtype),
+        # safetensors stores contiguous (NCHW) tensors only
+        unet = self.ema.requires_grad_(False).eval().to(dtype=dtype, memory_format=torch.contiguous_format)
+        pipe = SiDPipeline(unet=unet,
                            text_encoder=teacher.text_encoder.to(dtype), tokenizer=teacher.tokenizer, scheduler=teacher.scheduler, t_init=args.t_init,
                            num_steps=args.steps)
         pipe.save_pretrained(self.out)
