@@ -158,3 +158,31 @@ def test_nearest_distances_and_mode_mixture():
     assert float(nearest_distances(bank[5:9], bank).max()) < 1e-6  # exact copies
     probs = torch.tensor([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.34, 0.33, 0.33]])
     assert mode_mixture(probs, (0.1, 0.3, 0.4)) == {0.1: 2 / 3, 0.3: 2 / 3, 0.4: 1 / 3}
+
+
+def test_a_reference_run_apart_combines_with_the_rest(run, tmp_path):
+    """A run cut short before its DDPM reference + the reference alone (no maps, no baselines) =
+    the full run's rows, since every row starts from the same per-image noise."""
+    results, paths, maps = run
+    common = ["--teacher", str(TEACHER), "--seeds", "0", "--num-images", str(N_IMAGES), "--train-images", "64",
+              "--batch-size", str(BATCH), "--device", "cpu"]
+    ref = tmp_path / "ddpm.json"
+    assert main(["eval", "dpm-ot", *common, "--maps", "--baselines", "--ddpm-reference-steps", str(DDPM_STEPS),
+                 "--out", str(ref)]) == 0
+    cut = {**results, "complete": False, "rows": rows_of(results, method="baseline") +
+           rows_of(results, method="dpm-ot")}
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    out = tmp_path / "combined.json"
+    assert main(["eval", "dpm-ot", "--results", str(tmp_path / "cut.json"), str(ref), "--out", str(out),
+                 "--plot", str(tmp_path / "combined.png")]) == 0
+    combined = json.loads(out.read_text())
+    assert [(r["label"], r["nfe"]) for r in combined["rows"]] == [(r["label"], r["nfe"]) for r in results["rows"]]
+    assert combined["rows"][-1]["metrics"]["fd"]["mean"] == pytest.approx(results["rows"][-1]["metrics"]["fd"]["mean"])
+    assert combined["maps"] == results["maps"] and not combined["complete"]
+    assert len(combined["combined_from"]) == 2
+    # rows twice, or runs on other seeds, are refused
+    assert main(["eval", "dpm-ot", "--results", str(ref), str(ref)]) == 2
+    other = json.loads(ref.read_text())
+    other["settings"]["seeds"] = [1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["eval", "dpm-ot", "--results", str(tmp_path / "cut.json"), str(tmp_path / "other.json")]) == 2

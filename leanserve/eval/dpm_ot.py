@@ -69,11 +69,13 @@ class EvalSettings:
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--teacher", required=True, help="the teacher directory (the baselines run on it)")
-    p.add_argument("--maps", nargs="+", required=True, help="directories written by `leanserve train dpm-ot` "
-                                                            "from this teacher")
+    p.add_argument("--teacher", help="the teacher directory (the baselines run on it)")
+    p.add_argument("--maps", nargs="*", default=[], help="directories written by `leanserve train dpm-ot` from this "
+                                                         "teacher (none: only the baselines and the DDPM reference)")
+    p.add_argument("--results", nargs="+", help="combine these results JSONs of runs with the same seeds, images and "
+                                                "real set (e.g. a DDPM reference run apart) instead of generating")
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20], help="UNet evaluations per image")
-    p.add_argument("--baselines", nargs="+", default=["ddim", "dpmsolver++", "unipc"],
+    p.add_argument("--baselines", nargs="*", default=["ddim", "dpmsolver++", "unipc"],
                    help="samplers from x_T at the same NFE (eval images' names)")
     p.add_argument("--tails", nargs="+", default=["dpmsolver++", "ddpm"], help="DPM-OT samplers after the jump")
     p.add_argument("--assignments", nargs="+", default=["ot", "random"],
@@ -447,8 +449,16 @@ def _check_args(args):
     from leanserve.models.dpm_ot_sampler import ASSIGNMENTS, TAIL_SAMPLERS
     from leanserve.models.image_pipeline import SAMPLERS
 
+    if args.results:
+        if args.teacher or args.maps or args.grid:
+            raise UserError("--results combines finished runs: no --teacher, --maps or --grid")
+        return
+    if not args.teacher:
+        raise UserError("--teacher is required (or --results to combine finished runs)")
     if args.num_images < 2 or args.train_images < 1 or args.batch_size < 1:
         raise UserError("need --num-images >= 2, --train-images >= 1 and --batch-size >= 1")
+    if not (args.baselines or args.maps or args.ddpm_reference_steps):
+        raise UserError("nothing to evaluate: give --baselines, --maps or --ddpm-reference-steps")
     if min(args.nfe) < 1 or args.ddpm_reference_steps < 0:
         raise UserError("--nfe must be >= 1 and --ddpm-reference-steps >= 0")
     for option, names, known in (("--baselines", args.baselines, SAMPLERS), ("--tails", args.tails, TAIL_SAMPLERS),
@@ -458,14 +468,61 @@ def _check_args(args):
             raise UserError(f"unknown {option} {unknown}; choose from {', '.join(known)}")
 
 
+# settings that make rows of different runs comparable: same noise, same images, same real and train sets
+COMBINE_KEYS = ("seeds", "num_images", "train_images", "real_seed", "data_seed", "resolution", "near_copy",
+                "mmr_taus", "prompt", "guidance")
+
+
+def combine(runs: list[dict], names: list[str]) -> dict:
+    """One results dict from several runs' JSONs (all rows, DDPM references last, every map): the
+    runs must agree on COMBINE_KEYS, and no (label, NFE) row may come twice."""
+    first = runs[0]
+    for name, run in zip(names[1:], runs[1:]):
+        differ = [k for k in COMBINE_KEYS if run["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise UserError(f"{name}: settings {differ} differ from {names[0]}'s; its rows are not comparable")
+    rows, seen, maps = [], set(), {}
+    for name, run in zip(names, runs):
+        for row in run["rows"]:
+            key = (row["label"], row["nfe"])
+            if key in seen:
+                raise UserError(f"{name}: row {row['label']!r} at NFE {row['nfe']} is in an earlier file too")
+            seen.add(key)
+            rows.append(row)
+        maps.update({m["label"]: m for m in run["maps"]})
+    rows.sort(key=lambda r: r["method"] == "ddpm-reference")  # stable: the reference rows last
+    return {**first, "complete": all(r["complete"] for r in runs), "rows": rows, "maps": list(maps.values()),
+            "unet_images_total": sum(r["unet_images_total"] for r in runs),
+            "combined_from": [{"file": n, "hardware": r["hardware"], "complete": r["complete"],
+                               "rows": [f"{x['label']} @ {x['nfe']}" for x in r["rows"]]}
+                              for n, r in zip(names, runs)]}
+
+
+def _outputs(results: dict, args):
+    from leanserve.eval.report import emit_json
+
+    emit_json(results, args.out)
+    print(markdown_table(results))
+    if args.plot:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def run(args):
     from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
     from leanserve.eval.images import device_and_dtype, save_grid
-    from leanserve.eval.report import emit_json, hardware
+    from leanserve.eval.report import hardware
     from leanserve.models.image_pipeline import load_image_pipeline, native_size
     from leanserve.models.model_dir import load_model_info
 
     _check_args(args)
+    if args.results:
+        try:
+            runs = [json.loads(Path(f).read_text()) for f in args.results]
+        except (OSError, ValueError) as e:
+            raise UserError(f"--results: {e}") from None
+        _outputs(combine(runs, args.results), args)
+        return 0
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = load_image_pipeline(args.teacher, device, dtype)
     if not hasattr(pipe, "default_size"):
@@ -489,12 +546,7 @@ def run(args):
         os.replace(tmp, args.out)  # a run killed mid-write keeps the previous complete file
 
     results, grid = evaluate(pipe, classifier, maps, settings, device, on_row=write_partial if args.out else None)
-    results = {**provenance, **results}
-    emit_json(results, args.out)
-    print(markdown_table(results))
-    if args.plot:
-        plot_results(results, args.plot)
-        print(f"wrote {args.plot}")
+    _outputs({**provenance, **results}, args)
     if args.grid:
         save_grid(grid, args.grid)
         print(f"wrote {args.grid}")
