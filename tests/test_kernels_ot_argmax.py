@@ -87,3 +87,29 @@ def test_shape_errors_and_dispatch():
     with pytest.raises(ValueError):
         ota.ot_argmax(x, torch.randn(0, 3), torch.randn(0))
     assert torch.equal(ota.ot_argmax(x, y, h)[1], full_matrix_argmax(x, y, h)[1])
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_target_splits_match_one_pass_and_keep_the_tie_rule(num_splits):
+    # a lookup's grid: few queries, the targets split over programs and reduced after the kernel
+    gen = torch.Generator().manual_seed(4)
+    y, h = torch.randn(150, 24, generator=gen), torch.randn(150, generator=gen)
+    winner = 140
+    h[winner] += 100.0
+    y[7], h[7] = y[winner].clone(), h[winner].clone()  # a tie between the first and the last split
+    x = torch.randn(6, 24, generator=gen)
+    expected_best, expected_idx = full_matrix_argmax(x, y, h)
+    config = (16, 32, 16, 4, 1)  # 32-target tiles: 5 tiles over 150 targets
+    best, idx = ota.ot_argmax_triton(x.to(DEVICE), y.to(DEVICE), h.to(DEVICE), config=config, num_splits=num_splits)
+    assert torch.equal(idx.cpu(), expected_idx) and (idx.cpu() == 7).all()
+    torch.testing.assert_close(best.cpu().double(), expected_best, rtol=1e-5, atol=1e-5)
+
+
+def test_split_choice_fills_the_gpu_only_when_queries_do_not():
+    # one query block: as many splits as 2 programs per SM want, at most one per target tile
+    # (splits hold equal whole numbers of tiles, so the count lands just under the wish)
+    assert ota.num_target_splits(1, 100_000, 64, 64, 132) == 261  # 1563 tiles, 6 per split
+    assert ota.num_target_splits(1, 10_000, 64, 64, 132) == 157  # 157 tiles, 1 per split
+    assert ota.num_target_splits(256, 10_000, 64, 64, 132) == 53  # 4 query blocks x 53 splits, 3 tiles each
+    assert ota.num_target_splits(100_000, 10_000, 64, 64, 132) == 1  # 1563 query blocks already fill it
+    assert ota.num_target_splits(1, 50, 64, 64, 132) == 1  # one tile cannot be split

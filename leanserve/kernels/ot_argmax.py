@@ -24,22 +24,26 @@ REF_TILE = 4096  # targets per step of the reference: bounds its [N, tile] score
 @triton.jit
 def _ot_argmax_kernel(
     x_ptr, y_ptr, h_ptr, best_ptr, idx_ptr,
-    num_queries, num_targets, dim, stride_x, stride_y,
+    num_queries, num_targets, dim, stride_x, stride_y, targets_per_split,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program per block of BLOCK_N queries; it loops over every target tile (and over D in
-    BLOCK_D chunks), so each query row's running best lives in registers and only (max, argmax)
-    is written."""
+    """Program (i, s): queries i*BLOCK_N.. against split s of the targets (targets_per_split, a
+    multiple of BLOCK_M); it loops over the split's target tiles (and over D in BLOCK_D chunks), so
+    each query row's running best lives in registers and only (max, argmax) is written, to row s of
+    the [splits, num_queries] outputs."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_queries
     cols_in_tile = tl.arange(0, BLOCK_M)
     ds = tl.arange(0, BLOCK_D)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int32)
-    for start in range(0, num_targets, BLOCK_M):
+    first = split * targets_per_split
+    end = tl.minimum(first + targets_per_split, num_targets)
+    for start in range(first, end, BLOCK_M):
         cols = start + cols_in_tile
-        col_mask = cols < num_targets
+        col_mask = cols < end
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + ds
@@ -58,8 +62,25 @@ def _ot_argmax_kernel(
         better = tile_best > best
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx, best_idx)
-    tl.store(best_ptr + rows, best, mask=row_mask)
-    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+    out = split.to(tl.int64) * num_queries + rows
+    tl.store(best_ptr + out, best, mask=row_mask)
+    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=row_mask)
+
+
+# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages): tensor-core tiles for half inputs; smaller
+# tiles for fp32, whose exact (IEEE) products run on the FMA units
+HALF_CONFIG = (128, 128, 64, 8, 3)
+FP32_CONFIG = (64, 64, 32, 4, 3)
+
+
+def num_target_splits(num_queries: int, num_targets: int, block_n: int, block_m: int, num_sms: int) -> int:
+    """Target splits so that the grid has about two programs per SM: a sampler's lookup (a few
+    queries against N targets) would otherwise run on one or two SMs; a solver step has enough
+    query blocks and gets 1."""
+    query_blocks = triton.cdiv(num_queries, block_n)
+    tiles = triton.cdiv(num_targets, block_m)
+    wanted = max(1, min(triton.cdiv(2 * num_sms, query_blocks), tiles))
+    return triton.cdiv(tiles, triton.cdiv(tiles, wanted))  # no empty split
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor):
@@ -73,10 +94,14 @@ def _check(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor):
 
 
 def ot_argmax_triton(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, *,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None, block_n: int = 32, block_m: int = 32,
-                     block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None, config: tuple[int, ...] | None = None,
+                     num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(max score [N] fp32, argmax [N] int64) by the fused kernel; rows of x and y must be contiguous.
-    `out` = preallocated contiguous (best, idx) buffers (e.g. static ones under a CUDA graph)."""
+    `out` = preallocated contiguous (best, idx) buffers (e.g. static ones under a CUDA graph).
+    `config` (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) and `num_splits` override the
+    defaults (tuning sweeps, tests)."""
+    from leanserve.kernels import num_sms
+
     _check(x, y, h)
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("the rows of x and y must be contiguous")
@@ -94,10 +119,30 @@ def ot_argmax_triton(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, *,
     # fp32 inputs get full-precision products: tf32's 10-bit mantissa would move the argmax of
     # near-ties, and the sampling map must be exact; bf16/fp16 inputs use tensor cores as they are
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _ot_argmax_kernel[(triton.cdiv(num_queries, block_n),)](
-        x, y, h.contiguous(), best, idx, num_queries, y.shape[0], dim, x.stride(0), y.stride(0),
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
+    block_n, block_m, block_d, num_warps, num_stages = config or (
+        FP32_CONFIG if x.dtype == torch.float32 else HALF_CONFIG)
+    num_targets = y.shape[0]
+    if num_splits is None:
+        num_splits = num_target_splits(num_queries, num_targets, block_n, block_m, num_sms(x.device))
+    tiles = triton.cdiv(num_targets, block_m)
+    targets_per_split = triton.cdiv(tiles, num_splits) * block_m
+    num_splits = triton.cdiv(num_targets, targets_per_split)
+    if num_splits == 1:
+        part_best, part_idx = best, idx
+    else:
+        part_best = torch.empty(num_splits, num_queries, dtype=torch.float32, device=x.device)
+        part_idx = torch.empty(num_splits, num_queries, dtype=torch.int64, device=x.device)
+    _ot_argmax_kernel[(triton.cdiv(num_queries, block_n), num_splits)](
+        x, y, h.contiguous(), part_best, part_idx, num_queries, num_targets, dim, x.stride(0), y.stride(0),
+        targets_per_split, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        # splits hold increasing target ranges and argmax takes the first maximum: ties still go to
+        # the smallest target index
+        winner = part_best.argmax(dim=0, keepdim=True)
+        best.copy_(part_best.gather(0, winner).squeeze(0))
+        idx.copy_(part_idx.gather(0, winner).squeeze(0))
     return best, idx
 
 

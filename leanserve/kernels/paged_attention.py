@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from leanserve.kernels import num_sms
+
 BLOCK_N = 64             # context tokens per loop iteration (gathered across cache blocks)
 MIN_TILES_PER_SPLIT = 4  # shorter splits would spend more on partials and the reduce than they win
 MAX_SPLITS = 64
@@ -118,12 +120,6 @@ def _reduce_splits_kernel(
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter has no SMs; an H100's count keeps its split choices like the GPU's
-
-
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                   block_n: int = BLOCK_N) -> int:
     """How many splits of the context: enough (sequence, KV head, split) programs for WAVES per SM,
@@ -170,7 +166,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     span = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window + block_n)
     if num_splits is None:
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, span, _num_sms(q.device), block_n)
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, span, num_sms(q.device), block_n)
     num_splits, tokens_per_split = _split_plan(span, num_splits, block_n)
     split = num_splits > 1
     if split:
