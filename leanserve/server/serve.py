@@ -21,7 +21,8 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.settings import ServerSettings
 
-DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-teacher"]
+# the first image model is the images API default: the 4-step SiD generator; its teacher stays servable
+DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-sid", "zoo/shapes-teacher"]
 _IMAGE_DEFAULTS = ImageEngineConfig(model="")
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
@@ -44,7 +45,7 @@ _IMAGE_OPTIONS = {"device": "device", "dtype": "dtype", "max_queued_requests": "
 def add_arguments(p):
     defaults = ServerSettings()
     p.add_argument("--model", action="append", metavar="DIR",
-                   help=f"model directory; repeat to serve several (default: {' and '.join(DEFAULT_MODELS)})")
+                   help=f"model directory; repeat to serve several (default: {', '.join(DEFAULT_MODELS)})")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for every chat model, instead of the tokenizer's own")
     p.add_argument("--served-model-name", action="append", metavar="NAME",
