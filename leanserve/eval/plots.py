@@ -55,8 +55,11 @@ def line_plot(series: list[Series], path: str | Path, *, title: str, xlabel: str
               log_y: bool = False):
     """Lines with markers and error bars (e.g. FD against NFE), one per series."""
     plt, fig, ax = _figure()
-    for s in series:
-        ax.errorbar(s.x, s.y, yerr=s.yerr, fmt=s.fmt, capsize=2, label=s.label, markersize=3)
+    # the default cycle has 10 colours; an eval with more lines would reuse them for different methods
+    palette = plt.get_cmap("tab20").colors
+    colours = [palette[i % len(palette)] for i in range(len(series))] if len(series) > 10 else [None] * len(series)
+    for s, colour in zip(series, colours):
+        ax.errorbar(s.x, s.y, yerr=s.yerr, fmt=s.fmt, capsize=2, label=s.label, markersize=3, color=colour)
     if log_y:
         ax.set_yscale("log")
     _save(plt, fig, ax, path, title, xlabel, ylabel)
