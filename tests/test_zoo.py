@@ -4,6 +4,7 @@ its eval, and runs through leanserve's loader and diffusers' generic one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,24 @@ SID = ROOT / "zoo" / "shapes-sid"
 def test_the_default_image_model_is_the_distilled_generator():
     images = [m for m in DEFAULT_MODELS if _model_kind(str(ROOT / m)) == "image"]
     assert images == ["zoo/shapes-sid", "zoo/shapes-teacher"]  # the first image model is the default
+
+
+def test_the_zoo_fits_its_budget():
+    """DESIGN: at most 40 MB together. Files two models share byte for byte (shapes-sid's text encoder
+    and scheduler are its teacher's) are relative symlinks inside zoo/ and count once."""
+    zoo = ROOT / "zoo"
+    total, links = 0, []
+    for dirpath, dirnames, filenames in os.walk(zoo):  # does not descend into symlinked directories
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                links.append(path)
+            elif path.is_file():
+                total += path.stat().st_size
+    assert total <= 40 * 2**20
+    for link in links:
+        assert not os.path.isabs(os.readlink(link)) and link.exists()
+        assert link.resolve().is_relative_to(zoo.resolve())
 
 
 def test_shapes_sid_records_its_distillation_and_eval():
