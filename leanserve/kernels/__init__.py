@@ -1,6 +1,9 @@
+import functools
+
 import torch
 
 
+@functools.cache  # a device query per kernel launch would sit on the decode hot path
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device: kernels size their split grids by it."""
     if device.type == "cuda":

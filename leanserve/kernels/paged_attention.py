@@ -14,7 +14,6 @@ over enough programs to keep every SM streaming.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -119,7 +118,6 @@ def _reduce_splits_kernel(
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                   block_n: int = BLOCK_N) -> int:
     """How many splits of the context: enough (sequence, KV head, split) programs for WAVES per SM,
