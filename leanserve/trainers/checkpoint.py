@@ -135,3 +135,18 @@ def check_resume_args(saved: dict, args, free: tuple[str, ...]) -> None:
     if changed:
         raise UserError("--resume with different options than the checkpoint: " +
                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in changed))
+
+
+def check_out_dir(out: str | Path, checkpoint: str, resume: bool, finished: str) -> None:
+    """--out of a resumable trainer: --resume needs `checkpoint` there; a fresh run refuses a directory
+    that holds an unfinished run's checkpoint or a finished model (its `finished` file)."""
+    from leanserve.errors import UserError
+
+    out = Path(out)
+    if resume and not (out / checkpoint).is_file():
+        raise UserError(f"--resume: no checkpoint {out / checkpoint}")
+    if not resume and (out / checkpoint).is_file():
+        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
+    if not resume and (out / finished).exists():
+        raise UserError(f"{out} already holds a {'pipeline' if finished == 'model_index.json' else 'model'}; "
+                        "choose another --out")

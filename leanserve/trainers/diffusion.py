@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from leanserve.errors import UserError
+from leanserve.trainers.checkpoint import check_out_dir
 from leanserve.trainers.lm import (
     DistInfo,
     all_reduce_sum,
@@ -255,13 +256,7 @@ def _check_args(args):
     for name in ("tokenizer", "vae"):
         if getattr(args, name) is not None and not Path(getattr(args, name)).is_dir():
             raise UserError(f"--{name} {getattr(args, name)} does not exist")
-    out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no checkpoint {out / CHECKPOINT}")
-    if not args.resume and (out / CHECKPOINT).is_file():
-        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
-    if (out / "model_index.json").exists():
-        raise UserError(f"{out} already holds a pipeline; choose another --out")
+    check_out_dir(args.out, CHECKPOINT, args.resume, finished="model_index.json")
 
 
 def load_vae(path: Path):

@@ -32,6 +32,7 @@ from leanserve.data.tokenizer import EOS, stop_token_ids
 from leanserve.errors import UserError
 from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
 from leanserve.trainers.checkpoint import (
+    check_out_dir,
     check_resume_args,
     load_checkpoint,
     save_checkpoint,
@@ -395,13 +396,7 @@ def _check_args(args):
     total = args.pretrain_steps + args.chat_steps
     if args.stop_at is not None and not 0 < args.stop_at < total:
         raise UserError(f"--stop-at must be between 1 and {total - 1} (the run has {total} steps)")
-    out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no checkpoint {out / CHECKPOINT}")
-    if not args.resume and (out / CHECKPOINT).is_file():
-        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
-    if not args.resume and (out / "config.json").exists():
-        raise UserError(f"{out} already holds a model; choose another --out")
+    check_out_dir(args.out, CHECKPOINT, args.resume, finished="config.json")
 
 
 def run(args):

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from leanserve.errors import UserError
+from leanserve.trainers.checkpoint import check_out_dir
 
 CHECKPOINT = "checkpoint.pt"
 # options that may differ between a run and its resume without changing the result
@@ -139,13 +140,7 @@ def _check_args(args):
         raise UserError(f"--stop-at must be between 1 and {args.iterations - 1}")
     if not Path(args.teacher).is_dir():
         raise UserError(f"--teacher {args.teacher} does not exist")
-    out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no checkpoint {out / CHECKPOINT}")
-    if not args.resume and (out / CHECKPOINT).is_file():
-        raise UserError(f"{out} holds an unfinished run's checkpoint; pass --resume or choose another --out")
-    if (out / "model_index.json").exists():
-        raise UserError(f"{out} already holds a pipeline; choose another --out")
+    check_out_dir(args.out, CHECKPOINT, args.resume, finished="model_index.json")
 
 
 def run_kappas(args):
