@@ -71,6 +71,7 @@ def _ot_argmax_kernel(
 # tiles for fp32, whose exact (IEEE) products run on the FMA units
 HALF_CONFIG = (128, 128, 64, 8, 3)
 FP32_CONFIG = (64, 64, 32, 4, 3)
+MIN_BLOCK_N = 16  # tl.dot's smallest tile side
 
 
 def num_target_splits(num_queries: int, num_targets: int, block_n: int, block_m: int, num_sms: int) -> int:
@@ -119,8 +120,12 @@ def ot_argmax_triton(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, *,
     # fp32 inputs get full-precision products: tf32's 10-bit mantissa would move the argmax of
     # near-ties, and the sampling map must be exact; bf16/fp16 inputs use tensor cores as they are
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    block_n, block_m, block_d, num_warps, num_stages = config or (
-        FP32_CONFIG if x.dtype == torch.float32 else HALF_CONFIG)
+    if config is None:
+        block_n, block_m, block_d, num_warps, num_stages = FP32_CONFIG if x.dtype == torch.float32 else HALF_CONFIG
+        # a lookup of a few images: the rows of a query tile past the batch would be computed for nothing
+        block_n = min(block_n, max(MIN_BLOCK_N, triton.next_power_of_2(num_queries)))
+    else:
+        block_n, block_m, block_d, num_warps, num_stages = config
     num_targets = y.shape[0]
     if num_splits is None:
         num_splits = num_target_splits(num_queries, num_targets, block_n, block_m, num_sms(x.device))
