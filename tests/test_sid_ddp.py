@@ -79,7 +79,7 @@ def instrument(trainer: sid.Trainer) -> dict:
 
 
 def worker(rank: int, ports: list[int], teacher, tmp):
-    from leanserve.trainers.lm import init_distributed
+    from leanserve.runtime import init_distributed
 
     torch.set_num_threads(1)
 

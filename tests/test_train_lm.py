@@ -108,8 +108,8 @@ def test_model_dir_loads_and_records_provenance(corpus, trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from leanserve.data.tokenizer import stop_token_ids
+    from leanserve.runtime import DistInfo
     from leanserve.trainers.lm import (
-        DistInfo,
         batched,
         encode_documents,
         mean_losses,

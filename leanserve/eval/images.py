@@ -306,12 +306,10 @@ def device_and_dtype(device_name: str, dtype_name: str):
     """The torch device and pipeline dtype of --device/--dtype (auto: float16 on cuda, float32 on cpu)."""
     import torch
 
-    from leanserve.trainers.lm import pick_device
+    from leanserve.runtime import resolve_device, resolve_dtype
 
-    device = pick_device(device_name)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if device.type == "cuda" else torch.float32}[dtype_name]
-    return device, dtype
+    device = resolve_device(device_name)
+    return device, resolve_dtype(dtype_name, device, cuda_default=torch.float16)
 
 
 def run(args):

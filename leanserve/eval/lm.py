@@ -23,14 +23,13 @@ from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.report import emit_json
 from leanserve.models.model_dir import merge_metrics
+from leanserve.runtime import DistInfo, resolve_device
 from leanserve.trainers.lm import (
-    DistInfo,
     batched,
     chat_examples,
     encode_documents,
     load_tokenizer,
     mean_losses,
-    pick_device,
     read_split,
     stream_windows,
 )
@@ -108,7 +107,7 @@ def run(args):
             raise UserError(f"--{name.replace('_', '-')} must be > 0")
     manifest = load_manifest(data)
     tokenizer = load_tokenizer(model_dir)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     max_len = model.config.max_position_embeddings

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from leanserve.errors import UserError
+from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.errors import EngineDeadError, QueueFullError
-from leanserve.server.engine.model_runner import resolve_device, resolve_dtype
 from leanserve.server.image_config import ImageEngineConfig
 
 logger = logging.getLogger(__name__)

@@ -50,13 +50,8 @@ import torch
 
 from leanserve.errors import UserError
 from leanserve.trainers.checkpoint import check_out_dir
-from leanserve.trainers.lm import (
-    DistInfo,
-    all_reduce_sum,
-    distributed,
-    make_optimizer,
-    warmup_cosine,
-)
+from leanserve.runtime import DistInfo, all_reduce_sum, distributed
+from leanserve.trainers.lm import make_optimizer, warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
 TOKENIZER_DIR = "tokenizer"

@@ -360,10 +360,10 @@ def run(args):
         weights_sha256,
     )
     from leanserve.trainers.checkpoint import check_resume_args
-    from leanserve.trainers.lm import pick_device
+    from leanserve.runtime import resolve_device
 
     _check_args(args)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     pipe = load_image_pipeline(args.model, device=device)
     if not hasattr(pipe, "default_size"):
         raise UserError(f"{args.model}: DPM-OT needs a pixel-space PixelDiffusionPipeline teacher")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,6 +29,7 @@ from leanserve.data.build import load_manifest, read_jsonl
 from leanserve.data.tokenizer import EOS, stop_token_ids
 from leanserve.errors import UserError
 from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
+from leanserve.runtime import DistInfo, all_reduce_sum, distributed
 from leanserve.trainers.checkpoint import (
     check_out_dir,
     check_resume_args,
@@ -246,57 +245,6 @@ def make_optimizer(model, lr: float, weight_decay: float):
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-# --------------------------------------------------------------------------- distributed
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(name: str, local_rank: int = 0):
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA device is visible")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_distributed(device_name: str):
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo(), pick_device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size()), device
-
-
-@contextmanager
-def distributed(device_name: str):
-    """(DistInfo, device) for a training run: init_distributed, and the process group torn down at the end."""
-    try:
-        yield init_distributed(device_name)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def all_reduce_sum(values: list[float], dist_info: DistInfo, device) -> list[float]:
-    if dist_info.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -174,7 +174,7 @@ def load_teacher(path: Path):
 
 
 def run(args):
-    from leanserve.trainers.lm import distributed
+    from leanserve.runtime import distributed
 
     _check_args(args)
     with distributed(args.device) as (dist_info, device):
@@ -209,7 +209,7 @@ def average_gradients(params, world_size: int):
 
 class Trainer:
     def __init__(self, args, device: torch.device, dist_info=None):
-        from leanserve.trainers.lm import DistInfo
+        from leanserve.runtime import DistInfo
 
         self.args, self.device = args, device
         self.dist = dist_info or DistInfo()
@@ -455,7 +455,7 @@ class Trainer:
     def _flush_losses(self, stop: bool) -> tuple[float, float, bool]:
         """Mean fake and generator losses over the ranks and the iterations since the last flush, appended
         to the history; and whether any rank (in practice rank 0) asked to stop."""
-        from leanserve.trainers.lm import all_reduce_sum
+        from leanserve.runtime import all_reduce_sum
 
         fake, gen, stops = all_reduce_sum([*self.window.tolist(), float(stop)], self.dist, self.device)
         self.window.zero_()

@@ -10,6 +10,7 @@ import torch
 from leanserve.models.attention_metadata import AttentionMetadata
 from leanserve.models.layers import uses_triton_decode
 from leanserve.models.loader import load_model
+from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     CUDAGraphRunner,
@@ -22,24 +23,6 @@ from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
