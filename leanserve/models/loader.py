@@ -13,6 +13,8 @@ from torch import nn
 
 from leanserve.errors import UserError
 from leanserve.models.layers import MergedLinear, RMSNorm
+from leanserve.models.methods import get_method
+from leanserve.models.model_dir import load_model_info
 from leanserve.models.registry import get_model_class
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -21,7 +23,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *, random_weights: bool = False):
     """-> (model in eval mode on `device` in `dtype`, transformers config). `random_weights` reads
-    only config.json and fills random weights (full-size benchmarks without a checkpoint)."""
+    only config.json and fills random weights (full-size benchmarks without a checkpoint). The
+    `leanserve.json` method's convert step (models/methods.py) is applied last; a directory
+    without one is dense."""
     from transformers import AutoConfig
 
     path = Path(model_dir)
@@ -30,11 +34,18 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     # check model_type ourselves first: AutoConfig's error for unknown types does not say what we support
     get_model_class(json.loads(config_file.read_text()).get("model_type"))
+    info = load_model_info(path)
+    if info is not None and info.kind != "llm":
+        raise UserError(f"{model_dir} is an {info.kind} model (leanserve.json kind), not an LLM")
+    convert = get_method(info.method if info is not None else "dense")
     hf_config = AutoConfig.from_pretrained(path)
     if random_weights:
-        return build_model(hf_config, device, dtype, random_weights=True), hf_config
-    model = build_model(hf_config, device, dtype)
-    load_weights(model, iter_safetensors(path), hf_config)
+        model = build_model(hf_config, device, dtype, random_weights=True)
+    else:
+        model = build_model(hf_config, device, dtype)
+        load_weights(model, iter_safetensors(path), hf_config)
+    # the method's step runs on the loaded dense model, so its extra weights may be deltas over it
+    model = convert(model, hf_config, info.settings if info is not None else {}, model_dir=path)
     return model, hf_config
 
 
