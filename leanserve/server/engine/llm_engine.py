@@ -85,18 +85,20 @@ class LLMEngine:
         self.vocab_size = self.model_runner.vocab_size
         self.eos_token_ids = eos_token_ids(config.model, hf_config, self.tokenizer)
 
+        kv_spec = self.model_runner.kv_spec
+        max_seq_blocks = kv_spec.blocks_for(self.max_model_len)  # what one full-length sequence holds
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = self.model_runner.profile_num_blocks(self.max_model_len)
             # A small model on a big GPU would get millions of blocks (seconds of Python setup,
             # GBs of host memory, the GPU taken from the image engine) that no schedule can use:
             # stop at max_num_seqs full-length sequences.
-            usable = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+            usable = config.max_num_seqs * max_seq_blocks
             if num_blocks > usable:
                 logger.info("KV cache: capping %d blocks to %d (max_num_seqs x max_model_len)", num_blocks, usable)
                 num_blocks = usable
         num_kv_tokens = num_blocks * config.block_size
-        if num_kv_tokens < self.max_model_len:
+        if num_blocks < max_seq_blocks:
             raise UserError(
                 f"the KV cache holds {num_kv_tokens} tokens ({num_blocks} blocks of {config.block_size}), less than "
                 f"one max_model_len={self.max_model_len} sequence; lower max_model_len or give the cache more "
@@ -105,7 +107,7 @@ class LLMEngine:
         logger.info("KV cache: %d tokens; max concurrency at %d tokens: %.2fx",
                     num_kv_tokens, self.max_model_len, num_kv_tokens / self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, kv_spec, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
