@@ -25,6 +25,7 @@ from leanserve.server.engine.sampler import SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
 from leanserve.server.engine.sequence import Sequence
+from leanserve.server.engine.validation import validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -115,28 +116,15 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------------
 
-    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request the engine cannot run (thread-safe, no side effects)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, *, check_queue: bool = True, validated: bool = False) -> None:
+        """Queue a request; ValueError if its id is in use or it cannot run (validate_request, unless
+        validated says the caller ran it), QueueFullError if the queue is at its bound (unless
+        check_queue is False: offline runs, or a front end that enforced the bound itself)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        bad += [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        bad += [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} in the completion).")
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, *, check_queue: bool = True) -> None:
-        """Queue a request; ValueError if it cannot run, QueueFullError if the queue is at its bound
-        (unless check_queue is False: offline runs, or a front end that enforced the bound itself)."""
-        self.check_request(request_id, prompt_token_ids, params)
+        if not validated:
+            validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         now = time.monotonic()
         generator = None
         if params.seed is not None:
