@@ -27,8 +27,8 @@ from leanserve.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from leanserve.models.attention_metadata import AttentionMetadata
-from leanserve.models.layers import paged_decode_attention_torch
+from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.models.attention.paged import paged_decode_attention_torch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 CONTEXTS = [1024, 4096, 16384, 32768]

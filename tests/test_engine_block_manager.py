@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from leanserve.models.attention.kv_spec import PagedKVSpec
 from leanserve.server.engine import block_manager as bm_module
 from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.sequence import Sequence
+
+
+def dense_spec(block_size: int) -> PagedKVSpec:
+    """The block manager reads only block counts from the spec: one tiny layer will do."""
+    return PagedKVSpec(num_layers=1, block_size=block_size, num_kv_heads=1, head_dim=1, dtype=torch.float32)
 
 
 def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
@@ -21,7 +28,7 @@ def admit(bm: BlockManager, seq: Sequence) -> int:
 
 
 def test_allocate_free_and_ref_counts():
-    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4), enable_prefix_caching=False)
     seq = make_seq(list(range(10)))
     assert bm.allocate_slots(seq, 10)
     assert len(seq.block_table) == 3 and len(set(seq.block_table)) == 3
@@ -43,7 +50,7 @@ def test_allocate_free_and_ref_counts():
 
 
 def test_allocation_failure_changes_nothing():
-    bm = BlockManager(num_blocks=4, block_size=4)
+    bm = BlockManager(num_blocks=4, kv_spec=dense_spec(4))
     a = make_seq(list(range(12)), "a")
     assert bm.allocate_slots(a, 12)
     b = make_seq(list(range(100, 108)), "b")
@@ -53,7 +60,7 @@ def test_allocation_failure_changes_nothing():
 
 
 def test_prefix_hits_are_shared_and_ref_counted():
-    bm = BlockManager(num_blocks=16, block_size=4)
+    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
     a = make_seq(list(range(13)), "a")
     assert admit(bm, a) == 0
     # same 12 leading tokens: 3 full blocks hit
@@ -70,7 +77,7 @@ def test_prefix_hits_are_shared_and_ref_counted():
 
 
 def test_last_prompt_token_is_always_computed():
-    bm = BlockManager(num_blocks=16, block_size=4)
+    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
     a = make_seq(list(range(8)), "a")
     admit(bm, a)
     # an identical 8-token prompt (2 full cached blocks) reuses only the first block, so the
@@ -81,7 +88,7 @@ def test_last_prompt_token_is_always_computed():
 
 
 def test_freed_blocks_keep_their_hash_until_reused():
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4))
     a = make_seq(list(range(9)), "a")
     admit(bm, a)
     cached = a.block_table[:2]
@@ -94,14 +101,14 @@ def test_freed_blocks_keep_their_hash_until_reused():
 
 
 def test_chained_hash_depends_on_the_prefix():
-    bm = BlockManager(num_blocks=16, block_size=4)
+    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
     admit(bm, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 0], "a"))
     # the second block's tokens match, but after a different first block
     assert bm.get_computed_blocks(make_seq([9, 9, 9, 9, 5, 6, 7, 8, 0], "b")) == []
 
 
 def test_lru_eviction_order():
-    bm = BlockManager(num_blocks=5, block_size=2)  # all used below: no never-touched blocks
+    bm = BlockManager(num_blocks=5, kv_spec=dense_spec(2))  # all used below: no never-touched blocks
     a = make_seq([1, 2, 3, 4, 5], "a")   # blocks: [1,2] [3,4] [5]
     admit(bm, a)
     b = make_seq([7, 8, 9], "b")         # blocks: [7,8] [9]
@@ -121,7 +128,7 @@ def test_lru_eviction_order():
 def test_hash_hit_requires_equal_tokens(monkeypatch):
     # a degenerate hash that collides for any two blocks with the same parent
     monkeypatch.setattr(bm_module, "hash_block", lambda parent, tokens: (parent or b"") + b"x")
-    bm = BlockManager(num_blocks=8, block_size=4)
+    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4))
     admit(bm, make_seq([1, 2, 3, 4, 0], "a"))
     other = make_seq([5, 6, 7, 8, 0], "b")
     assert bm.get_computed_blocks(other) == []
@@ -129,7 +136,7 @@ def test_hash_hit_requires_equal_tokens(monkeypatch):
 
 
 def test_prefix_caching_disabled():
-    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4), enable_prefix_caching=False)
     admit(bm, make_seq(list(range(9)), "a"))
     assert bm.get_computed_blocks(make_seq(list(range(9)), "b")) == []
     assert all(b.block_hash is None for b in bm.blocks)

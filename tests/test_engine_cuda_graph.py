@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from leanserve.errors import UserError
-from leanserve.models.attention_metadata import AttentionMetadata
-from leanserve.models.layers import uses_triton_decode
+from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.models.attention.paged import uses_triton_decode
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     PAD_BLOCK,
@@ -122,7 +122,7 @@ class EagerReplayRunner(CUDAGraphRunner):
 
 def attach_runner(engine: LLMEngine, batch_sizes: list[int]) -> EagerReplayRunner:
     mr = engine.model_runner
-    runner = EagerReplayRunner(mr.model, mr.kv_caches, batch_sizes, mr.max_model_len, mr.block_size, mr.device)
+    runner = EagerReplayRunner(mr.model, mr.kv_caches, batch_sizes, mr.max_model_len, mr.kv_spec, mr.device)
     runner.capture()
     mr.graph_runner = runner
     return runner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from test_engine_block_manager import dense_spec
 from test_engine_e2e import engine_config
 
 from leanserve.server.engine.block_manager import BlockManager
@@ -24,7 +25,7 @@ def make_seq(rid: str, num_prompt: int, max_tokens: int = 4) -> Sequence:
 
 
 def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_queued=100) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, max_queued)
+    return Scheduler(BlockManager(num_blocks, dense_spec(block_size)), max_num_seqs, budget, max_queued)
 
 
 def run_step(sched: Scheduler):

@@ -1,5 +1,5 @@
 """Triton paged decode attention vs its PyTorch reference. On CPU the kernels run in Triton's
-interpreter; on a GPU the compiled kernels are tested (plus the CUDA dispatch in models/layers)."""
+interpreter; on a GPU the compiled kernels are tested (plus the CUDA dispatch in models/attention/paged)."""
 from __future__ import annotations
 
 import math
@@ -122,10 +122,10 @@ def test_rejects_unsupported_shapes():
         pa.paged_decode_attention(q[..., :64], cache, cache, tables, lens, 1.0, 1)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton dispatch in models/layers is CUDA-only")
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton dispatch in models/attention/paged is CUDA-only")
 def test_layers_dispatch_matches_torch_path():
-    from leanserve.models.attention_metadata import AttentionMetadata
-    from leanserve.models.layers import paged_attention, paged_decode_attention_torch
+    from leanserve.models.attention.metadata import AttentionMetadata
+    from leanserve.models.attention.paged import paged_attention, paged_decode_attention_torch
 
     seq_lens = [3, 70, 300]
     gen = torch.Generator().manual_seed(0)

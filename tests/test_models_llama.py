@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from leanserve.errors import UserError
-from leanserve.models.attention_metadata import AttentionMetadata
+from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.loader import build_model, load_model
 
 VOCAB = 96
@@ -197,3 +197,21 @@ def test_build_model_random_weights():
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.num_kv_heads == 2 and model.head_dim == 16
     logits = PagedRun(model, block_size=4).step({0: random_ids(10, seed=7)})[0]
     assert logits.dtype == torch.float32 and logits.shape == (10, VOCAB) and logits.isfinite().all()
+
+
+def test_kv_cache_spec():
+    """The cache the engine allocates for a Llama: one zeroed [2, L, blocks, block_size, Hkv, D]
+    tensor seen as per-layer (k, v) views, block counts rounded up to whole blocks."""
+    _, config = CONFIGS["mistral-window"]  # head_dim 24 != hidden / heads: the spec must take the model's
+    spec = build_model(config, "cpu", torch.bfloat16).kv_cache_spec(4, torch.bfloat16)
+    assert (spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim) == (2, 4, 2, 24)
+    assert spec.bytes_per_block == 2 * 2 * 4 * 2 * 24 * 2
+    caches = spec.allocate(3, torch.device("cpu"))
+    assert len(caches) == 2
+    for k, v in caches:
+        assert k.shape == v.shape == (3, 4, 2, 24) and k.dtype == torch.bfloat16
+        assert not k.any() and not v.any()
+    assert caches[0][0].untyped_storage().data_ptr() == caches[1][1].untyped_storage().data_ptr()
+    assert [spec.blocks_for(n) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    assert spec.block_table_width(9) == 3
+    assert spec.blocks_at_admission(5, max_tokens=100) == 2

@@ -9,16 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanserve.models.attention_metadata import AttentionMetadata
-from leanserve.models.layers import (
-    GatedMLP,
-    MergedLinear,
-    PagedAttention,
-    RMSNorm,
-    RotaryEmbedding,
-)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
+from leanserve.models.attention.kv_spec import KVCache, PagedKVSpec
+from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.models.attention.paged import PagedAttention
+from leanserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
 
 
 def rope_parameters(config) -> dict:
@@ -140,6 +134,11 @@ class LlamaForCausalLM(nn.Module):
                 attn_meta: AttentionMetadata) -> torch.Tensor:
         """Flattened step tokens [T] -> final-normed hidden states [T, hidden_size]."""
         return self.model(input_ids, positions, kv_caches, attn_meta)
+
+    def kv_cache_spec(self, block_size: int, dtype: torch.dtype) -> PagedKVSpec:
+        """The cache the engine allocates for this model: dense paged, the same in every layer
+        (sliding-window layers mask old keys but keep them)."""
+        return PagedKVSpec(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head.weight).float()

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from leanserve.server.engine.errors import EngineDeadError, QueueFullError
+from leanserve.server.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ def install_exception_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid_request(request: Request, exc: InvalidRequestError):
+        return error_response(400, str(exc), exc.param)
 
     @app.exception_handler(QueueFullError)
     async def _queue_full(request: Request, exc: QueueFullError):

@@ -17,6 +17,7 @@ from leanserve.server.engine.errors import EngineDeadError, QueueFullError
 from leanserve.server.engine.llm_engine import EngineStats, LLMEngine
 from leanserve.server.engine.outputs import RequestOutput
 from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.validation import validate_request
 
 __all__ = ["AsyncLLMEngine", "EngineStats", "RequestStream"]
 
@@ -129,9 +130,10 @@ class AsyncLLMEngine:
     # ---- requests ---------------------------------------------------------------------------------
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float) -> RequestStream:
+                 arrival_time: float, *, validated: bool = False) -> RequestStream:
         """Admit a request and return its output stream. Raises here, before any await:
-        ValueError (cannot run), QueueFullError (waiting queue full), EngineDeadError."""
+        ValueError (cannot run: validate_request, unless `validated` says the caller ran it),
+        QueueFullError (waiting queue full), EngineDeadError."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop died: {self._dead!r}")
         if not self._accepting:
@@ -140,7 +142,8 @@ class AsyncLLMEngine:
             raise RuntimeError("AsyncLLMEngine.start() has not been awaited")
         if request_id in self._streams or request_id in self._unfinished:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.check_request(request_id, prompt_token_ids, params)
+        if not validated:
+            validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(f"the engine loop died: {self._dead!r}")
@@ -183,7 +186,7 @@ class AsyncLLMEngine:
                     aborts, self._pending_aborts = self._pending_aborts, []
                     # generate() validated them and enforced the queue bound under this lock
                     for request_id, prompt, params, arrival in adds:
-                        engine.add_request(request_id, prompt, params, arrival, check_queue=False)
+                        engine.add_request(request_id, prompt, params, arrival, check_queue=False, validated=True)
                 outputs: list[RequestOutput] = []
                 for request_id in aborts:
                     if (out := engine.abort(request_id)) is not None:

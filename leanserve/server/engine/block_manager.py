@@ -12,6 +12,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from leanserve.models.attention.kv_spec import KVCacheSpec
 from leanserve.server.engine.sequence import Sequence
 
 
@@ -32,11 +33,12 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+    def __init__(self, num_blocks: int, kv_spec: KVCacheSpec, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or kv_spec.block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {kv_spec.block_size}")
         self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.kv_spec = kv_spec  # how many blocks a sequence holds
+        self.block_size = kv_spec.block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head = evicted first
@@ -79,18 +81,22 @@ class BlockManager:
         return hits
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
-        """Give `seq` blocks for `num_new_tokens` more tokens. `computed_blocks` (from
-        get_computed_blocks) is passed once, at admission: they become the head of its block table
-        and count as computed. Returns False, changing nothing, if the pool is too small."""
+        """Give `seq` blocks for `num_new_tokens` more tokens (as many as the KV spec says its tokens
+        take; at admission, what the spec reserves). `computed_blocks` (from get_computed_blocks) is
+        passed once, at admission: they become the head of its block table and count as computed.
+        Returns False, changing nothing, if the pool is too small."""
         computed_blocks = computed_blocks or []
+        admission = seq.num_computed_tokens == 0  # fresh or after preemption
         num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
-        num_required = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_tokens = num_computed + num_new_tokens
+        num_required = (self.kv_spec.blocks_at_admission(num_tokens, seq.params.max_tokens) if admission
+                        else self.kv_spec.blocks_for(num_tokens))
         num_new_blocks = num_required - len(seq.block_table) - len(computed_blocks)
         # cache hits sitting in the free queue leave it when touched, so they count against it too
         num_evictable_hits = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
         if num_new_blocks + num_evictable_hits > self.num_free_blocks:
             return False
-        if seq.num_computed_tokens == 0:  # admission (fresh or after preemption)
+        if admission:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(computed_blocks) * self.block_size
         for block_id in computed_blocks:
@@ -103,7 +109,7 @@ class BlockManager:
             # Blocks whose tokens are all computed by the end of this step become shareable now:
             # a sequence admitted later in the same step reads them after this one wrote them,
             # since the model stores a layer's K/V for the whole batch before attending.
-            self._cache_full_blocks(seq, (num_computed + num_new_tokens) // self.block_size)
+            self._cache_full_blocks(seq, num_tokens // self.block_size)
         return True
 
     def _touch(self, block_id: int) -> None:

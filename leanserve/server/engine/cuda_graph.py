@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from leanserve.errors import UserError
-from leanserve.models.attention_metadata import AttentionMetadata
+from leanserve.models.attention.kv_spec import KVCache, KVCacheSpec
+from leanserve.models.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0. Block 0 always
 # exists and holds finite values (the cache is zero-initialised), so any decode attention
@@ -95,14 +94,14 @@ class CUDAGraphRunner:
     """The model's decode forward captured at each of `batch_sizes`, all graphs in one memory pool."""
 
     def __init__(self, model: nn.Module, kv_caches: list[KVCache], batch_sizes: list[int], max_model_len: int,
-                 block_size: int, device: torch.device):
+                 kv_spec: KVCacheSpec, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(batch_sizes)
         self.max_model_len = max_model_len
-        self.block_size = block_size
+        self.block_size = kv_spec.block_size
         self.device = device
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = kv_spec.block_table_width(max_model_len)
         max_bs = self.batch_sizes[-1]
         # input_ids, positions and slot_mapping of a bs-row bucket are the views [0:bs], [bs:2bs],
         # [2bs:3bs] of one buffer, so a step fills all three with one copy

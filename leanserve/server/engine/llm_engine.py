@@ -25,6 +25,7 @@ from leanserve.server.engine.sampler import SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
 from leanserve.server.engine.sequence import Sequence
+from leanserve.server.engine.validation import validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +86,20 @@ class LLMEngine:
         self.vocab_size = self.model_runner.vocab_size
         self.eos_token_ids = eos_token_ids(config.model, hf_config, self.tokenizer)
 
+        kv_spec = self.model_runner.kv_spec
+        max_seq_blocks = kv_spec.blocks_for(self.max_model_len)  # what one full-length sequence holds
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = self.model_runner.profile_num_blocks(self.max_model_len)
             # A small model on a big GPU would get millions of blocks (seconds of Python setup,
             # GBs of host memory, the GPU taken from the image engine) that no schedule can use:
             # stop at max_num_seqs full-length sequences.
-            usable = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+            usable = config.max_num_seqs * max_seq_blocks
             if num_blocks > usable:
                 logger.info("KV cache: capping %d blocks to %d (max_num_seqs x max_model_len)", num_blocks, usable)
                 num_blocks = usable
         num_kv_tokens = num_blocks * config.block_size
-        if num_kv_tokens < self.max_model_len:
+        if num_blocks < max_seq_blocks:
             raise UserError(
                 f"the KV cache holds {num_kv_tokens} tokens ({num_blocks} blocks of {config.block_size}), less than "
                 f"one max_model_len={self.max_model_len} sequence; lower max_model_len or give the cache more "
@@ -105,7 +108,7 @@ class LLMEngine:
         logger.info("KV cache: %d tokens; max concurrency at %d tokens: %.2fx",
                     num_kv_tokens, self.max_model_len, num_kv_tokens / self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, kv_spec, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
@@ -113,28 +116,15 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------------
 
-    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request the engine cannot run (thread-safe, no side effects)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, *, check_queue: bool = True, validated: bool = False) -> None:
+        """Queue a request; ValueError if its id is in use or it cannot run (validate_request, unless
+        validated says the caller ran it), QueueFullError if the queue is at its bound (unless
+        check_queue is False: offline runs, or a front end that enforced the bound itself)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        bad += [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        bad += [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} in the completion).")
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, *, check_queue: bool = True) -> None:
-        """Queue a request; ValueError if it cannot run, QueueFullError if the queue is at its bound
-        (unless check_queue is False: offline runs, or a front end that enforced the bound itself)."""
-        self.check_request(request_id, prompt_token_ids, params)
+        if not validated:
+            validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         now = time.monotonic()
         generator = None
         if params.seed is not None:

@@ -7,8 +7,9 @@ import logging
 
 import torch
 
-from leanserve.models.attention_metadata import AttentionMetadata
-from leanserve.models.layers import uses_triton_decode
+from leanserve.models.attention.kv_spec import KVCache
+from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.models.attention.paged import uses_triton_decode
 from leanserve.models.loader import load_model
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.config import EngineConfig
@@ -39,20 +40,17 @@ class ModelRunner:
         self.vocab_size = self.model.vocab_size
         # LLMEngine's rule; graphs are captured for contexts up to this length
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
+        # the model says how its KV cache is laid out; sizing and allocation go through it
+        self.kv_spec = self.model.kv_cache_spec(self.block_size, self.dtype)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[KVCache] = []
         self.graph_runner: CUDAGraphRunner | None = None
-
-    @property
-    def bytes_per_block(self) -> int:
-        m = self.model
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
 
     def profile_num_blocks(self, max_model_len: int) -> int:
         """How many KV blocks fit: CPU from cpu_kv_cache_gib; CUDA from what a max-size step
         leaves of total * gpu_memory_utilization (weights, peak activations, other processes)."""
         if self.device.type != "cuda":
-            return int(self.config.cpu_kv_cache_gib * 2**30 // self.bytes_per_block)
+            return int(self.config.cpu_kv_cache_gib * 2**30 // self.kv_spec.bytes_per_block)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._dummy_run(max_model_len)
@@ -65,21 +63,21 @@ class ModelRunner:
         available = total * self.config.gpu_memory_utilization - used
         logger.info("memory profile: total %.2f GiB, used at peak %.2f GiB, for KV cache %.2f GiB",
                     total / 2**30, used / 2**30, available / 2**30)
-        return max(int(available // self.bytes_per_block), 0)
+        return max(int(available // self.kv_spec.bytes_per_block), 0)
 
     @torch.inference_mode()
     def _dummy_run(self, max_model_len: int) -> None:
         """One prefill step of max_num_batched_tokens tokens (as few sequences as max_model_len
         allows), then logits for max_num_seqs rows: the largest activations a step can have."""
-        c, bs = self.config, self.block_size
+        c, spec = self.config, self.kv_spec
         total = c.max_num_batched_tokens
         lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
-        num_blocks = sum(-(-n // bs) for n in lens)
-        self._allocate_kv_cache(num_blocks)
+        num_blocks = sum(spec.blocks_for(n) for n in lens)
+        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         seqs, next_block = [], 0
         for n in lens:
             seq = Sequence("profile", [0] * n, SamplingParams(temperature=0), 0.0, [])
-            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
+            seq.block_table = list(range(next_block, next_block + spec.blocks_for(n)))
             next_block += len(seq.block_table)
             seqs.append((seq, n))
         input_ids, positions, meta, _ = self._prepare(seqs)
@@ -90,7 +88,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The serving KV cache; on CUDA, then the decode graphs (they bake in its addresses)."""
         self.graph_runner = None
-        self._allocate_kv_cache(num_blocks)
+        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
         if not uses_triton_decode(self.model.head_dim, self.block_size):
@@ -98,19 +96,12 @@ class ModelRunner:
                            "need powers of two, head_dim >= 16)", self.model.head_dim, self.block_size)
             return
         runner = CUDAGraphRunner(self.model, self.kv_caches, self.graph_batch_sizes, self.max_model_len,
-                                 self.block_size, self.device)
+                                 self.kv_spec, self.device)
         try:
             runner.capture()
         except RuntimeError as e:
             raise RuntimeError(f"CUDA graph capture failed ({e}); run with enforce_eager=True (--enforce-eager)") from e
         self.graph_runner = runner
-
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.model
-        shape = (2, m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        # zeros, not empty: a kernel that reads a whole block must not meet NaN garbage
-        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.kv_caches = [(cache[0, i], cache[1, i]) for i in range(m.num_layers)]
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from leanserve.server.cancellation import with_cancellation
 from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.validation import check_token_ids, validate_request
 from leanserve.server.errors import APIError
 from leanserve.server.metrics import RequestMetrics
 from leanserve.server.protocol import (
@@ -57,9 +58,6 @@ from leanserve.server.streaming import (
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-CONTEXT_OVERFLOW = ("This model's maximum context length is {L} tokens. However, you requested {total} tokens "
-                    "({P} in the messages, {M} in the completion). Please reduce the length of the messages "
-                    "or completion.")
 MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
 
@@ -106,13 +104,6 @@ def _render_chat(engine, messages: list[ChatMessage], add_generation_prompt: boo
     return tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _check_token_ids(engine, ids: list[int], param: str) -> None:
-    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise APIError(400, f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})",
-                       param)
-
-
 @functools.cache
 def _generation_defaults(model_dir: str) -> dict:
     """Sampling defaults the model ships in generation_config.json (vLLM reads the same keys)."""
@@ -122,14 +113,12 @@ def _generation_defaults(model_dir: str) -> dict:
     return {k: config[k] for k in keys if config.get(k) is not None}
 
 
-def _sampling_params(body: SamplingRequest, engine, prompt_len: int, max_tokens: int | None,
+def _sampling_params(body: SamplingRequest, engine, prompt_ids: list[int], max_tokens: int | None,
                      logprobs: int | None, prompt_param: str) -> SamplingParams:
-    limit = engine.max_model_len
+    """The prompt's engine params, validated here once for all its choices (InvalidRequestError:
+    a 400 naming the field at fault)."""
     # default: whatever context is left (at least one token, so an over-long prompt reports clearly)
-    max_tokens = max_tokens if max_tokens is not None else max(limit - prompt_len, 1)
-    if prompt_len + max_tokens > limit:
-        raise APIError(400, CONTEXT_OVERFLOW.format(L=limit, total=prompt_len + max_tokens, P=prompt_len,
-                                                    M=max_tokens), prompt_param)
+    max_tokens = max_tokens if max_tokens is not None else max(engine.max_model_len - len(prompt_ids), 1)
     bias = None
     if body.logit_bias:
         bias = {}
@@ -138,9 +127,7 @@ def _sampling_params(body: SamplingRequest, engine, prompt_len: int, max_tokens:
                 bias[int(key)] = value
             except ValueError:
                 raise APIError(400, f"logit_bias: key {key!r} is not a token id", "logit_bias") from None
-        _check_token_ids(engine, list(bias), "logit_bias")
     stop_token_ids = body.stop_token_ids or []
-    _check_token_ids(engine, stop_token_ids, "stop_token_ids")
     defaults = _generation_defaults(engine.config.model)
 
     def pick(name: str, fallback):
@@ -148,7 +135,7 @@ def _sampling_params(body: SamplingRequest, engine, prompt_len: int, max_tokens:
         return value if value is not None else defaults.get(name, fallback)
 
     try:
-        return SamplingParams(
+        params = SamplingParams(
             temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", -1),
             min_p=pick("min_p", 0.0), seed=body.seed, presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty", 1.0),
@@ -157,6 +144,8 @@ def _sampling_params(body: SamplingRequest, engine, prompt_len: int, max_tokens:
             skip_special_tokens=body.skip_special_tokens)
     except ValueError as e:
         raise APIError(400, str(e)) from e
+    validate_request(prompt_ids, params, engine.vocab_size, engine.max_model_len, prompt_param)
+    return params
 
 
 # ---------------------------------------------------------------- fan-out, generation, cancellation
@@ -201,7 +190,8 @@ async def _start(engine, choices: list[_Choice], arrival: float) -> list[AsyncIt
     streams = []
     try:
         for c in choices:
-            streams.append(engine.generate(c.request_id, c.prompt_ids, c.params, arrival_time=arrival))
+            streams.append(engine.generate(c.request_id, c.prompt_ids, c.params, arrival_time=arrival,
+                                           validated=True))  # by _sampling_params
     except BaseException as e:
         for stream in streams:
             await stream.aclose()
@@ -278,7 +268,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt_ids = _render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling_params(body, engine, len(prompt_ids), max_tokens, logprobs, "messages")
+    params = _sampling_params(body, engine, prompt_ids, max_tokens, logprobs, "messages")
     request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
     choices = _fan_out(state, engine, request_id, [prompt_ids], [params], arrival, body.n)
     streams = await _start(engine, choices, arrival)
@@ -355,19 +345,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     engine = state.engine(body.model, "llm")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
-    prompts, prefixes = [], []
-    for prompt in body.prompts():
-        if isinstance(prompt, str):
-            prompts.append(engine.tokenizer(prompt)["input_ids"])
-            prefixes.append(prompt)
-        else:
-            _check_token_ids(engine, prompt, "prompt")
-            prompts.append(prompt)
-            prefixes.append(engine.tokenizer.decode(prompt) if body.echo else "")
-    params = [_sampling_params(body, engine, len(ids), body.max_tokens, body.logprobs, "prompt") for ids in prompts]
+    prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in body.prompts()]
+    params = [_sampling_params(body, engine, ids, body.max_tokens, body.logprobs, "prompt") for ids in prompts]
+    # after validation: decoding needs ids inside the vocabulary
+    prefixes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
     request_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
-    choices = _fan_out(state, engine, request_id, prompts, params, arrival, body.n,
-                       prefixes if body.echo else None)
+    choices = _fan_out(state, engine, request_id, prompts, params, arrival, body.n, prefixes)
     streams = await _start(engine, choices, arrival)
     created = int(time.time())
     if body.stream:
@@ -428,5 +411,5 @@ async def tokenize(body: TokenizeRequest, request: Request):
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = server_state(request)
     engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
-    _check_token_ids(engine, body.tokens, "tokens")
+    check_token_ids(body.tokens, engine.vocab_size, "tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

@@ -1,0 +1,66 @@
+"""What the engine needs to know about a model's KV cache, answered by the model (vLLM V1's
+per-layer KV cache specs: `FullAttentionSpec`, `SlidingWindowSpec`, `page_size_bytes`, ...).
+
+The engine sizes, allocates and hands out cache blocks only through a spec, so an attention kind
+with another cache (sink + ring pages, one cache per ensemble member, ...) brings its own spec
+next to its attention layer, and the engine stays as it is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (k_cache, v_cache)
+
+
+class KVCacheSpec(Protocol):
+    """All the engine reads from a spec (PagedKVSpec below says what each answer means)."""
+    block_size: int  # tokens per block: also the prefix cache's unit and the slot mapping's
+
+    @property
+    def bytes_per_block(self) -> int: ...
+    def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]: ...
+    def blocks_for(self, num_tokens: int) -> int: ...
+    def block_table_width(self, max_model_len: int) -> int: ...
+    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class PagedKVSpec:
+    """The dense paged cache: every layer keeps K and V of every token of a sequence, block_size
+    tokens per block; a sequence's block table lists its blocks in token order. Per layer,
+    k_cache and v_cache are [num_blocks, block_size, num_kv_heads, head_dim]."""
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One block of all layers, K and V: what the memory profile divides the free memory by."""
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]:
+        """The cache for num_blocks blocks: one tensor [2, L, num_blocks, block_size, Hkv, D], seen as
+        per-layer (k_cache, v_cache) views."""
+        shape = (2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # zeros, not empty: a kernel that reads a whole block must not meet NaN garbage
+        cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        return [(cache[0, i], cache[1, i]) for i in range(self.num_layers)]
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a sequence holds once num_tokens of its tokens are in the cache."""
+        return -(-num_tokens // self.block_size)
+
+    def block_table_width(self, max_model_len: int) -> int:
+        """Columns of the block-table buffer that CUDA graphs capture: the table of a max_model_len sequence."""
+        return self.blocks_for(max_model_len)
+
+    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int:
+        """Blocks the scheduler reserves when it admits a request whose first step leaves num_tokens
+        tokens in the cache (prefix-cache hits + first chunk) and that may then generate up to
+        max_tokens more. Dense: those num_tokens' blocks only; later tokens take blocks as they
+        come (blocks_for), so max_tokens does not matter here."""
+        return self.blocks_for(num_tokens)
