@@ -29,13 +29,10 @@ import torch
 from common import RESULTS, write_result
 
 from leanserve.data.tokenizer import train_tokenizer
+from leanserve.models.image_model import ImageModel
+from leanserve.models.image_params import ImageParams
 from leanserve.server.image_config import ImageEngineConfig
-from leanserve.server.image_engine import (
-    AsyncImageEngine,
-    BatchStats,
-    ImageParams,
-    StageClock,
-)
+from leanserve.server.image_engine import AsyncImageEngine, BatchStats, StageClock
 
 PROMPT = "a small red circle in the top left on a white background"
 NEGATIVE = "blurry, low quality"
@@ -198,7 +195,7 @@ async def time_concurrent(engine: AsyncImageEngine, k: int, params: ImageParams,
 
 
 async def bench_engine(pipe, name: str, steps: int, guidance: float, size: int, runs: int) -> dict:
-    engine = AsyncImageEngine(ImageEngineConfig(model=name, max_image_batch=max(BATCHES)), pipe=pipe)
+    engine = AsyncImageEngine(ImageEngineConfig(model=name, max_image_batch=max(BATCHES)), model=ImageModel(pipe, name))
     await engine.start()
     try:
         params = ImageParams(width=size, height=size, num_inference_steps=steps, guidance_scale=guidance,

@@ -58,12 +58,10 @@ from common import (
     write_result,
 )
 
+from leanserve.models.image_model import ImageModel
+from leanserve.models.image_params import ImageParams
 from leanserve.server.image_config import ImageEngineConfig
-from leanserve.server.image_engine import (
-    AsyncImageEngine,
-    ImageGenerationError,
-    ImageParams,
-)
+from leanserve.server.image_engine import AsyncImageEngine, ImageGenerationError
 
 SERVE_BATCHES = (1, 4)
 TRAIN_BATCHES = (1, 2, 4, 8, 16)
@@ -84,7 +82,8 @@ def serve_rows(teacher_steps: int) -> list[dict]:
 
 
 async def engine_timings(pipe, rows: list[dict], size: int, runs: dict[str, int]) -> dict:
-    engine = AsyncImageEngine(ImageEngineConfig(model="sdxl-random", max_image_batch=max(SERVE_BATCHES)), pipe=pipe)
+    config = ImageEngineConfig(model="sdxl-random", max_image_batch=max(SERVE_BATCHES))
+    engine = AsyncImageEngine(config, model=ImageModel(pipe, config.model))
     await engine.start()
     out = {}
     try:

@@ -23,8 +23,10 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from leanserve.kernels.ot_argmax import ot_argmax
+from leanserve.models.image_params import ImageParamError, ImageParams
 
 OT_MAP_FILE = "ot_map.safetensors"
+DPM_OT = "dpm-ot"  # the sampler's name in the images API
 ASSIGNMENTS = ("ot", "random", "nearest")
 # samplers that accept a custom timestep grid: name -> (diffusers scheduler class, settings forced on
 # top of the pipeline's scheduler config). DDIM η = 0 is DPM-Solver++ of order 1 (DDIMScheduler
@@ -191,3 +193,28 @@ def dpm_ot_generate(pipe, ot_map: OTMap, prompt: str | list[str] = "", *, num_in
     finally:
         pipe.scheduler = original
     return DPMOTOutput(images=images, target_indices=idx)
+
+
+class OTSampler:
+    """Sampler "dpm-ot" of a served model whose directory carries an OT map (`leanserve train dpm-ot`):
+    the OT jump from x_T to x_t′ (no network call), then `num_inference_steps` = K steps of
+    dpm_ot_generate's default tail (DDPM ancestral, spec dpm_ot §5) from t′ to 0; 1 <= K <= t′. The
+    per-image generators draw x_T, then the step noise, so seeds behave as for the other samplers.
+    NFE = K: the jump is a lookup and costs no network call (with guidance_scale > 1 each step
+    batches the two CFG branches, i.e. 2K UNet rows)."""
+    name = DPM_OT
+
+    def __init__(self, ot_map: OTMap):
+        self.ot_map = ot_map
+
+    def check_inputs(self, p: ImageParams) -> None:
+        t_prime = self.ot_map.t_prime
+        if p.num_inference_steps > t_prime:
+            raise ImageParamError("num_inference_steps", f"{DPM_OT} runs num_inference_steps from its jump "
+                                                         f"target t′ = {t_prime}: at most "
+                                                         f"{t_prime}, got {p.num_inference_steps}")
+
+    def generate(self, pipe, *, height: int, width: int, **kwargs):
+        """One batched call with `pipe`'s own call arguments; the map fixes the size (it was checked
+        against the pipeline's at load), so height and width are not passed on."""
+        return dpm_ot_generate(pipe, self.ot_map, **kwargs).images

@@ -15,7 +15,8 @@ Every pipeline takes the same call (diffusers' convention): `pipe(prompt=[...], 
 output_type="np").images` -> float [N, H, W, 3] in [0, 1].
 
 A DPM-OT directory (`leanserve train dpm-ot`) is its teacher's directory plus an OT map, which
-`load_ot_map` reads and checks against the loaded pipeline.
+`load_ot_map` reads and checks against the loaded pipeline. For serving, models/image_model.py
+wraps a loaded pipeline with what it can serve.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from leanserve.errors import UserError
+from leanserve.models.image_params import SizeLimits
 
 # sampler name -> (diffusers scheduler class, settings forced on top of the pipeline's scheduler config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -137,6 +139,16 @@ def native_size(pipe) -> int:
         return pipe.default_size
     size = pipe.unet.config.sample_size
     return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+
+
+def size_limits(pipe) -> SizeLimits:
+    """The sizes a pipeline serves: latent pipelines multiples of the VAE factor times the UNet's
+    downsampling, pixel-space pipelines their native size only."""
+    size = native_size(pipe)
+    multiple = None
+    if getattr(pipe, "vae", None) is not None:
+        multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    return SizeLimits(size, size, multiple)
 
 
 def set_sampler(pipe, name: str):

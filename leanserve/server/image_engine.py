@@ -1,4 +1,5 @@
-"""The image engine: a diffusers pipeline driven by one worker thread, requests batched per shape.
+"""The image engine: an image model (leanserve.models.image_model: a diffusers pipeline and the
+samplers its directory offers) driven by one worker thread, requests batched per shape.
 
 Every request is split into its n images; the worker takes the oldest waiting image and every
 other waiting image with the same batch key (size, steps, guidance, sampler, negative prompt or
@@ -6,25 +7,12 @@ not) up to `max_image_batch`, and runs them as ONE pipeline call, i.e. one denoi
 of a request has its own CPU generator seeded seed + i, so an image does not depend on what it
 was batched with (nor on the device): the same seed gives the same image alone or batched.
 
-Supported sizes: latent pipelines (SD 1.5, SDXL: a VAE) take any width and height that are
-multiples of the UNet's total downsampling (VAE factor x 2^(UNet levels - 1): 64 for SD 1.5, 32 for
-SDXL), each side within [native / 2, 2 x native] and at most 2 x native^2 pixels; beyond that
-latent-diffusion UNets produce duplicated subjects and memory grows quadratically. Pixel-space
-pipelines (ours, no VAE) only serve the size they were trained at.
-
-Sampler "dpm-ot" (models whose directory carries an OT map, `leanserve train dpm-ot`): the OT jump
-from x_T to x_t′ (no network call), then `num_inference_steps` = K steps of dpm_ot_generate's default tail
-(DDPM ancestral, spec dpm_ot §5) from t′ to 0; 1 <= K <= t′. The per-image generators draw x_T, then
-the step noise, so seeds behave as for the other samplers.
-
-SiD few-step generators (`leanserve distill sid`): `num_inference_steps` is one of 1..K (K, the
-generator's distilled step count, by default), guidance was distilled in (guidance_scale only 0 or
-1, no negative prompt) and the chain admits no sampler: anything else is a 400, never a silent fix.
+What a model can serve (sizes, steps, guidance, samplers) is the model's to check
+(ImageModel.check_inputs, before queueing): anything it cannot serve is a 400, never a silent fix.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
 import threading
@@ -33,31 +21,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from leanserve.errors import UserError
+from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.errors import EngineDeadError, QueueFullError
 from leanserve.server.image_config import ImageEngineConfig
 
+if TYPE_CHECKING:  # the model layer imports diffusers; load it only when an engine is built
+    from leanserve.models.image_model import ImageModel
+
 logger = logging.getLogger(__name__)
-
-MAX_STEPS = 200       # teachers; a SiD generator allows only its distilled 1..K
-MAX_GUIDANCE = 20.0
-DPM_OT = "dpm-ot"
-
-
-@dataclass(slots=True)
-class ImageParams:
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    sampler: str | None = None            # None: the scheduler the model ships
-    negative_prompt: str | None = None
-    seed: int | None = None               # image i uses seed + i; None: a random seed
 
 
 @dataclass(slots=True)
@@ -89,14 +67,6 @@ class ImageEngineStats:
     num_running: int                      # requests with an image started and not all done
     num_waiting: int                      # requests none of whose images has started
     healthy: bool
-
-
-class ImageParamError(ValueError):
-    """A parameter this model cannot serve; the server answers 400 naming `param`."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 class RequestAbortedError(RuntimeError):
@@ -165,44 +135,21 @@ class StageClock:
 class AsyncImageEngine:
     kind = "image"
 
-    def __init__(self, config: ImageEngineConfig, pipe=None):
-        """`pipe`: an already built pipeline on its device (benchmarks); default: load `config.model`."""
-        from leanserve.models.image_pipeline import (
-            SAMPLERS,
-            load_image_pipeline,
-            load_ot_map,
-            native_size,
-        )
-        from leanserve.models.sid_pipeline import SiDPipeline
+    def __init__(self, config: ImageEngineConfig, model: ImageModel | None = None):
+        """`model`: an already built ImageModel on its device (benchmarks); default: load `config.model`."""
+        from leanserve.models.image_model import load_image_model
 
         for name in ("max_image_batch", "max_queued_images"):
             if getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.config = config
         self.model_name = config.served_model_name or Path(config.model).name
-        if pipe is None:
+        if model is None:
             device = resolve_device(config.device)
-            pipe = load_image_pipeline(config.model, device=device, dtype=resolve_dtype(config.dtype, device))
-        self.pipe = pipe
-        self.device: torch.device = pipe.device
-        self.ot_map = load_ot_map(config.model, self.pipe)
-        # a SiD generator's distilled step count K; None for teachers
-        self.sid_steps: int | None = self.pipe.config.num_steps if isinstance(self.pipe, SiDPipeline) else None
-        self.samplers: tuple[str, ...] = tuple(SAMPLERS) if self.sid_steps is None else ()  # SiD: its chain only
-        if self.ot_map is not None:
-            self.samplers += (DPM_OT,)
-        self._schedulers = {None: self.pipe.scheduler}  # sampler name -> scheduler, built on first use
-
-        size = native_size(self.pipe)
-        self.native_size = (size, size)  # (width, height)
-        # latent pipelines: multiples of the VAE factor times the UNet's downsampling; pixel: native only
-        self.size_multiple: int | None = None
-        if getattr(self.pipe, "vae", None) is not None:
-            self.size_multiple = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.down_block_types) - 1)
-        call = inspect.signature(self.pipe.__call__).parameters
-        self.default_steps: int = self.sid_steps or _default(call, "num_inference_steps", 50)
-        self.default_guidance: float = _default(call, "guidance_scale", 7.5)
-        self._has_step_callback = "callback_on_step_end" in call
+            model = load_image_model(config.model, self.model_name, device=device,
+                                     dtype=resolve_dtype(config.dtype, device))
+        self.model = model
+        self.device: torch.device = model.device
         self._clock = StageClock(self.device)
         self._install_stage_hooks()
         self.batch_observer: Callable[[BatchStats], None] | None = None  # called on the event loop
@@ -223,66 +170,6 @@ class AsyncImageEngine:
         self._inflight: set[_Request] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-
-    # ---- limits -----------------------------------------------------------------------------------
-
-    def supported_sizes(self) -> str:
-        w, h = self.native_size
-        if self.size_multiple is None:
-            return f"{w}x{h} only"
-        return (f"width {w // 2}-{2 * w} and height {h // 2}-{2 * h}, multiples of {self.size_multiple}, "
-                f"at most {2 * w * h} pixels")
-
-    def check_params(self, p: ImageParams) -> None:
-        """Raise ImageParamError for what this model cannot serve (route -> 400)."""
-        w, h = self.native_size
-        if self.size_multiple is None:
-            ok = (p.width, p.height) == (w, h)
-        else:
-            m = self.size_multiple
-            ok = (p.width % m == 0 and p.height % m == 0 and w // 2 <= p.width <= 2 * w
-                  and h // 2 <= p.height <= 2 * h and p.width * p.height <= 2 * w * h)
-        if not ok:
-            raise ImageParamError("size", f"size {p.width}x{p.height} is not supported by `{self.model_name}`; "
-                                          f"supported: {self.supported_sizes()}")
-        if self.sid_steps is not None:
-            self._check_sid_params(p)
-            return
-        if not 1 <= p.num_inference_steps <= MAX_STEPS:
-            raise ImageParamError("num_inference_steps", f"num_inference_steps must be in [1, {MAX_STEPS}], "
-                                                         f"got {p.num_inference_steps}")
-        if not 0 <= p.guidance_scale <= MAX_GUIDANCE:
-            raise ImageParamError("guidance_scale", f"guidance_scale must be in [0, {MAX_GUIDANCE:g}], "
-                                                    f"got {p.guidance_scale:g}")
-        if p.sampler == DPM_OT and self.ot_map is None:
-            raise ImageParamError("scheduler", f"sampler {DPM_OT!r} needs an OT map and `{self.model_name}` has none "
-                                               "(make one with `leanserve train dpm-ot`); choose one of "
-                                               f"{', '.join(self.samplers)}")
-        if p.sampler is not None and p.sampler not in self.samplers:
-            raise ImageParamError("scheduler", f"unknown scheduler {p.sampler!r}; choose one of "
-                                               f"{', '.join(self.samplers)}")
-        if p.sampler == DPM_OT and p.num_inference_steps > self.ot_map.t_prime:
-            raise ImageParamError("num_inference_steps", f"{DPM_OT} runs num_inference_steps from its jump "
-                                                         f"target t′ = {self.ot_map.t_prime}: at most "
-                                                         f"{self.ot_map.t_prime}, got {p.num_inference_steps}")
-
-    def _check_sid_params(self, p: ImageParams) -> None:
-        k = self.sid_steps
-        if not 1 <= p.num_inference_steps <= k:
-            allowed = str(k) if k == 1 else f"1..{k}"
-            raise ImageParamError("num_inference_steps", f"`{self.model_name}` is a SiD generator distilled for "
-                                                         f"{allowed} steps: num_inference_steps must be one of "
-                                                         f"{allowed}, got {p.num_inference_steps}")
-        if p.guidance_scale not in (0.0, 1.0):
-            raise ImageParamError("guidance_scale", f"`{self.model_name}` is a SiD generator with the guidance "
-                                                    "distilled in: omit guidance_scale (or give 0 or 1), got "
-                                                    f"{p.guidance_scale:g}")
-        if p.negative_prompt is not None:
-            raise ImageParamError("negative_prompt", f"`{self.model_name}` is a SiD generator with the guidance "
-                                                     "distilled in: it takes no negative_prompt")
-        if p.sampler is not None:
-            raise ImageParamError("scheduler", f"`{self.model_name}` is a SiD generator: its few-step chain is fixed "
-                                               f"by distillation and takes no sampler/scheduler, got {p.sampler!r}")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -339,7 +226,7 @@ class AsyncImageEngine:
             raise RuntimeError("AsyncImageEngine.start() has not been awaited")
         if n < 1:
             raise ImageParamError("n", f"n must be >= 1, got {n}")
-        self.check_params(params)
+        self.model.check_inputs(params)
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         req = _Request(request_id, prompt, n, params, seed, ImageRequestTimes(arrival_time),
                        self._loop.create_future(), images=[None] * n)
@@ -417,25 +304,13 @@ class AsyncImageEngine:
 
     def _run_batch(self, batch: list[tuple[_Request, int]]):
         p = batch[0][0].params
-        kwargs = dict(
-            prompt=[req.prompt for req, _ in batch],
-            negative_prompt=[req.params.negative_prompt for req, _ in batch] if p.negative_prompt is not None else None,
-            num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(req.seed + i) for req, i in batch],
-            height=p.height, width=p.width, output_type="np")
-        if self._has_step_callback:
-            kwargs["callback_on_step_end"] = lambda pipe, step, t, tensors: self._on_step(pipe, batch, tensors)
         self._clock.marks.clear()
         try:
-            if p.sampler == DPM_OT:
-                from leanserve.models.dpm_ot_sampler import dpm_ot_generate
-                # the tail scheduler is built from the shipped one's config; the map fixes the size
-                self._use_sampler(None)
-                del kwargs["height"], kwargs["width"]
-                images = dpm_ot_generate(self.pipe, self.ot_map, **kwargs).images
-            else:
-                self._use_sampler(p.sampler)
-                images = self.pipe(**kwargs).images
+            images = self.model.generate(
+                [req.prompt for req, _ in batch],
+                [req.params.negative_prompt for req, _ in batch] if p.negative_prompt is not None else None,
+                p, [torch.Generator("cpu").manual_seed(req.seed + i) for req, i in batch],
+                on_step=lambda: self._on_step(batch))
         except Exception as e:  # noqa: BLE001 - one bad call (e.g. out of memory) fails its batch only
             logger.exception("pipeline call failed (%d images %dx%d)", len(batch), p.width, p.height)
             if self.device.type == "cuda":
@@ -446,24 +321,15 @@ class AsyncImageEngine:
                            self._clock.span("decode_start", "decode_end"))
         return stats, images, None
 
-    def _on_step(self, pipe, batch, tensors: dict) -> dict:
+    def _on_step(self, batch) -> bool:
+        """After each denoising step; True skips the batch's remaining steps."""
         self._clock.mark("step")
-        # nobody is waiting for this batch any more (or the server is stopping): skip its remaining steps
-        if self._interrupt_all or all(req.cancelled for req, _ in batch):
-            pipe._interrupt = True
-        return tensors
-
-    def _use_sampler(self, name: str | None) -> None:
-        if name not in self._schedulers:
-            from leanserve.models.image_pipeline import set_sampler
-            self.pipe.scheduler = self._schedulers[None]
-            set_sampler(self.pipe, name)
-            self._schedulers[name] = self.pipe.scheduler
-        self.pipe.scheduler = self._schedulers[name]
+        # nobody is waiting for this batch any more (or the server is stopping)
+        return self._interrupt_all or all(req.cancelled for req, _ in batch)
 
     def _install_stage_hooks(self) -> None:
         """Forward hooks stamp text encoding (all text encoders) and VAE decoding."""
-        for name, module in self.pipe.components.items():
+        for name, module in self.model.pipe.components.items():
             if not isinstance(module, torch.nn.Module):
                 continue
             if name.startswith("text_encoder"):
@@ -506,8 +372,3 @@ class AsyncImageEngine:
         for req in list(self._inflight):
             if not req.future.done():
                 req.future.set_exception(EngineDeadError(message))
-
-
-def _default(params, name: str, fallback):
-    default = params[name].default if name in params else inspect.Parameter.empty
-    return fallback if default in (inspect.Parameter.empty, None) else default

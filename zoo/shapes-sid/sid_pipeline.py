@@ -24,6 +24,7 @@ import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
 
 MODULE_NAME = "sid_pipeline"
@@ -86,6 +87,35 @@ class SiDPipeline(PixelDiffusionPipeline):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.register_to_config(t_init=t_init, num_steps=num_steps)
+
+    # ---- serving limits (what leanserve's ImageModel asks a pipeline that sets its own)
+
+    samplers: tuple[str, ...] = ()  # the chain is fixed by distillation
+
+    @property
+    def default_steps(self) -> int:
+        return self.config.num_steps
+
+    def check_params(self, p: ImageParams, model_name: str) -> None:
+        """`num_inference_steps` is one of 1..K (K, the generator's distilled step count, by default),
+        guidance was distilled in (guidance_scale only 0 or 1, no negative prompt) and the chain admits
+        no sampler: anything else is an ImageParamError (a 400), never a silent fix."""
+        k = self.config.num_steps
+        if not 1 <= p.num_inference_steps <= k:
+            allowed = str(k) if k == 1 else f"1..{k}"
+            raise ImageParamError("num_inference_steps", f"`{model_name}` is a SiD generator distilled for "
+                                                         f"{allowed} steps: num_inference_steps must be one of "
+                                                         f"{allowed}, got {p.num_inference_steps}")
+        if p.guidance_scale not in (0.0, 1.0):
+            raise ImageParamError("guidance_scale", f"`{model_name}` is a SiD generator with the guidance "
+                                                    "distilled in: omit guidance_scale (or give 0 or 1), got "
+                                                    f"{p.guidance_scale:g}")
+        if p.negative_prompt is not None:
+            raise ImageParamError("negative_prompt", f"`{model_name}` is a SiD generator with the guidance "
+                                                     "distilled in: it takes no negative_prompt")
+        if p.sampler is not None:
+            raise ImageParamError("scheduler", f"`{model_name}` is a SiD generator: its few-step chain is fixed "
+                                               f"by distillation and takes no sampler/scheduler, got {p.sampler!r}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, dtype: torch.dtype | None = None,

@@ -4,10 +4,8 @@ The engine batches concurrent requests of the same shape into one denoising loop
 validates, waits for the images while watching for the client to disconnect (which drops the
 request's waiting images), and encodes them off the event loop.
 
-`sampler` / `scheduler` "dpm-ot" (models with an OT map, `leanserve train dpm-ot`): the OT jump to
-t′, then `num_inference_steps` = K denoising steps. NFE = K: the jump is a lookup and costs no
-network call (with guidance_scale > 1 each step batches the two CFG branches, i.e. 2K UNet rows).
-Models without a map answer 400 naming the sampler.
+Fields left out take the model's defaults (its native size, steps and guidance, the scheduler it
+ships); what a model cannot serve (leanserve.models.image_model) is a 400 naming the parameter.
 """
 from __future__ import annotations
 
@@ -22,14 +20,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, features
 
+from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.server.cancellation import with_cancellation
 from leanserve.server.errors import APIError
-from leanserve.server.image_engine import (
-    ImageGenerationError,
-    ImageParamError,
-    ImageParams,
-    RequestAbortedError,
-)
+from leanserve.server.image_engine import ImageGenerationError, RequestAbortedError
 from leanserve.server.protocol import (
     ImageGenerationRequest,
     ImageObject,
@@ -68,11 +62,12 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Respon
         raise APIError(400, "output_format 'webp' is not available on this server (Pillow without WebP); "
                             "use png or jpeg", "output_format")
     width, height = body.requested_size()
+    model = engine.model
     params = ImageParams(
-        width=width if width is not None else engine.native_size[0],
-        height=height if height is not None else engine.native_size[1],
-        num_inference_steps=body.num_inference_steps if body.num_inference_steps is not None else engine.default_steps,
-        guidance_scale=body.guidance_scale if body.guidance_scale is not None else engine.default_guidance,
+        width=width if width is not None else model.sizes.width,
+        height=height if height is not None else model.sizes.height,
+        num_inference_steps=body.num_inference_steps if body.num_inference_steps is not None else model.default_steps,
+        guidance_scale=body.guidance_scale if body.guidance_scale is not None else model.default_guidance,
         sampler=body.scheduler or body.sampler, negative_prompt=body.negative_prompt, seed=body.seed)
     return await with_cancellation(request, _generate(state, engine, body, params, arrival))
 

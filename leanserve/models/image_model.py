@@ -1,0 +1,113 @@
+"""ImageModel: what an image engine serves, i.e. a loaded pipeline (models/image_pipeline.py) and
+the samplers its directory offers, behind one interface: its defaults and samplers, a check of a
+request's parameters (ImageParamError naming the parameter) and one batched call.
+
+Every model serves the sizes of its SizeLimits. Beyond that the general limits apply (steps,
+guidance, one of the diffusers samplers of image_pipeline.SAMPLERS or a sampler the directory
+carries, such as DPM-OT's OT map), unless the pipeline sets its own: a pipeline that defines
+`check_params(params, model_name)`, `samplers` and `default_steps` (SiDPipeline) is checked by
+those alone.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from leanserve.models.dpm_ot_sampler import DPM_OT, OTSampler
+from leanserve.models.image_params import ImageParamError, ImageParams, check_steps_and_guidance
+from leanserve.models.image_pipeline import (
+    SAMPLERS,
+    load_image_pipeline,
+    load_ot_map,
+    set_sampler,
+    size_limits,
+)
+
+
+class ImageModel:
+    def __init__(self, pipe, name: str, ot_sampler: OTSampler | None = None):
+        """`pipe`: a pipeline on its device; `name`: the model's served name, for error messages."""
+        self.pipe = pipe
+        self.name = name
+        self.ot_sampler = ot_sampler
+        self.sizes = size_limits(pipe)
+        self._own_limits = hasattr(pipe, "check_params")
+        self.samplers: tuple[str, ...] = pipe.samplers if self._own_limits else tuple(SAMPLERS)
+        if ot_sampler is not None:
+            self.samplers += (ot_sampler.name,)
+        call = inspect.signature(pipe.__call__).parameters
+        self.default_steps: int = pipe.default_steps if self._own_limits \
+            else _default(call, "num_inference_steps", 50)
+        self.default_guidance: float = _default(call, "guidance_scale", 7.5)
+        self._has_step_callback = "callback_on_step_end" in call
+        self._schedulers = {None: pipe.scheduler}  # sampler name -> scheduler, built on first use
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    def check_inputs(self, p: ImageParams) -> None:
+        """Raise ImageParamError for what this model cannot serve."""
+        self.sizes.check(p, self.name)
+        if self._own_limits:
+            self.pipe.check_params(p, self.name)
+            return
+        check_steps_and_guidance(p)
+        if p.sampler == DPM_OT and self.ot_sampler is None:
+            raise ImageParamError("scheduler", f"sampler {DPM_OT!r} needs an OT map and `{self.name}` has none "
+                                               "(make one with `leanserve train dpm-ot`); choose one of "
+                                               f"{', '.join(self.samplers)}")
+        if p.sampler is not None and p.sampler not in self.samplers:
+            raise ImageParamError("scheduler", f"unknown scheduler {p.sampler!r}; choose one of "
+                                               f"{', '.join(self.samplers)}")
+        if p.sampler == DPM_OT:
+            self.ot_sampler.check_inputs(p)
+
+    def generate(self, prompts: list[str], negative_prompts: list[str] | None, p: ImageParams,
+                 generators: list[torch.Generator], on_step: Callable[[], bool]):
+        """One pipeline call for images that share `p` but their prompts and seeds: float [N, H, W, 3]
+        in [0, 1]. `on_step()` runs after each denoising step (pipelines with a step callback) and
+        returns True to skip the remaining steps."""
+        kwargs = dict(prompt=prompts, negative_prompt=negative_prompts, num_inference_steps=p.num_inference_steps,
+                      guidance_scale=p.guidance_scale, generator=generators, height=p.height, width=p.width,
+                      output_type="np")
+        if self._has_step_callback:
+            kwargs["callback_on_step_end"] = _step_end(on_step)
+        if p.sampler == DPM_OT:
+            # the tail scheduler is built from the shipped one's config
+            self._use_sampler(None)
+            return self.ot_sampler.generate(self.pipe, **kwargs)
+        self._use_sampler(p.sampler)
+        return self.pipe(**kwargs).images
+
+    def _use_sampler(self, name: str | None) -> None:
+        if name not in self._schedulers:
+            self.pipe.scheduler = self._schedulers[None]
+            set_sampler(self.pipe, name)
+            self._schedulers[name] = self.pipe.scheduler
+        self.pipe.scheduler = self._schedulers[name]
+
+
+def load_image_model(model_dir: str | Path, name: str, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> ImageModel:
+    """The directory's pipeline (load_image_pipeline) with the OT map it carries, if any."""
+    pipe = load_image_pipeline(model_dir, device=device, dtype=dtype)
+    ot_map = load_ot_map(model_dir, pipe)
+    return ImageModel(pipe, name, OTSampler(ot_map) if ot_map is not None else None)
+
+
+def _step_end(on_step: Callable[[], bool]):
+    """diffusers' callback_on_step_end around `on_step`."""
+    def callback(pipe, step, t, tensors: dict) -> dict:
+        if on_step():
+            pipe._interrupt = True
+        return tensors
+    return callback
+
+
+def _default(params, name: str, fallback):
+    default = params[name].default if name in params else inspect.Parameter.empty
+    return fallback if default in (inspect.Parameter.empty, None) else default
