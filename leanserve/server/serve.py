@@ -21,7 +21,7 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.settings import ServerSettings
 
-# the first image model is the images API default: the 4-step SiD generator; its teacher stays servable
+# the first image model is the images API default (the fast few-step generator); its teacher stays servable by name
 DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-sid", "zoo/shapes-teacher"]
 _IMAGE_DEFAULTS = ImageEngineConfig(model="")
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
