@@ -1,4 +1,4 @@
-"""GPU: the cost of DPM-OT's semi-discrete OT (specs/dpm_ot.md §8), solve and lookup, in one run.
+"""GPU: the cost of DPM-OT's semi-discrete OT, solve and lookup, in one run.
 
 Targets are built like real ones, y = a·x0 + s·ε (leanserve.trainers.dpm_ot.noised_targets, fixed ε,
 a and s at --t-prime of SD's scaled_linear schedule), with x0 random images in [-1, 1]: uniform noise at

@@ -2,7 +2,7 @@
 i*(x) = argmax_j (<x, y_j> + h_j), as a fused Triton GEMM + running argmax with its PyTorch
 reference beside it.
 
-This is the score of specs/dpm_ot.md (cost -<x, y>); the squared-distance form
+This is DPM-OT's semi-discrete OT score (cost -<x, y>); the squared-distance form
 argmax_j (<x, y_j> - ||y_j||^2 / 2 + h_j) is the same call with h - ||y||^2 / 2 folded into h.
 Neither implementation materialises the [N, M] score matrix: both stream over target tiles and
 keep a running (max, argmax) per query, so memory stays O((N + M) * D).

@@ -1,4 +1,5 @@
-"""DPM-OT sampling (specs/dpm_ot.md §5): one semi-discrete OT jump from x_T ~ N(0, I) to x_t′
+"""DPM-OT sampling (Li et al., "DPM-OT: a new diffusion probabilistic model based on optimal
+transport", ICCV 2023): one semi-discrete OT jump from x_T ~ N(0, I) to x_t′
 (0 network evaluations), then K steps of a diffusers scheduler on a custom grid from t′ to 0.
 
 The map is `ot_map.safetensors` in a model directory (written by `leanserve train dpm-ot`):

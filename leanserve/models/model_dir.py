@@ -1,7 +1,7 @@
 """`leanserve.json`: what a model directory is, how it was made, and how well it does.
 
 Every artifact leanserve writes is a plain transformers/diffusers directory plus this file
-(DESIGN.md "Model directories"). Readers must accept directories without it (dense, as-is).
+(docs/architecture.md, "Model directories"). Readers must accept directories without it (dense, as-is).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """SiDPipeline: a few-step text-to-image generator distilled with SiD (leanserve distill sid).
 
 Same components and directory layout as PixelDiffusionPipeline (unet, text_encoder, tokenizer,
-scheduler), but the UNet is a generator, not a denoiser, and sampling is the SiD chain (spec
-shared/specs/sid.md §2) rather than a scheduler loop: start from pure scaled noise at t_init,
+scheduler), but the UNet is a generator, not a denoiser, and sampling is the SiD chain (the
+few-step SiD paper's multistep generation) rather than a scheduler loop: start from pure scaled noise at t_init,
 predict x0 in one UNet call, re-noise it with fresh noise to the next of the K timesteps
 t_k = floor(t_init·(1 − (k−1)/K)), predict again. No classifier-free guidance (the guidance was
 distilled in), one UNet call per step. The generator was trained on a uniform mixture of 1..K
