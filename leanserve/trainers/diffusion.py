@@ -51,7 +51,7 @@ import torch
 from leanserve.errors import UserError
 from leanserve.trainers.checkpoint import check_out_dir
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
-from leanserve.trainers.lm import make_optimizer, warmup_cosine
+from leanserve.trainers.optim import make_optimizer, warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
 TOKENIZER_DIR = "tokenizer"

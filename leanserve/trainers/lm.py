@@ -9,25 +9,36 @@ linear warm-up then cosine decay, restarted at the phase boundary.
 Resumable exactly (see trainers/checkpoint.py): all randomness of the data order is one
 torch.Generator per rank whose state is checkpointed. `torchrun` DDP: each rank reads its
 own shard of the documents/conversations; `--batch-size` is the global batch; rank 0 writes.
+The data is read as leanserve/data/lm_data.py reads it for `eval lm` too, and validation losses
+are eval/token_loss.py's.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from leanserve.data.build import load_manifest, read_jsonl
-from leanserve.data.tokenizer import EOS, stop_token_ids
+from leanserve.data.build import load_manifest
+from leanserve.data.lm_data import (
+    IGNORE,
+    ChatExamples,
+    PackedMixture,
+    batched,
+    chat_examples,
+    encode_documents,
+    load_tokenizer,
+    read_split,
+    stream_windows,
+)
+from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
+from leanserve.eval.token_loss import mean_losses
 from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
 from leanserve.trainers.checkpoint import (
@@ -37,146 +48,17 @@ from leanserve.trainers.checkpoint import (
     save_checkpoint,
     unwrap,
 )
+from leanserve.trainers.optim import make_optimizer, warmup_cosine
 from leanserve.trainers.presets import PRESETS
 
 PRETRAIN_DOMAINS = ("code", "docs", "tasks")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
 CHECKPOINT = "checkpoint.pt"
-IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
 
 
-# --------------------------------------------------------------------------- data
-
-def read_split(data: Path, manifest: dict, domain: str, split: str) -> list[dict]:
-    """Rows of one split of a built data directory ([] if the build has no such split)."""
-    entry = manifest["splits"].get(domain, {}).get(split)
-    if entry is None:
-        return []
-    path = data / entry["path"]
-    if not path.is_file():
-        raise UserError(f"{path} is missing; rebuild {data} with `leanserve data build`")
-    return list(read_jsonl(path))
-
-
-def load_tokenizer(path: str | Path):
-    """The chat tokenizer (leanserve/data/tokenizer.py conventions), checked for what training needs."""
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise UserError(f"{path} is not a tokenizer directory (no tokenizer.json); "
-                        "run `leanserve data tokenizer` first")
-    tok = AutoTokenizer.from_pretrained(path)
-    if not tok.chat_template:
-        raise UserError(f"tokenizer {path} has no chat_template")
-    special = [tok.bos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(EOS), *stop_token_ids(tok)]
-    if any(t is None or t == tok.unk_token_id for t in special):
-        raise UserError(f"tokenizer {path} lacks leanserve's special tokens (bos, pad, {EOS}, end of turn)")
-    return tok
-
-
-def encode_documents(tokenizer, texts: list[str]):
-    """One packed stream `<bos> doc <end_of_text> <bos> doc ...`: what pretraining and perplexity read."""
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    # documents may be longer than the context (they are packed and windowed): no length warning
-    ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
-    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation; only assistant replies and their end-of-turn carry loss.
-
-    Each prompt (the conversation so far plus the assistant header) is tokenized in one piece,
-    exactly as the server tokenizes a chat prompt, and each reply on its own: training then sees
-    the token boundary the model meets when it generates.
-    """
-    def render(msgs, add_generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt, full = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise UserError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                            "continuation; assistant tokens cannot be labelled")
-        prompt_ids, reply_ids = encode(prompt[len(done):]), encode(full[len(prompt):])
-        ids += prompt_ids + reply_ids
-        labels += [IGNORE] * len(prompt_ids) + reply_ids
-        done = full
-    return ids, labels
-
-
-def chat_examples(tokenizer, rows: list[dict], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, labels) of chat rows cut to seq_len, dropping any left without a labelled token;
-    and how many were cut."""
-    examples, truncated = [], 0
-    for row in rows:
-        ids, labels = encode_chat(tokenizer, row["messages"])
-        if len(ids) > seq_len:
-            ids, labels, truncated = ids[:seq_len], labels[:seq_len], truncated + 1
-        if any(t != IGNORE for t in labels[1:]):
-            examples.append((ids, labels))
-    return examples, truncated
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> dict:
-    """Right-padded batch, to `length` or the longest example. No attention mask: under causal
-    attention no real token can see the padding after it, and without a mask SDPA keeps its
-    fused (flash) kernels; the padding's own outputs carry no labels."""
-    length = length or max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids)
-        labels[row, : len(lab)] = torch.as_tensor(lab)
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def stream_windows(stream, seq_len: int, max_windows: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """Consecutive non-overlapping windows of a packed stream, as (ids, labels) examples."""
-    chunks = stream.split(seq_len)[:max_windows]
-    return [(c.tolist(), c.tolist()) for c in chunks if len(c) > 1]
-
-
-@dataclass
-class PackedMixture:
-    """Random windows of per-domain token streams, each row's domain drawn from `weights`.
-
-    Offsets wrap around the stream, so a small domain is simply repeated (more epochs).
-    """
-    streams: list  # 1-D LongTensor per domain
-    weights: list[float]
-
-    def sample(self, batch_size: int, seq_len: int, generator) -> dict:
-        domains = torch.multinomial(torch.tensor(self.weights), batch_size, replacement=True, generator=generator)
-        rows = []
-        for d in domains.tolist():
-            stream = self.streams[d]
-            start = torch.randint(len(stream), (1,), generator=generator).item()
-            rows.append(stream[(start + torch.arange(seq_len)) % len(stream)])
-        input_ids = torch.stack(rows)
-        return {"input_ids": input_ids, "labels": input_ids}
-
-
-@dataclass
-class ChatExamples:
-    examples: list[tuple[list[int], list[int]]]
-    pad_id: int
-    seq_len: int
-
-    def sample(self, batch_size: int, generator) -> dict:
-        idx = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
-        # one fixed shape: on an H200, batches padded to their own (varying) length ran 4x
-        # slower per step than batches padded to 1024 (CUDA allocator churn), despite 5x fewer tokens
-        return collate([self.examples[i] for i in idx], self.pad_id, self.seq_len)
-
+# --------------------------------------------------------------------------- data mixture
 
 def parse_mix(text: str) -> dict[str, float] | None:
     """`DOMAIN=WEIGHT,...` normalised to sum 1 (zero weights dropped); None for "natural"."""
@@ -224,59 +106,10 @@ def model_config(args, tokenizer):
         pad_token_id=tokenizer.pad_token_id)
 
 
-def warmup_cosine(step: int, steps: int, warmup: float, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warm-up over `warmup` of the steps, then cosine down to `min_ratio`."""
-    warm = int(warmup * steps)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def lr_multiplier(step: int, *, pretrain_steps: int, chat_steps: int, warmup: float, chat_scale: float) -> float:
     if step < pretrain_steps:
         return warmup_cosine(step, pretrain_steps, warmup)
     return chat_scale * warmup_cosine(step - pretrain_steps, chat_steps, warmup)
-
-
-def make_optimizer(model, lr: float, weight_decay: float):
-    # no decay on norms (1-D); the tied embedding matrix is decayed like any weight matrix
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def token_loss_sum(model, batch: dict, device, autocast) -> tuple[float, int]:
-    """Summed next-token cross-entropy over the labelled tokens of a batch, and their count."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad(), autocast():
-        logits = model(input_ids=batch["input_ids"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss.item(), int((labels != IGNORE).sum())
-
-
-def mean_losses(model, batches: dict[str, list[dict]], device, autocast, dist_info: DistInfo) -> dict[str, float]:
-    """Mean token loss per domain; under DDP every rank scores its own share of the batches."""
-    was_training = model.training
-    model.eval()
-    sums = []
-    for domain_batches in batches.values():
-        total, count = 0.0, 0
-        for batch in domain_batches:
-            loss, n = token_loss_sum(model, batch, device, autocast)
-            total, count = total + loss, count + n
-        sums += [total, count]
-    sums = all_reduce_sum(sums, dist_info, device)
-    model.train(was_training)
-    return {d: sums[2 * i] / sums[2 * i + 1] for i, d in enumerate(batches) if sums[2 * i + 1] > 0}
-
-
-def batched(examples: list, batch_size: int, pad_id: int) -> list[dict]:
-    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 # --------------------------------------------------------------------------- the command
