@@ -10,7 +10,7 @@ Resumable exactly (see trainers/checkpoint.py): all randomness of the data order
 torch.Generator per rank whose state is checkpointed. `torchrun` DDP: each rank reads its
 own shard of the documents/conversations; `--batch-size` is the global batch; rank 0 writes.
 The data is read as leanserve/data/lm_data.py reads it for `eval lm` too, and validation losses
-are eval/token_loss.py's.
+are eval/token_loss.py's; the loop (resume, checkpoints, progress) is trainers/loop.py's.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from leanserve.data.build import load_manifest
@@ -39,21 +38,15 @@ from leanserve.data.lm_data import (
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.token_loss import mean_losses
-from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
+from leanserve.models.model_dir import ModelInfo, save_model_info
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
-from leanserve.trainers.checkpoint import (
-    check_out_dir,
-    check_resume_args,
-    load_checkpoint,
-    save_checkpoint,
-    unwrap,
-)
+from leanserve.trainers.checkpoint import check_out_dir, unwrap
+from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast, local_batch_size
 from leanserve.trainers.optim import make_optimizer, warmup_cosine
 from leanserve.trainers.presets import PRESETS
 
 PRETRAIN_DOMAINS = ("code", "docs", "tasks")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
-CHECKPOINT = "checkpoint.pt"
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
 
@@ -192,20 +185,18 @@ def run(args):
         return Trainer(args, manifest, mix, tokenizer, config, dist_info, device).train()
 
 
-class Trainer:
+class Trainer(TrainingLoop):
+    command = "train lm"
+    resume_free = RESUME_FREE
+
     def __init__(self, args, manifest: dict, mix: dict[str, float] | None, tokenizer, config,
                  dist_info: DistInfo, device):
-        self.args, self.tokenizer, self.config, self.dist, self.device = args, tokenizer, config, dist_info, device
+        super().__init__(args, dist_info, device, total_steps=args.pretrain_steps + args.chat_steps)
+        self.tokenizer, self.config = tokenizer, config
         self.data = Path(args.data)
-        self.out = Path(args.out)
         self.manifest = manifest
-        if args.batch_size % dist_info.world_size:
-            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {dist_info.world_size} ranks")
-        self.local_batch = args.batch_size // dist_info.world_size
-        if args.bf16 == "on" and device.type != "cuda":
-            raise UserError("--bf16 on needs CUDA (bf16 autocast is for GPU training)")
-        bf16 = device.type == "cuda" and args.bf16 != "off"
-        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.local_batch = local_batch_size(args.batch_size, dist_info)
+        self.autocast = bf16_autocast(args.bf16, device)
         self.mix = mix  # resolved by _train_data when "natural"
         self.pretrain, self.chat = self._train_data(mix)
         self.val = self._val_data()
@@ -221,10 +212,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # all data-order randomness: one generator per rank, checkpointed
         self.generator = torch.Generator().manual_seed(args.seed * 1_000_003 + dist_info.rank)
-        self.step = 0
         self.tokens = 0
         self.loss_ema: dict[str, float] = {}
-        self.history: list[dict] = []
 
     # ---- data
 
@@ -281,10 +270,6 @@ class Trainer:
 
     # ---- loop
 
-    def _log(self, message: str):
-        if self.dist.is_main:
-            tqdm.write(message)
-
     def _phase(self, step: int) -> str:
         return "pretrain" if step < self.args.pretrain_steps else "chat"
 
@@ -299,69 +284,45 @@ class Trainer:
         self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
         return losses
 
-    def _save(self):
-        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler,
-                        rank_state={"generator": self.generator.get_state()},
-                        step=self.step, tokens=self.tokens, loss_ema=self.loss_ema, history=self.history,
-                        args=vars(self.args))
+    def _start(self):
+        self.model.train()
 
-    def _resume(self):
-        try:
-            state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        check_resume_args(state["args"], self.args, RESUME_FREE)
-        self.generator.set_state(mine["generator"])
+    def _advance(self) -> dict:
+        phase = self._phase(self.step)
+        batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
+        with self.autocast():
+            loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens, loss_value = all_reduce_sum(
+            [float((batch["labels"][:, 1:] != IGNORE).sum()), loss.item() / self.dist.world_size],
+            self.dist, self.device)
+        self.tokens += int(tokens)
+        prev = self.loss_ema.get(phase)
+        self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
+        return {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+
+    # ---- checkpoints
+
+    def _checkpointed(self):
+        return self.model, self.optimizer, self.scheduler
+
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        return ({"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema, "history": self.history},
+                {"generator": self.generator.get_state()})
+
+    def _restore(self, state: dict, rank_state: dict):
+        self.generator.set_state(rank_state["generator"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_ema, self.history = state["loss_ema"], state["history"]
-        self._log(f"resumed from {self.out / CHECKPOINT} at step {self.step}")
-
-    def train(self) -> int:
-        args = self.args
-        if args.resume:
-            self._resume()
-        total = args.pretrain_steps + args.chat_steps
-        end = args.stop_at if args.stop_at is not None else total
-        self.model.train()
-        bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True, desc="train lm")
-        while self.step < end:
-            phase = self._phase(self.step)
-            batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
-            with self.autocast():
-                loss = self.model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            tokens, loss_value = all_reduce_sum(
-                [float((batch["labels"][:, 1:] != IGNORE).sum()), loss.item() / self.dist.world_size],
-                self.dist, self.device)
-            self.tokens += int(tokens)
-            prev = self.loss_ema.get(phase)
-            self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
-            bar.update(1)
-            bar.set_postfix(phase=phase, loss=f"{self.loss_ema[phase]:.3f}",
-                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self.step % args.eval_every == 0 and self.step < total:
-                self._evaluate()
-            if self.step % args.save_every == 0 or self.step == args.stop_at:
-                self._save()
-        bar.close()
-        if self.step < total:
-            self._log(f"stopped at step {self.step}/{total}; continue with --resume")
-            return 0
-        val_loss = self._evaluate()
-        if self.dist.is_main:
-            self._write_model(val_loss)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
-        return 0
 
     # ---- output
 
-    def _write_model(self, val_loss: dict[str, float]):
+    def _write_output(self, val_loss: dict[str, float]):
         args = self.args
         model = unwrap(self.model)
         save_dtype = args.save_dtype or PRESETS[args.preset].save_dtype
@@ -377,12 +338,11 @@ class Trainer:
             kind="llm", method="dense",
             settings={"architecture": "LlamaForCausalLM", "preset": args.preset, "num_params": num_params,
                       "save_dtype": save_dtype, "mix": self.mix, "world_size": self.dist.world_size},
-            recipe=make_recipe("leanserve train lm", args, args.seed, skip=("resume", "stop_at")),
+            recipe=self._recipe(),
             data={"description": f"leanserve data build (seed {self.manifest.get('seed')}); train rows: {train_rows}",
                   "sha256": self.manifest["sha256"]},
             metrics={"val_loss": val_loss, "val_ppl": {d: math.exp(v) for d, v in val_loss.items()},
                      "train_loss": self.loss_ema, "train_tokens": self.tokens,
                      "steps": {"pretrain": args.pretrain_steps, "chat": args.chat_steps},
                      "val_history": self.history}))
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the model directory is the artifact now
         self._log(f"wrote {self.out} ({num_params / 1e6:.2f}M params, {save_dtype})")
