@@ -3,7 +3,8 @@ bar, periodic evaluation and checkpoints, --stop-at and --time-limit, and the en
 evaluation, the model directory written by rank 0, the checkpoint removed).
 
 A trainer subclasses TrainingLoop and keeps its own data, models, step and output; checkpoints are
-trainers/checkpoint.py's (every rank's RNG states, same world size to resume).
+trainers/checkpoint.py's (every rank's RNG states, same world size to resume). Also here: the two
+option helpers the data-parallel trainers share (--batch-size over ranks, --bf16 autocast).
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ class TrainingLoop:
       _checkpoint_state()             (its own state, this rank's state) beyond them, plain data and tensors
       _restore(state, rank_state)     puts them back on --resume
       _write_output(metrics)          the model directory (rank 0; metrics: the last _evaluate())
-    and may override _start() (before the first step) and _evaluate() (on every rank: it is collective).
+    and may override _start() (after any resume, before the first step) and _evaluate() (validation
+    metrics every --eval-every steps and at the end, recorded in self.history; called on every rank,
+    as it is collective).
     """
     command: str  # e.g. "train lm": the progress bar's label, and the recipe's command
     unit = "step"  # what one _advance() is called in messages
