@@ -109,12 +109,8 @@ def test_model_dir_loads_and_records_provenance(corpus, trained):
 
     from leanserve.data.tokenizer import stop_token_ids
     from leanserve.runtime import DistInfo
-    from leanserve.trainers.lm import (
-        batched,
-        encode_documents,
-        mean_losses,
-        stream_windows,
-    )
+    from leanserve.data.lm_data import batched, encode_documents, stream_windows
+    from leanserve.eval.token_loss import mean_losses
 
     model = AutoModelForCausalLM.from_pretrained(trained)
     tok = AutoTokenizer.from_pretrained(trained)
@@ -175,7 +171,7 @@ def test_resume_rejects_changed_options(corpus, tmp_path, capsys):
 
 
 def test_encode_chat_labels_only_the_reply(corpus):
-    from leanserve.trainers.lm import IGNORE, encode_chat, load_tokenizer
+    from leanserve.data.lm_data import IGNORE, encode_chat, load_tokenizer
 
     tok = load_tokenizer(corpus / "tok")
     conv = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"},

@@ -18,21 +18,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from leanserve.data.build import load_manifest
-from leanserve.data.tasks import Task, check
-from leanserve.data.tokenizer import stop_token_ids
-from leanserve.errors import UserError
-from leanserve.eval.report import emit_json
-from leanserve.models.model_dir import merge_metrics
-from leanserve.runtime import DistInfo, resolve_device
-from leanserve.trainers.lm import (
+from leanserve.data.lm_data import (
     batched,
     chat_examples,
     encode_documents,
     load_tokenizer,
-    mean_losses,
     read_split,
     stream_windows,
 )
+from leanserve.data.tasks import Task, check
+from leanserve.data.tokenizer import stop_token_ids
+from leanserve.errors import UserError
+from leanserve.eval.report import emit_json
+from leanserve.eval.token_loss import mean_losses
+from leanserve.models.model_dir import merge_metrics
+from leanserve.runtime import DistInfo, resolve_device
 
 DOC_DOMAINS = ("code", "docs", "tasks")
 

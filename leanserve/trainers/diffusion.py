@@ -49,11 +49,11 @@ from pathlib import Path
 import torch
 
 from leanserve.errors import UserError
-from leanserve.trainers.checkpoint import check_out_dir
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
-from leanserve.trainers.lm import make_optimizer, warmup_cosine
+from leanserve.trainers.checkpoint import check_out_dir
+from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast, local_batch_size
+from leanserve.trainers.optim import make_optimizer, warmup_cosine
 
-CHECKPOINT = "checkpoint.pt"
 TOKENIZER_DIR = "tokenizer"
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out", "workers", "compile")
@@ -273,21 +273,18 @@ def run(args):
         return Trainer(args, dist_info, device).train()
 
 
-class Trainer:
+class Trainer(TrainingLoop):
+    command = "train diffusion"
+    resume_free = RESUME_FREE
+
     def __init__(self, args, dist_info: DistInfo, device: torch.device):
         from leanserve.data.shapes import ShapesDataset
         from leanserve.models.pixel_pipeline import teacher_scheduler
 
-        self.args, self.dist, self.device = args, dist_info, device
-        self.out = Path(args.out)
+        super().__init__(args, dist_info, device, total_steps=args.steps)
         self.preset = PRESETS[args.preset]
-        if args.batch_size % dist_info.world_size:
-            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {dist_info.world_size} ranks")
-        self.local_batch = args.batch_size // dist_info.world_size
-        if args.bf16 == "on" and device.type != "cuda":
-            raise UserError("--bf16 on needs CUDA (bf16 autocast is for GPU training)")
-        bf16 = device.type == "cuda" and args.bf16 != "off"
-        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.local_batch = local_batch_size(args.batch_size, dist_info)
+        self.autocast = bf16_autocast(args.bf16, device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -329,11 +326,9 @@ class Trainer:
             self.optimizer, partial(warmup_cosine, steps=args.steps, warmup=args.warmup))
         # all training randomness but the data: one generator per rank, checkpointed
         self.generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + dist_info.rank)
-        self.step = 0
         self.window_loss = torch.zeros((), device=device)  # summed on the device: no GPU sync per step
         self.window_steps = 0
         self.train_loss: float | None = None
-        self.history: list[dict] = []
 
     # ---- setup
 
@@ -442,79 +437,45 @@ class Trainer:
                   f"{losses['val_loss_uncond']:.4f} (EMA, empty prompts)")
         return losses
 
-    def _log(self, message: str):
-        if self.dist.is_main:
-            from tqdm import tqdm
-            tqdm.write(message)
-
     # ---- checkpoints
 
-    def _save(self):
-        from leanserve.trainers.checkpoint import save_checkpoint
+    def _checkpointed(self):
+        return self.model, self.optimizer, self.scheduler
 
-        rank_state = {"generator": self.generator.get_state(), "window_loss": self.window_loss.item()}
-        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler, rank_state=rank_state,
-                        step=self.step, window_steps=self.window_steps, train_loss=self.train_loss,
-                        history=self.history, ema=self.ema.state_dict(), args=vars(self.args))
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        return ({"step": self.step, "window_steps": self.window_steps, "train_loss": self.train_loss,
+                 "history": self.history, "ema": self.ema.state_dict()},
+                {"generator": self.generator.get_state(), "window_loss": self.window_loss.item()})
 
-    def _resume(self):
-        from leanserve.trainers.checkpoint import check_resume_args, load_checkpoint
-
-        try:
-            state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        check_resume_args(state["args"], self.args, RESUME_FREE)
+    def _restore(self, state: dict, rank_state: dict):
         self.ema.load_state_dict(state["ema"])
-        self.generator.set_state(mine["generator"])
+        self.generator.set_state(rank_state["generator"])
         self.step, self.window_steps = state["step"], state["window_steps"]
-        self.window_loss.fill_(mine["window_loss"])
+        self.window_loss.fill_(rank_state["window_loss"])
         self.train_loss, self.history = state["train_loss"], state["history"]
-        self._log(f"resumed from {self.out / CHECKPOINT} at step {self.step}")
 
     # ---- loop
 
-    def train(self) -> int:
-        from tqdm import tqdm
-
-        args = self.args
-        if args.resume:
-            self._resume()
-        else:
+    def _start(self):
+        if not self.args.resume:
             self._evaluate()  # the baseline every later loss is read against
-        end = args.stop_at if args.stop_at is not None else args.steps
         self.model.train()
-        bar = tqdm(total=args.steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
-                   desc="train diffusion")
-        batches = iter(self._loader())
-        waited = elapsed = 0.0
-        while self.step < end:
-            start = time.perf_counter()
-            images, ids = next(batches)
-            waited += time.perf_counter() - start
-            self.window_loss += self._train_step(images, ids)
-            self.window_steps += 1
-            self.step += 1
-            elapsed += time.perf_counter() - start
-            bar.update(1)
-            if self.step % LOG_EVERY == 0 or self.step == args.steps:
-                self._flush_loss()
-                bar.set_postfix(loss=f"{self.train_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                data=f"{waited / elapsed:.0%}")
-            if self.step % args.eval_every == 0 and self.step < args.steps:
-                self._evaluate()
-            if self.step % args.save_every == 0 or self.step == args.stop_at:
-                self._save()
-        bar.close()
-        if self.step < args.steps:
-            self._log(f"stopped at step {self.step}/{args.steps}; continue with --resume")
-            return 0
-        losses = self._evaluate()
-        if self.dist.is_main:
-            self._write_pipeline(losses)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
-        return 0
+        self.batches = iter(self._loader())
+        self.waited = self.elapsed = 0.0  # seconds spent waiting for batches, and in all, this session
+
+    def _advance(self) -> dict | None:
+        start = time.perf_counter()
+        images, ids = next(self.batches)
+        self.waited += time.perf_counter() - start
+        self.window_loss += self._train_step(images, ids)
+        self.window_steps += 1
+        self.step += 1
+        self.elapsed += time.perf_counter() - start
+        if self.step % LOG_EVERY == 0 or self.step == self.args.steps:
+            self._flush_loss()
+            return {"loss": f"{self.train_loss:.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    "data": f"{self.waited / self.elapsed:.0%}"}
+        return None
 
     def _flush_loss(self):
         """train_loss = mean loss over ranks and the steps since the last flush (every LOG_EVERY steps)."""
@@ -525,12 +486,11 @@ class Trainer:
 
     # ---- output
 
-    def _write_pipeline(self, losses: dict[str, float]):
+    def _write_output(self, losses: dict[str, float]):
         from diffusers import StableDiffusionPipeline
 
         from leanserve.models.model_dir import (
             ModelInfo,
-            make_recipe,
             save_model_info,
             weights_sha256,
         )
@@ -571,12 +531,11 @@ class Trainer:
                       "cond_dropout": args.cond_dropout, "ema_decay": args.ema_decay,
                       "world_size": self.dist.world_size},
             base=base,
-            recipe=make_recipe("leanserve train diffusion", args, args.seed, skip=("resume", "stop_at")),
+            recipe=self._recipe(),
             data={"description": f"leanserve.data.shapes train split, seed {args.data_seed}, "
                                  f"{args.resolution}x{args.resolution}, examples 0..{args.steps * args.batch_size - 1}",
                   "sha256": data_fingerprint(args.data_seed, args.resolution)},
             metrics={**losses, "train_loss": self.train_loss, "steps": args.steps,
                      "images_seen": args.steps * args.batch_size, "val_history": self.history}))
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the pipeline directory is the artifact now
         total = sum(num_params.values())
         self._log(f"wrote {self.out} ({total / 1e6:.2f}M params, {save_dtype})")

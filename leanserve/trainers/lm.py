@@ -9,174 +9,49 @@ linear warm-up then cosine decay, restarted at the phase boundary.
 Resumable exactly (see trainers/checkpoint.py): all randomness of the data order is one
 torch.Generator per rank whose state is checkpointed. `torchrun` DDP: each rank reads its
 own shard of the documents/conversations; `--batch-size` is the global batch; rank 0 writes.
+The data is read as leanserve/data/lm_data.py reads it for `eval lm` too, and validation losses
+are eval/token_loss.py's; the loop (resume, checkpoints, progress) is trainers/loop.py's.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from leanserve.data.build import load_manifest, read_jsonl
-from leanserve.data.tokenizer import EOS, stop_token_ids
-from leanserve.errors import UserError
-from leanserve.models.model_dir import ModelInfo, make_recipe, save_model_info
-from leanserve.runtime import DistInfo, all_reduce_sum, distributed
-from leanserve.trainers.checkpoint import (
-    check_out_dir,
-    check_resume_args,
-    load_checkpoint,
-    save_checkpoint,
-    unwrap,
+from leanserve.data.build import load_manifest
+from leanserve.data.lm_data import (
+    IGNORE,
+    ChatExamples,
+    PackedMixture,
+    batched,
+    chat_examples,
+    encode_documents,
+    load_tokenizer,
+    read_split,
+    stream_windows,
 )
+from leanserve.data.tokenizer import stop_token_ids
+from leanserve.errors import UserError
+from leanserve.eval.token_loss import mean_losses
+from leanserve.models.model_dir import ModelInfo, save_model_info
+from leanserve.runtime import DistInfo, all_reduce_sum, distributed
+from leanserve.trainers.checkpoint import check_out_dir, unwrap
+from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast, local_batch_size
+from leanserve.trainers.optim import make_optimizer, warmup_cosine
 from leanserve.trainers.presets import PRESETS
 
 PRETRAIN_DOMAINS = ("code", "docs", "tasks")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
-CHECKPOINT = "checkpoint.pt"
-IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
 
 
-# --------------------------------------------------------------------------- data
-
-def read_split(data: Path, manifest: dict, domain: str, split: str) -> list[dict]:
-    """Rows of one split of a built data directory ([] if the build has no such split)."""
-    entry = manifest["splits"].get(domain, {}).get(split)
-    if entry is None:
-        return []
-    path = data / entry["path"]
-    if not path.is_file():
-        raise UserError(f"{path} is missing; rebuild {data} with `leanserve data build`")
-    return list(read_jsonl(path))
-
-
-def load_tokenizer(path: str | Path):
-    """The chat tokenizer (leanserve/data/tokenizer.py conventions), checked for what training needs."""
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise UserError(f"{path} is not a tokenizer directory (no tokenizer.json); "
-                        "run `leanserve data tokenizer` first")
-    tok = AutoTokenizer.from_pretrained(path)
-    if not tok.chat_template:
-        raise UserError(f"tokenizer {path} has no chat_template")
-    special = [tok.bos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(EOS), *stop_token_ids(tok)]
-    if any(t is None or t == tok.unk_token_id for t in special):
-        raise UserError(f"tokenizer {path} lacks leanserve's special tokens (bos, pad, {EOS}, end of turn)")
-    return tok
-
-
-def encode_documents(tokenizer, texts: list[str]):
-    """One packed stream `<bos> doc <end_of_text> <bos> doc ...`: what pretraining and perplexity read."""
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    # documents may be longer than the context (they are packed and windowed): no length warning
-    ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
-    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation; only assistant replies and their end-of-turn carry loss.
-
-    Each prompt (the conversation so far plus the assistant header) is tokenized in one piece,
-    exactly as the server tokenizes a chat prompt, and each reply on its own: training then sees
-    the token boundary the model meets when it generates.
-    """
-    def render(msgs, add_generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt, full = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise UserError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                            "continuation; assistant tokens cannot be labelled")
-        prompt_ids, reply_ids = encode(prompt[len(done):]), encode(full[len(prompt):])
-        ids += prompt_ids + reply_ids
-        labels += [IGNORE] * len(prompt_ids) + reply_ids
-        done = full
-    return ids, labels
-
-
-def chat_examples(tokenizer, rows: list[dict], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, labels) of chat rows cut to seq_len, dropping any left without a labelled token;
-    and how many were cut."""
-    examples, truncated = [], 0
-    for row in rows:
-        ids, labels = encode_chat(tokenizer, row["messages"])
-        if len(ids) > seq_len:
-            ids, labels, truncated = ids[:seq_len], labels[:seq_len], truncated + 1
-        if any(t != IGNORE for t in labels[1:]):
-            examples.append((ids, labels))
-    return examples, truncated
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> dict:
-    """Right-padded batch, to `length` or the longest example. No attention mask: under causal
-    attention no real token can see the padding after it, and without a mask SDPA keeps its
-    fused (flash) kernels; the padding's own outputs carry no labels."""
-    length = length or max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids)
-        labels[row, : len(lab)] = torch.as_tensor(lab)
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def stream_windows(stream, seq_len: int, max_windows: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """Consecutive non-overlapping windows of a packed stream, as (ids, labels) examples."""
-    chunks = stream.split(seq_len)[:max_windows]
-    return [(c.tolist(), c.tolist()) for c in chunks if len(c) > 1]
-
-
-@dataclass
-class PackedMixture:
-    """Random windows of per-domain token streams, each row's domain drawn from `weights`.
-
-    Offsets wrap around the stream, so a small domain is simply repeated (more epochs).
-    """
-    streams: list  # 1-D LongTensor per domain
-    weights: list[float]
-
-    def sample(self, batch_size: int, seq_len: int, generator) -> dict:
-        domains = torch.multinomial(torch.tensor(self.weights), batch_size, replacement=True, generator=generator)
-        rows = []
-        for d in domains.tolist():
-            stream = self.streams[d]
-            start = torch.randint(len(stream), (1,), generator=generator).item()
-            rows.append(stream[(start + torch.arange(seq_len)) % len(stream)])
-        input_ids = torch.stack(rows)
-        return {"input_ids": input_ids, "labels": input_ids}
-
-
-@dataclass
-class ChatExamples:
-    examples: list[tuple[list[int], list[int]]]
-    pad_id: int
-    seq_len: int
-
-    def sample(self, batch_size: int, generator) -> dict:
-        idx = torch.randint(len(self.examples), (batch_size,), generator=generator).tolist()
-        # one fixed shape: on an H200, batches padded to their own (varying) length ran 4x
-        # slower per step than batches padded to 1024 (CUDA allocator churn), despite 5x fewer tokens
-        return collate([self.examples[i] for i in idx], self.pad_id, self.seq_len)
-
+# --------------------------------------------------------------------------- data mixture
 
 def parse_mix(text: str) -> dict[str, float] | None:
     """`DOMAIN=WEIGHT,...` normalised to sum 1 (zero weights dropped); None for "natural"."""
@@ -224,59 +99,10 @@ def model_config(args, tokenizer):
         pad_token_id=tokenizer.pad_token_id)
 
 
-def warmup_cosine(step: int, steps: int, warmup: float, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warm-up over `warmup` of the steps, then cosine down to `min_ratio`."""
-    warm = int(warmup * steps)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def lr_multiplier(step: int, *, pretrain_steps: int, chat_steps: int, warmup: float, chat_scale: float) -> float:
     if step < pretrain_steps:
         return warmup_cosine(step, pretrain_steps, warmup)
     return chat_scale * warmup_cosine(step - pretrain_steps, chat_steps, warmup)
-
-
-def make_optimizer(model, lr: float, weight_decay: float):
-    # no decay on norms (1-D); the tied embedding matrix is decayed like any weight matrix
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def token_loss_sum(model, batch: dict, device, autocast) -> tuple[float, int]:
-    """Summed next-token cross-entropy over the labelled tokens of a batch, and their count."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad(), autocast():
-        logits = model(input_ids=batch["input_ids"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss.item(), int((labels != IGNORE).sum())
-
-
-def mean_losses(model, batches: dict[str, list[dict]], device, autocast, dist_info: DistInfo) -> dict[str, float]:
-    """Mean token loss per domain; under DDP every rank scores its own share of the batches."""
-    was_training = model.training
-    model.eval()
-    sums = []
-    for domain_batches in batches.values():
-        total, count = 0.0, 0
-        for batch in domain_batches:
-            loss, n = token_loss_sum(model, batch, device, autocast)
-            total, count = total + loss, count + n
-        sums += [total, count]
-    sums = all_reduce_sum(sums, dist_info, device)
-    model.train(was_training)
-    return {d: sums[2 * i] / sums[2 * i + 1] for i, d in enumerate(batches) if sums[2 * i + 1] > 0}
-
-
-def batched(examples: list, batch_size: int, pad_id: int) -> list[dict]:
-    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 # --------------------------------------------------------------------------- the command
@@ -359,20 +185,18 @@ def run(args):
         return Trainer(args, manifest, mix, tokenizer, config, dist_info, device).train()
 
 
-class Trainer:
+class Trainer(TrainingLoop):
+    command = "train lm"
+    resume_free = RESUME_FREE
+
     def __init__(self, args, manifest: dict, mix: dict[str, float] | None, tokenizer, config,
                  dist_info: DistInfo, device):
-        self.args, self.tokenizer, self.config, self.dist, self.device = args, tokenizer, config, dist_info, device
+        super().__init__(args, dist_info, device, total_steps=args.pretrain_steps + args.chat_steps)
+        self.tokenizer, self.config = tokenizer, config
         self.data = Path(args.data)
-        self.out = Path(args.out)
         self.manifest = manifest
-        if args.batch_size % dist_info.world_size:
-            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {dist_info.world_size} ranks")
-        self.local_batch = args.batch_size // dist_info.world_size
-        if args.bf16 == "on" and device.type != "cuda":
-            raise UserError("--bf16 on needs CUDA (bf16 autocast is for GPU training)")
-        bf16 = device.type == "cuda" and args.bf16 != "off"
-        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.local_batch = local_batch_size(args.batch_size, dist_info)
+        self.autocast = bf16_autocast(args.bf16, device)
         self.mix = mix  # resolved by _train_data when "natural"
         self.pretrain, self.chat = self._train_data(mix)
         self.val = self._val_data()
@@ -388,10 +212,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # all data-order randomness: one generator per rank, checkpointed
         self.generator = torch.Generator().manual_seed(args.seed * 1_000_003 + dist_info.rank)
-        self.step = 0
         self.tokens = 0
         self.loss_ema: dict[str, float] = {}
-        self.history: list[dict] = []
 
     # ---- data
 
@@ -448,10 +270,6 @@ class Trainer:
 
     # ---- loop
 
-    def _log(self, message: str):
-        if self.dist.is_main:
-            tqdm.write(message)
-
     def _phase(self, step: int) -> str:
         return "pretrain" if step < self.args.pretrain_steps else "chat"
 
@@ -466,69 +284,45 @@ class Trainer:
         self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
         return losses
 
-    def _save(self):
-        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler,
-                        rank_state={"generator": self.generator.get_state()},
-                        step=self.step, tokens=self.tokens, loss_ema=self.loss_ema, history=self.history,
-                        args=vars(self.args))
+    def _start(self):
+        self.model.train()
 
-    def _resume(self):
-        try:
-            state, mine = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, self.scheduler)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        check_resume_args(state["args"], self.args, RESUME_FREE)
-        self.generator.set_state(mine["generator"])
+    def _advance(self) -> dict:
+        phase = self._phase(self.step)
+        batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
+        with self.autocast():
+            loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens, loss_value = all_reduce_sum(
+            [float((batch["labels"][:, 1:] != IGNORE).sum()), loss.item() / self.dist.world_size],
+            self.dist, self.device)
+        self.tokens += int(tokens)
+        prev = self.loss_ema.get(phase)
+        self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
+        return {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+
+    # ---- checkpoints
+
+    def _checkpointed(self):
+        return self.model, self.optimizer, self.scheduler
+
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        return ({"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema, "history": self.history},
+                {"generator": self.generator.get_state()})
+
+    def _restore(self, state: dict, rank_state: dict):
+        self.generator.set_state(rank_state["generator"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_ema, self.history = state["loss_ema"], state["history"]
-        self._log(f"resumed from {self.out / CHECKPOINT} at step {self.step}")
-
-    def train(self) -> int:
-        args = self.args
-        if args.resume:
-            self._resume()
-        total = args.pretrain_steps + args.chat_steps
-        end = args.stop_at if args.stop_at is not None else total
-        self.model.train()
-        bar = tqdm(total=total, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True, desc="train lm")
-        while self.step < end:
-            phase = self._phase(self.step)
-            batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
-            with self.autocast():
-                loss = self.model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            tokens, loss_value = all_reduce_sum(
-                [float((batch["labels"][:, 1:] != IGNORE).sum()), loss.item() / self.dist.world_size],
-                self.dist, self.device)
-            self.tokens += int(tokens)
-            prev = self.loss_ema.get(phase)
-            self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
-            bar.update(1)
-            bar.set_postfix(phase=phase, loss=f"{self.loss_ema[phase]:.3f}",
-                            lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self.step % args.eval_every == 0 and self.step < total:
-                self._evaluate()
-            if self.step % args.save_every == 0 or self.step == args.stop_at:
-                self._save()
-        bar.close()
-        if self.step < total:
-            self._log(f"stopped at step {self.step}/{total}; continue with --resume")
-            return 0
-        val_loss = self._evaluate()
-        if self.dist.is_main:
-            self._write_model(val_loss)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
-        return 0
 
     # ---- output
 
-    def _write_model(self, val_loss: dict[str, float]):
+    def _write_output(self, val_loss: dict[str, float]):
         args = self.args
         model = unwrap(self.model)
         save_dtype = args.save_dtype or PRESETS[args.preset].save_dtype
@@ -544,12 +338,11 @@ class Trainer:
             kind="llm", method="dense",
             settings={"architecture": "LlamaForCausalLM", "preset": args.preset, "num_params": num_params,
                       "save_dtype": save_dtype, "mix": self.mix, "world_size": self.dist.world_size},
-            recipe=make_recipe("leanserve train lm", args, args.seed, skip=("resume", "stop_at")),
+            recipe=self._recipe(),
             data={"description": f"leanserve data build (seed {self.manifest.get('seed')}); train rows: {train_rows}",
                   "sha256": self.manifest["sha256"]},
             metrics={"val_loss": val_loss, "val_ppl": {d: math.exp(v) for d, v in val_loss.items()},
                      "train_loss": self.loss_ema, "train_tokens": self.tokens,
                      "steps": {"pretrain": args.pretrain_steps, "chat": args.chat_steps},
                      "val_history": self.history}))
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the model directory is the artifact now
         self._log(f"wrote {self.out} ({num_params / 1e6:.2f}M params, {save_dtype})")

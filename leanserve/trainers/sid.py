@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -49,9 +47,10 @@ import numpy as np
 import torch
 
 from leanserve.errors import UserError
+from leanserve.runtime import DistInfo
 from leanserve.trainers.checkpoint import check_out_dir
+from leanserve.trainers.loop import CHECKPOINT, TrainingLoop
 
-CHECKPOINT = "checkpoint.pt"
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "save_every", "out", "save_dtype", "gradient_checkpointing", "time_limit",
                "channels_last")
@@ -207,14 +206,14 @@ def average_gradients(params, world_size: int):
     torch._foreach_div_(grads, world_size)
 
 
-class Trainer:
-    def __init__(self, args, device: torch.device, dist_info=None):
-        from leanserve.runtime import DistInfo
+class Trainer(TrainingLoop):
+    command = "distill sid"
+    unit = "iteration"
+    resume_free = RESUME_FREE
 
-        self.args, self.device = args, device
-        self.dist = dist_info or DistInfo()
+    def __init__(self, args, device: torch.device, dist_info: DistInfo | None = None):
+        super().__init__(args, dist_info or DistInfo(), device, total_steps=args.iterations)
         self.global_batch = args.batch_size * self.dist.world_size
-        self.out = Path(args.out)
         self.kappas = run_kappas(args)
         if device.type == "cuda" and not args.bf16:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -245,8 +244,6 @@ class Trainer:
         # the same on every rank, one draw per iteration everywhere: every rank trains the same k
         self.k_rng = torch.Generator().manual_seed(args.seed + 1)
         self.gan_start = int(args.gan_warmup * args.iterations)  # first iteration with the adversarial term
-        self.step = 0
-        self.history: list[dict] = []
         self.window = torch.zeros(2, device=device)  # summed fake/generator losses since the last log
 
     # ---- pieces
@@ -384,73 +381,30 @@ class Trainer:
         self._update_ema()
         return k
 
+    def _advance(self) -> dict | None:
+        k = self.train_iteration()
+        if self.step % LOG_EVERY == 0 or self.step == self.args.iterations:
+            # the time limit is checked here only: rank 0's clock, sent with the losses, stops all ranks
+            # at the same iteration
+            fake, gen, self.out_of_time = self._flush_losses(self._time_is_up())
+            return {"fake": f"{fake:.4f}", "gen": f"{gen:.4f}", "k": k}
+        return None
+
     # ---- checkpoints
 
-    def _save(self):
-        from leanserve.trainers.checkpoint import save_checkpoint
+    def _checkpointed(self):
+        return self.state, self.optimizer, None
 
-        save_checkpoint(self.out / CHECKPOINT, self.state, self.optimizer,
-                        rank_state={"noise": self.rng.get_state(), "window": self.window.cpu()},
-                        step=self.step, k_rng=self.k_rng.get_state(), history=self.history, args=vars(self.args))
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        return ({"step": self.step, "k_rng": self.k_rng.get_state(), "history": self.history},
+                {"noise": self.rng.get_state(), "window": self.window.cpu()})
 
-    def _resume(self):
-        from leanserve.trainers.checkpoint import check_resume_args, load_checkpoint
-
-        try:
-            state, mine = load_checkpoint(self.out / CHECKPOINT, self.state, self.optimizer)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        check_resume_args(state["args"], self.args, RESUME_FREE)
+    def _restore(self, state: dict, rank_state: dict):
         # every rank restores its own noise generator and loss window; k_rng is the same on all
-        self.rng.set_state(mine["noise"])
-        self.window.copy_(mine["window"])
+        self.rng.set_state(rank_state["noise"])
+        self.window.copy_(rank_state["window"])
         self.k_rng.set_state(state["k_rng"])
         self.step, self.history = state["step"], state["history"]
-        self._log(f"resumed from {self.out / CHECKPOINT} at iteration {self.step}")
-
-    def _log(self, message: str):
-        from tqdm import tqdm
-        if self.dist.is_main:
-            tqdm.write(message)
-
-    # ---- loop
-
-    def train(self) -> int:
-        from tqdm import tqdm
-
-        args = self.args
-        if args.resume:
-            self._resume()
-        end = args.stop_at if args.stop_at is not None else args.iterations
-        started, first = time.perf_counter(), self.step
-        deadline = started + 60 * args.time_limit if args.time_limit is not None else math.inf
-        bar = tqdm(total=args.iterations, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
-                   desc="distill sid")
-        out_of_time = False
-        while self.step < end and not out_of_time:
-            k = self.train_iteration()
-            bar.update(1)
-            if self.step % LOG_EVERY == 0 or self.step == args.iterations:
-                # the time limit is checked here only: rank 0's clock, sent with the losses, stops all ranks
-                # at the same iteration
-                fake, gen, out_of_time = self._flush_losses(self.dist.is_main and time.perf_counter() > deadline)
-                bar.set_postfix(fake=f"{fake:.4f}", gen=f"{gen:.4f}", k=k)
-            if self.step % args.save_every == 0 or self.step == args.stop_at:
-                self._save()
-        bar.close()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds_per_iteration = (time.perf_counter() - started) / max(self.step - first, 1)
-        if out_of_time and self.step < end:
-            self._log(f"time limit: ending at iteration {self.step}/{args.iterations}")
-        elif self.step < args.iterations:
-            self._log(f"stopped at iteration {self.step}/{args.iterations}; continue with --resume")
-            return 0
-        if self.dist.is_main:
-            self._write_pipeline()
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()  # no rank exits (or reads OUT) before the pipeline is complete
-        return 0
 
     def _flush_losses(self, stop: bool) -> tuple[float, float, bool]:
         """Mean fake and generator losses over the ranks and the iterations since the last flush, appended
@@ -465,10 +419,9 @@ class Trainer:
 
     # ---- output
 
-    def _write_pipeline(self):
+    def _write_output(self, metrics: None):  # no validation loss: metrics is None
         from leanserve.models.model_dir import (
             ModelInfo,
-            make_recipe,
             save_model_info,
             weights_sha256,
         )
@@ -496,12 +449,11 @@ class Trainer:
                               "discriminator": "fake UNet mid-block output, channel mean, conditional pass",
                               "real_data": f"shapes train, seed {args.data_seed}"} if args.gan else None},
             base={"path": str(args.teacher), "sha256": weights_sha256(args.teacher)},
-            recipe=make_recipe("leanserve distill sid", args, args.seed, skip=("resume", "stop_at")),
+            recipe=self._recipe(),
             data={"description": f"{'captions and images' if args.gan else 'prompts only'}: leanserve.data.shapes "
                                  f"train, seed {args.data_seed}, examples 0..{2 * images_seen - 1}"},
             metrics={"iterations": self.step, "planned_iterations": args.iterations, "images_seen": images_seen,
-                     "seconds_per_iteration": self.seconds_per_iteration,
+                     "seconds_per_iteration": self.seconds_per_step,
                      "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
                      if self.device.type == "cuda" else None, "loss_history": self.history}))
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the pipeline directory is the artifact now
         self._log(f"wrote {self.out} ({args.steps}-step SiD generator, {images_seen} images seen)")
