@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from leanserve.atomic import atomic_write_text
+
 FILENAME = "leanserve.json"
 KINDS = ("llm", "image")
 
@@ -40,9 +42,7 @@ def save_model_info(model_dir: str | Path, info: ModelInfo) -> Path:
     if not info.created:
         info.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = Path(model_dir) / FILENAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(asdict(info), indent=2, sort_keys=False) + "\n")
     return path
 
 

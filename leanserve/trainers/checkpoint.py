@@ -6,19 +6,20 @@ reproduces the uninterrupted run bit for bit wherever the kernels are determinis
 same world size). On GPU, two uninterrupted runs already differ in the last bits (atomics in
 backward kernels), and a resumed run differs from a straight one by as much.
 
-One file, written to a temporary name and moved into place with os.replace, so a job killed
-mid-write leaves the previous checkpoint intact. Only our own files are read back, and only with
+One file, written atomically (leanserve/atomic.py), so a job killed mid-write leaves the previous
+checkpoint intact. Only our own files are read back, and only with
 `torch.load(weights_only=True)`: nothing but tensors and plain containers is ever unpickled.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from leanserve.atomic import atomic_write
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,9 +88,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(ckpt, tmp)
     if world > 1:
         dist.barrier()  # nobody races ahead (or exits) before the file is complete
 

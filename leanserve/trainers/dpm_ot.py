@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from leanserve.atomic import atomic_write
 from leanserve.errors import UserError
 from leanserve.kernels.ot_argmax import ot_argmax
 
@@ -227,16 +227,15 @@ STATE_TENSORS = ("h", "m", "v", "ema", "best_h", "rng")
 
 def save_state(path: Path, state: SolverState, tensors: dict[str, torch.Tensor], info: dict):
     """The solver state, the targets (`tensors`) and `info` (plain data) in one safetensors file,
-    written to a temporary name and moved into place (a killed job keeps the previous one)."""
+    written atomically (a killed job keeps the previous one)."""
     from safetensors.torch import save_file
 
     header = {"iteration": state.iteration, "init": state.init, "best": asdict(state.best),
               "history": state.history, "seconds": state.seconds, **info}
     out = {name: getattr(state, name).detach().cpu().contiguous() for name in STATE_TENSORS}
     out.update({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={"state": json.dumps(header)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(out, str(tmp), metadata={"state": json.dumps(header)})
 
 
 def load_state(path: Path, device: torch.device) -> tuple[SolverState, dict[str, torch.Tensor], dict]:
