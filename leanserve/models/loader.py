@@ -13,6 +13,7 @@ from torch import nn
 
 from leanserve.errors import UserError
 from leanserve.models.layers import MergedLinear, RMSNorm
+from leanserve.models.model_dir import check_complete
 from leanserve.models.registry import get_model_class
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -28,6 +29,7 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    check_complete(path)
     # check model_type ourselves first: AutoConfig's error for unknown types does not say what we support
     get_model_class(json.loads(config_file.read_text()).get("model_type"))
     hf_config = AutoConfig.from_pretrained(path)

@@ -240,11 +240,14 @@ def save_state(path: Path, state: SolverState, tensors: dict[str, torch.Tensor],
 
 def load_state(path: Path, device: torch.device) -> tuple[SolverState, dict[str, torch.Tensor], dict]:
     """(solver state on `device`, the other tensors on CPU, the rest of the header)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); it cannot be resumed from") from None
     state = SolverState(**{k: tensors.pop(k).to(device) for k in STATE_TENSORS if k != "rng"},
                         rng=tensors.pop("rng"), best=MassError(**header.pop("best")),
                         iteration=header.pop("iteration"), init=header.pop("init"),
