@@ -50,6 +50,33 @@ def build_tiny_llm(out_dir, *, vocab_size: int = 512, hidden_size: int = 64, num
     return out_dir
 
 
+def build_tiny_teacher(out_dir, *, size: int = 8, seed: int = 0):
+    """A random-weight PixelDiffusionPipeline directory (`size`x`size` pixels, a UNet and CLIP text
+    encoder of a few thousand parameters) with a trained BPE tokenizer: the teacher SiD and DPM-OT need."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from leanserve.data.tokenizer import train_tokenizer
+    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+
+    prompts = ["a red circle in the top left", "a big blue square", "a small green star on a white background"]
+    tokenizer = train_tokenizer(prompts * 10, out_dir / "tokenizer-source", vocab_size=300, model_max_length=24)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    pipe = PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  scheduler=teacher_scheduler())
+    pipe.save_pretrained(out_dir / "pipe")
+    return out_dir / "pipe"
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from leanserve.atomic import atomic_write, atomic_write_text
 from leanserve.data.chat import docs_rows, task_chat_row
 from leanserve.data.corpus import (
     MAX_FILE_BYTES,
@@ -101,16 +101,14 @@ def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
     """Write rows atomically; return the manifest entry (row count, bytes, sha256)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
     digest, num_rows, num_bytes = hashlib.sha256(), 0, 0
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         for row in rows:
             line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
             f.write(line)
             digest.update(line)
             num_rows += 1
             num_bytes += len(line)
-    os.replace(tmp, path)
     return {"num_rows": num_rows, "num_bytes": num_bytes, "sha256": digest.hexdigest()}
 
 
@@ -169,9 +167,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
         "splits": splits,
         "sha256": combined,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

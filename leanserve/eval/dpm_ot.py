@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leanserve.atomic import atomic_write_text
 from leanserve.errors import UserError
 from leanserve.eval.images import add_runtime_arguments
 
@@ -540,10 +540,9 @@ def run(args):
                                  if classifier_info else None}}
 
     def write_partial(partial: dict):
-        tmp = Path(args.out + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**provenance, **partial}, indent=2) + "\n")
-        os.replace(tmp, args.out)  # a run killed mid-write keeps the previous complete file
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-write keeps the previous complete file
+        atomic_write_text(args.out, json.dumps({**provenance, **partial}, indent=2) + "\n")
 
     results, grid = evaluate(pipe, classifier, maps, settings, device, on_row=write_partial if args.out else None)
     _outputs({**provenance, **results}, args)

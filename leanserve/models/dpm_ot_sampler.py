@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
+from leanserve.atomic import atomic_write
 from leanserve.kernels.ot_argmax import ot_argmax
 from leanserve.models.image_params import ImageParamError, ImageParams
 
@@ -94,7 +95,8 @@ class OTMap:
         header = {**self.metadata, "t_prime": str(self.t_prime), "alpha_bar": repr(self.alpha_bar),
                   "fresh_noise": str(self.fresh_noise).lower()}
         tensors = {"targets": self.targets, "x0": self.x0, "h": self.h}
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=header)
+        with atomic_write(path) as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> OTMap:

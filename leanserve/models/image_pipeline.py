@@ -78,11 +78,12 @@ def _is_diffusers_pipeline_module(name: str) -> bool:
 
 def load_image_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The directory's pipeline on `device` in `dtype`, with its per-call progress bar off (serving/eval)."""
-    from leanserve.models.model_dir import load_model_info
+    from leanserve.models.model_dir import check_complete, load_model_info
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"image model directory {model_dir} does not exist")
+    check_complete(model_dir)
     info = load_model_info(model_dir)
     if info is not None and info.kind != "image":
         raise UserError(f"{model_dir} holds a {info.kind!r} model (leanserve.json), not an image model")

@@ -14,7 +14,7 @@ from torch import nn
 from leanserve.errors import UserError
 from leanserve.models.layers import MergedLinear, RMSNorm
 from leanserve.models.methods import get_method
-from leanserve.models.model_dir import load_model_info
+from leanserve.models.model_dir import check_complete, load_model_info
 from leanserve.models.registry import get_model_class
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -32,6 +32,7 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    check_complete(path)
     # check model_type ourselves first: AutoConfig's error for unknown types does not say what we support
     get_model_class(json.loads(config_file.read_text()).get("model_type"))
     info = load_model_info(path)

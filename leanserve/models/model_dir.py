@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from leanserve.atomic import atomic_write_text
+
 FILENAME = "leanserve.json"
 KINDS = ("llm", "image")
 
@@ -40,9 +42,7 @@ def save_model_info(model_dir: str | Path, info: ModelInfo) -> Path:
     if not info.created:
         info.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = Path(model_dir) / FILENAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(asdict(info), indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -57,6 +57,37 @@ def load_model_info(model_dir: str | Path) -> ModelInfo | None:
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     return ModelInfo(**raw)
+
+
+def check_complete(model_dir: str | Path) -> None:
+    """UserError naming the first file of `model_dir` (or of its component folders) that a save or a
+    copy cut short: JSON that does not parse, a safetensors file shorter than its header says, a
+    pipeline component (model_index.json) without its folder and config. Loaders call this first,
+    so that a half-written directory costs one line, not a library's traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    from leanserve.errors import UserError
+
+    root = Path(model_dir)
+    for path in sorted([*root.glob("*.json"), *root.glob("*/*.json")]):
+        try:
+            json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}): the model directory is incomplete or corrupt") from None
+    index = root / "model_index.json"
+    components = json.loads(index.read_text()) if index.is_file() else {}
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] not in ("diffusers", "transformers"):
+            continue  # settings, components saved as None, others' code (the loaders refuse that)
+        if not any((root / name).glob("*config.json")):  # config.json, scheduler_config.json, ...
+            raise UserError(f"{root / name} has no config file, but model_index.json lists it: "
+                            "the model directory is incomplete or corrupt")
+    for path in sorted([*root.glob("*.safetensors"), *root.glob("*/*.safetensors")]):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass  # opening reads the header and checks the file holds every tensor it lists
+        except SafetensorError as e:
+            raise UserError(f"{path}: {e}: the model directory is incomplete or corrupt") from None
 
 
 def merge_metrics(model_dir: str | Path, metrics: dict) -> bool:

@@ -6,19 +6,22 @@ reproduces the uninterrupted run bit for bit wherever the kernels are determinis
 same world size). On GPU, two uninterrupted runs already differ in the last bits (atomics in
 backward kernels), and a resumed run differs from a straight one by as much.
 
-One file, written to a temporary name and moved into place with os.replace, so a job killed
-mid-write leaves the previous checkpoint intact. Only our own files are read back, and only with
-`torch.load(weights_only=True)`: nothing but tensors and plain containers is ever unpickled.
+One file, written atomically (leanserve/atomic.py), so a job killed mid-write leaves the previous
+checkpoint intact; a truncated or corrupt one is refused in one line. Only our own files are read
+back, and only with `torch.load(weights_only=True)`: nothing but tensors and plain containers is
+ever unpickled.
 """
 from __future__ import annotations
 
-import os
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from leanserve.atomic import atomic_write
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,9 +90,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(ckpt, tmp)
     if world > 1:
         dist.barrier()  # nobody races ahead (or exits) before the file is complete
 
@@ -102,7 +104,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     Restores RNG last, so call it after the model and optimizer are built and before training.
     """
     rank, world = _world()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({_first_line(e)}); it cannot be resumed from") from None
     if ckpt["world_size"] != world:
         raise ValueError(f"{path} was written by {ckpt['world_size']} process(es), this run has {world}: "
                          "an exact resume needs the same world size")
@@ -114,6 +119,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     mine = dict(ckpt["ranks"][rank])
     set_rng_state(mine.pop("rng"))
     return ckpt["state"], mine
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().split("\n", 1)[0] or type(error).__name__
 
 
 def _to_cpu(obj):

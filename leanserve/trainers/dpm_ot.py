@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from leanserve.atomic import atomic_write
 from leanserve.errors import UserError
 from leanserve.kernels.ot_argmax import ot_argmax
 
@@ -227,25 +227,27 @@ STATE_TENSORS = ("h", "m", "v", "ema", "best_h", "rng")
 
 def save_state(path: Path, state: SolverState, tensors: dict[str, torch.Tensor], info: dict):
     """The solver state, the targets (`tensors`) and `info` (plain data) in one safetensors file,
-    written to a temporary name and moved into place (a killed job keeps the previous one)."""
+    written atomically (a killed job keeps the previous one)."""
     from safetensors.torch import save_file
 
     header = {"iteration": state.iteration, "init": state.init, "best": asdict(state.best),
               "history": state.history, "seconds": state.seconds, **info}
     out = {name: getattr(state, name).detach().cpu().contiguous() for name in STATE_TENSORS}
     out.update({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={"state": json.dumps(header)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(out, str(tmp), metadata={"state": json.dumps(header)})
 
 
 def load_state(path: Path, device: torch.device) -> tuple[SolverState, dict[str, torch.Tensor], dict]:
     """(solver state on `device`, the other tensors on CPU, the rest of the header)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); it cannot be resumed from") from None
     state = SolverState(**{k: tensors.pop(k).to(device) for k in STATE_TENSORS if k != "rng"},
                         rng=tensors.pop("rng"), best=MassError(**header.pop("best")),
                         iteration=header.pop("iteration"), init=header.pop("init"),
