@@ -34,6 +34,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder under `root`, then `root` itself: before a job deletes what it
+    could resume from (its checkpoint), what replaces it (a model directory that a library wrote
+    with plain writes) must be on disk."""
+    root = Path(root)
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_symlink():
+            continue
+        _fsync(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    _fsync(root, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def _fsync(path: Path, flags: int) -> None:
     fd = os.open(path, flags)
     try:

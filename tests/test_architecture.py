@@ -13,14 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "leanserve"
 # layer -> the other layers it may import (cli may import everything)
 ALLOWED = {
     "errors": set(),
+    "atomic": set(),
     "runtime": {"errors"},
     "kernels": set(),
-    "data": {"errors", "runtime"},
-    "models": {"errors", "runtime", "kernels"},
-    "eval": {"errors", "runtime", "kernels", "data", "models"},
-    "trainers": {"errors", "runtime", "kernels", "data", "models", "eval"},
-    "compressors": {"errors", "runtime", "kernels", "data", "models", "eval", "trainers"},
-    "server": {"errors", "runtime", "kernels", "models"},
+    "data": {"errors", "atomic", "runtime"},
+    "models": {"errors", "atomic", "runtime", "kernels"},
+    "eval": {"errors", "atomic", "runtime", "kernels", "data", "models"},
+    "trainers": {"errors", "atomic", "runtime", "kernels", "data", "models", "eval"},
+    "compressors": {"errors", "atomic", "runtime", "kernels", "data", "models", "eval", "trainers"},
+    "server": {"errors", "atomic", "runtime", "kernels", "models"},
 }
 
 

@@ -68,9 +68,7 @@ def test_image_loader_names_the_broken_file(fault, teacher_dir, tmp_path):
     assert f"{model_dir / file}" in str(e.value) and "\n" not in str(e.value)
 
 
-# serve reads an LLM directory's tokenizer (transformers) before its weights and config: an
-# unparsable config.json fails there, outside the loaders, and is left out here
-@pytest.mark.parametrize("kind, fault", [("llm", "truncated weights"), ("llm", "no config.json"),
+@pytest.mark.parametrize("kind, fault", [*(("llm", fault) for fault in LLM_FAULTS),
                                          *(("image", fault) for fault in IMAGE_FAULTS)])
 def test_serve_refuses_a_half_written_model_in_one_line(kind, fault, tiny_llm_dir, teacher_dir, tmp_path, capsys):
     source, faults = (tiny_llm_dir, LLM_FAULTS) if kind == "llm" else (teacher_dir, IMAGE_FAULTS)

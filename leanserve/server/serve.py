@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from leanserve.errors import UserError
+from leanserve.models.model_dir import check_complete
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.settings import ServerSettings
@@ -77,6 +78,7 @@ def _model_kind(path: str) -> str:
     d = Path(path)
     if not d.is_dir():
         raise UserError(f"model directory {path} does not exist")
+    check_complete(d)  # one line for a half-written directory, before any library parses it
     index = d / "model_index.json"
     if index.is_file():
         try:

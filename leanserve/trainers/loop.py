@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from leanserve.atomic import fsync_tree
 from leanserve.errors import UserError
 from leanserve.models.model_dir import make_recipe
 from leanserve.runtime import DistInfo
@@ -156,6 +157,7 @@ class TrainingLoop:
         metrics = self._evaluate()
         if self.dist.is_main:
             self._write_output(metrics)
+            fsync_tree(self.out)  # the model directory is on disk before what it replaces is gone
             (self.out / CHECKPOINT).unlink(missing_ok=True)  # the model directory is the artifact now
         if self.dist.world_size > 1:
             torch.distributed.barrier()  # no rank exits (or reads OUT) before the model directory is complete
