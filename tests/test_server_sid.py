@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from server_utils import metric, remote_server, scrape
-from test_server_images import (
+from image_builders import (
     PIXEL_NATIVE,
     URL,
     assert_error,
