@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from leanserve import __version__
 from leanserve.server.errors import APIError, error_response, install_exception_handlers
 from leanserve.server.metrics import ServerMetrics
+from leanserve.server.openapi import install_openapi
 from leanserve.server.routes import images, openai, ops
 from leanserve.server.settings import ServerSettings
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 KIND_NAMES = {"llm": "an LLM (chat/completions)", "image": "an image"}
 OPS_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})  # never gated by auth or draining
+MAX_REQUEST_ID_CHARS = 256
 FLUSH_TIMEOUT_S = 2.0  # after the engines finished every request, time for the last SSE events to go out
 
 
@@ -88,8 +90,10 @@ class ServerState:
 
 
 class FrontDoorMiddleware:
-    """Per-request checks before any route runs: arrival stamp, API key, draining, body
-    size and content type; counts in-flight API requests and echoes X-Request-Id.
+    """Per-request checks before any route runs: arrival stamp, API key, draining, body size and
+    the X-Request-Id header (echoed); counts in-flight API requests. An exception that escapes the
+    app before its response started is answered here, 500 in the error envelope, and the
+    connection stays usable (Starlette's own 500 handler re-raises, which makes the server drop it).
 
     A plain ASGI middleware (not BaseHTTPMiddleware) so streaming responses and client
     disconnects pass through untouched.
@@ -105,10 +109,7 @@ class FrontDoorMiddleware:
             return
         arrival = scope.setdefault("state", {})["arrival_time"] = time.monotonic()  # TTFT and e2e start here
         path, method = scope["path"], scope["method"]
-        if path in OPS_PATHS:
-            await self.app(scope, receive, send)
-            return
-        status = 500  # what a client sees if the app fails before starting a response
+        status = None  # set when the response starts
 
         async def send_seeing_status(message: Message) -> None:
             nonlocal status
@@ -117,15 +118,25 @@ class FrontDoorMiddleware:
             await send(message)
 
         try:
-            await self._serve(scope, receive, send_seeing_status)
+            if path in OPS_PATHS:
+                await self.app(scope, receive, send_seeing_status)
+            else:
+                await self._serve(scope, receive, send_seeing_status)
+        except Exception as e:
+            logger.exception("internal error on %s %s", method, path)
+            if status is not None:
+                raise  # the response is under way: nothing valid can follow, the connection must close
+            await error_response(500, f"Internal server error: {type(e).__name__}")(
+                scope, receive, send_seeing_status)
         finally:
-            # label by the route template the router matched (it leaves it in the scope); unknown
-            # paths share one label, so a scanner cannot grow the label set without bound
-            route = scope.get("route")
-            handler = getattr(route, "path", "other")
-            metrics = self.state.metrics
-            metrics.http_requests.labels(handler, method, str(status)).inc()
-            metrics.http_duration.labels(handler, method).observe(time.monotonic() - arrival)
+            if path not in OPS_PATHS:
+                # label by the route template the router matched (it leaves it in the scope); unknown
+                # paths share one label, so a scanner cannot grow the label set without bound
+                route = scope.get("route")
+                handler = getattr(route, "path", "other")
+                metrics = self.state.metrics
+                metrics.http_requests.labels(handler, method, str(status or 500)).inc()
+                metrics.http_duration.labels(handler, method).observe(time.monotonic() - arrival)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         state, path, method = self.state, scope["path"], scope["method"]
@@ -140,19 +151,20 @@ class FrontDoorMiddleware:
             message = "Server is shutting down" if state.draining else "Server is not ready"
             await error_response(503, message)(scope, receive, send)
             return
+        request_id = headers.get("x-request-id")
+        if request_id and not _printable_ascii(request_id):
+            # it becomes part of response ids: text every client and log can carry
+            await error_response(400, f"X-Request-Id must be printable ASCII text of at most "
+                                      f"{MAX_REQUEST_ID_CHARS} characters",
+                                 "X-Request-Id")(scope, receive, send)
+            return
         if method == "POST":
-            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            if not (content_type == "application/json" or content_type.endswith("+json")):
-                await error_response(415, f"Unsupported Content-Type {content_type or '(none)'!r}; "
-                                          "send application/json")(scope, receive, send)
-                return
             receive = await self._read_body(scope, receive, send, headers)
             if receive is None:
                 return
 
-        request_id = headers.get("x-request-id")
         if request_id:
-            send = _add_header(send, b"x-request-id", request_id.encode("latin-1"))
+            send = _add_header(send, b"x-request-id", request_id.encode("ascii"))
         state.num_in_flight += 1
         try:
             await self.app(scope, receive, send)
@@ -195,6 +207,10 @@ class FrontDoorMiddleware:
         return replay
 
 
+def _printable_ascii(value: str) -> bool:
+    return len(value) <= MAX_REQUEST_ID_CHARS and all(" " <= c <= "~" for c in value)
+
+
 def _add_header(send: Send, name: bytes, value: bytes) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -234,6 +250,8 @@ def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastA
     app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan)
     app.state.server = state
     install_exception_handlers(app)
+    install_openapi(app, OPS_PATHS, api_keys=bool(settings.api_keys),
+                    vocab_sizes=[e.vocab_size for name, e in engines.items() if kinds[name] == "llm"])
     app.include_router(openai.router)
     app.include_router(images.router)
     app.include_router(ops.router)

@@ -1,12 +1,13 @@
 """The OpenAI/vLLM error envelope and the exception handlers that produce it.
 
 Every error leaves the server as `{"error": {"message", "type", "param", "code"}}` with
-code = HTTP status, including FastAPI's validation errors (400 instead of 422, as vLLM does)
-and Starlette's unknown-route 404s, so clients can always parse the body.
+code = HTTP status (protocol.ErrorResponse), including FastAPI's validation errors (400 instead of
+422, as vLLM does) and Starlette's unknown-route 404s and 405s, so clients can always parse the
+body. An unexpected exception is answered 500 by the front door middleware (app.py), which keeps
+the connection open; a handler registered here for Exception would close it.
 """
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,12 +17,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leanserve.server.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
-logger = logging.getLogger(__name__)
-
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
     429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
@@ -55,10 +57,6 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     messages, first_param = [], None
     for err in exc.errors():
         loc = [str(part) for part in err.get("loc", ()) if part != "body"]
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx", {}).get("error", "")
-            messages.append(f"Invalid JSON body: {ctx}".rstrip(": "))
-            continue
         if not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             messages.append("Request body must be a JSON object")
             continue
@@ -100,8 +98,3 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError):
         return error_response(500, f"Engine is dead: {exc}" if str(exc) else "Engine is dead")
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"Internal server error: {type(exc).__name__}")

@@ -44,7 +44,8 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 N_BUCKETS = [1, 2, 5, 10, 20]
 # 1 ms - 10 s, roughly geometric: a 1-step generator's text encoding to a large VAE decode
 STAGE_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# when the n choices of a request end differently, the request's reason is the first of these
+FINISH_REASONS = ("error", "abort", "length", "stop")
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -174,60 +175,80 @@ class ModelMetrics:
         self.params_n.observe(n)
         self.params_max_tokens.observe(max_tokens)
 
-    def track(self, arrival: float) -> RequestMetrics:
-        return RequestMetrics(self, arrival)
+    def track(self, arrival: float, n: int = 1) -> RequestMetrics:
+        return RequestMetrics(self, arrival, n)
 
 
 class RequestMetrics:
-    """Front-end bookkeeping of one engine request (one choice), fed with its output deltas."""
-    __slots__ = ("mm", "arrival", "last_token_time", "finished")
+    """Front-end bookkeeping of one request: a prompt and its n choices (engine requests), fed
+    with each choice's output deltas. As in vLLM the request is counted once, whatever n: its
+    prompt tokens, time to first token, success and latencies; tokens and inter-token latencies
+    are per choice."""
+    __slots__ = ("mm", "arrival", "last_token_time", "reasons", "num_generation_tokens", "times")
 
-    def __init__(self, mm: ModelMetrics, arrival: float):
+    def __init__(self, mm: ModelMetrics, arrival: float, n: int = 1):
         self.mm = mm
         self.arrival = arrival
-        self.last_token_time: float | None = None
-        self.finished = False
+        self.last_token_time: list[float | None] = [None] * n
+        self.reasons: list[str | None] = [None] * n  # per choice, once finished
+        self.num_generation_tokens = 0
+        self.times: list[RequestTimes | None] = [None] * n
 
-    def on_output(self, out: RequestOutput) -> None:
+    def on_output(self, choice: int, out: RequestOutput) -> None:
         mm = self.mm
         if out.new_token_ids:
             times = out.token_times
-            prev = self.last_token_time
-            if prev is None:  # first token: the prompt has been processed
-                mm.prompt_tokens.inc(out.num_prompt_tokens)
-                mm.prompt_total += out.num_prompt_tokens
-                mm.ttft.observe(times[0] - self.arrival)
+            prev = self.last_token_time[choice]
+            if prev is None:  # this choice's first token
+                if all(t is None for t in self.last_token_time):  # the request's: its prompt is processed
+                    mm.prompt_tokens.inc(out.num_prompt_tokens)
+                    mm.prompt_total += out.num_prompt_tokens
+                    mm.ttft.observe(times[0] - self.arrival)
                 prev, times = times[0], times[1:]
             for t in times:  # one inter-token observation per token after the first
                 mm.itl.observe(t - prev)
                 prev = t
-            self.last_token_time = prev
+            self.last_token_time[choice] = prev
             mm.generation_tokens.inc(len(out.new_token_ids))
             mm.generation_total += len(out.new_token_ids)
+            self.num_generation_tokens += len(out.new_token_ids)
         if out.finished:
-            self.finish(out.finish_reason or "stop", out.times, out.num_prompt_tokens, out.num_output_tokens)
+            self.finish(choice, out.finish_reason or "stop", out.times, out.num_prompt_tokens)
 
-    def finish(self, reason: str, times: RequestTimes | None = None, num_prompt_tokens: int = 0,
-               num_output_tokens: int = 0) -> None:
-        """Count the request once; latencies only when the engine stamped them (a client
-        disconnect aborts without a final engine output, so only its reason is counted)."""
-        if self.finished:
+    def finish(self, choice: int, reason: str, times: RequestTimes | None = None, num_prompt_tokens: int = 0) -> None:
+        """A choice ended (idempotent); the request is counted when its last choice ends. Latencies
+        only when the engine stamped every choice (a client disconnect aborts without a final
+        engine output, so only its reason is counted)."""
+        if self.reasons[choice] is not None:
             return
-        self.finished = True
+        self.reasons[choice] = reason
+        self.times[choice] = times
+        if None in self.reasons:
+            return
         mm = self.mm
-        mm.success[reason].inc()
-        if times is None:
+        mm.success[next(r for r in FINISH_REASONS if r in self.reasons)].inc()
+        if None in self.times:
             return
-        mm.e2e.observe((times.finished or time.monotonic()) - self.arrival)
+        times = self.times
+        mm.e2e.observe(max(t.finished or time.monotonic() for t in times) - self.arrival)
         mm.request_prompt_tokens.observe(num_prompt_tokens)
-        mm.request_generation_tokens.observe(num_output_tokens)
-        if times.queued is not None and times.scheduled is not None:
-            mm.queue.observe(times.scheduled - times.queued)
-        if times.scheduled is not None and times.first_token is not None:
-            mm.prefill.observe(times.first_token - times.scheduled)
-            if times.last_token is not None:
-                mm.decode.observe(times.last_token - times.first_token)
-                mm.inference.observe(times.last_token - times.scheduled)
+        mm.request_generation_tokens.observe(self.num_generation_tokens)
+        queued = _first(t.queued for t in times)
+        scheduled = _first(t.scheduled for t in times)
+        first_token = _first(t.first_token for t in times)
+        last_token = max((t.last_token for t in times if t.last_token is not None), default=None)
+        if queued is not None and scheduled is not None:
+            mm.queue.observe(scheduled - queued)
+        if scheduled is not None and first_token is not None:
+            mm.prefill.observe(first_token - scheduled)
+            if last_token is not None:
+                mm.decode.observe(last_token - first_token)
+                mm.inference.observe(last_token - scheduled)
+
+
+def _first(stamps) -> float | None:
+    """The earliest of the choices' stamps (None where a choice has none)."""
+    return min((s for s in stamps if s is not None), default=None)
 
 
 class ServerMetrics:

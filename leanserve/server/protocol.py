@@ -1,12 +1,16 @@
 """Request and response models of the OpenAI-compatible API (vLLM's field names and bounds).
 
 Requests accept unknown fields (logged at debug level and ignored) like vLLM, so clients that
-send newer OpenAI fields keep working. Streaming chunks are built as plain dicts in the route
+send newer OpenAI fields keep working. Known fields are strict, like OpenAI's API: "0.5" is not a
+number and true is not an integer. Every rule a model enforces is also in its JSON schema (Field
+bounds, or `json_schema_extra` where a validator keeps a clearer message), so the OpenAPI schema
+accepts exactly what these models accept. Streaming chunks are built as plain dicts in the route
 module (one per token: the hot path), the non-streaming responses here document the schema.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -14,15 +18,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# seeds: the integers every JSON parser reads exactly (RFC 8259 §6); beyond them a client or a
+# schema validator working in doubles sees another number than the server
+MAX_SEED = 2**53 - 1
 MAX_N = 8
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
 MAX_IMAGES = 10
+# repetition_penalty divides or multiplies logits: far from 1 a float32 logit overflows (1e-45
+# made NaN logits); two decades either way is beyond any useful setting
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# str.strip() also strips characters a JSON-schema `\s` does not match (and the other way round):
+# "blank" is spelled out so the schema's pattern and the check agree on every input
+BLANK = " \t\n\r\x0b\x0c"
+NOT_BLANK_PATTERN = r"[^ \t\n\r\x0b\x0c]"
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -42,7 +55,7 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
 
     @field_validator("type")
     @classmethod
@@ -57,10 +70,24 @@ class TextContentPart(OpenAIBaseModel):
     text: str
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextContentPart]
+    """A message in; "developer" is OpenAI's newer name for "system" (templated as system).
+    Null content is empty text (vLLM), e.g. an assistant turn that only called tools."""
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, passed to the chat template
 
     @field_validator("content", mode="before")
     @classmethod
@@ -76,10 +103,25 @@ class ChatMessage(OpenAIBaseModel):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content or ())
+
+    def template_dict(self) -> dict:
+        """The message as chat templates expect it (text content, system for developer)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
 
 
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
+# the validators' rules in schema terms; a constrained union would name its branches in error
+# locations ("stop.str"), these keep the param a client sent ("stop")
+STOP_SCHEMA = {"minLength": 1, "maxItems": MAX_STOP_STRINGS, "items": {"minLength": 1}}
+PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+    {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}]}
 
 
 class SamplingRequest(OpenAIBaseModel):
@@ -90,19 +132,20 @@ class SamplingRequest(OpenAIBaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     stop_token_ids: list[int] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # choice i of n uses seed + i
+    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)  # choice i of n uses seed + i
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: LogitBias | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     user: str | None = None
+    request_id: str | None = None  # vLLM extension: the response id's suffix (X-Request-Id wins)
 
     @field_validator("stop")
     @classmethod
@@ -118,18 +161,26 @@ class SamplingRequest(OpenAIBaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+# top_logprobs > 0 needs logprobs: true (the model validator below, in schema terms)
+TOP_LOGPROBS_NEED_LOGPROBS = {
+    "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+}
+
+
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=TOP_LOGPROBS_NEED_LOGPROBS)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # preferred over max_tokens
     max_tokens: int | None = Field(None, ge=1)             # deprecated alias
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
     tool_choice: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    request_id: str | None = None
 
     @field_validator("tools")
     @classmethod
@@ -148,14 +199,24 @@ class ChatCompletionRequest(SamplingRequest):
 TokenIds = list[int]
 
 
+def _best_of_schema(schema: dict) -> None:
+    """best_of, when given, must equal n (default 1): one branch per allowed n."""
+    equal_n = [{"properties": {"best_of": {"const": k}, "n": {"const": k}}, "required": ["n"]}
+               for k in range(1, MAX_N + 1)]
+    equal_n.append({"properties": {"best_of": {"const": 1}}, "not": {"required": ["n"]}})
+    schema["if"] = {"properties": {"best_of": {"type": "integer"}}, "required": ["best_of"]}
+    schema["then"] = {"anyOf": equal_n}
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    model_config = ConfigDict(json_schema_extra=_best_of_schema)
+
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(json_schema_extra=lambda s: s.update(PROMPT_SCHEMA))
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null = remaining context
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
+    suffix: None = None  # not supported: only null
     best_of: int | None = None
-    request_id: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -164,7 +225,7 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("suffix")
+    @field_validator("suffix", mode="before")
     @classmethod
     def _no_suffix(cls, v):
         if v is not None:
@@ -187,9 +248,14 @@ class CompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(OpenAIBaseModel):
+    # exactly one of prompt / messages (the validator below, in schema terms)
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {"prompt": {"type": "string"}}, "required": ["prompt"]},
+        {"properties": {"messages": {"type": "array"}}, "required": ["messages"]}]})
+
     model: str | None = None  # default: the first served chat model
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None   # default True for prompt, False for messages (as vLLM)
     add_generation_prompt: bool = True
 
@@ -197,34 +263,42 @@ class TokenizeRequest(OpenAIBaseModel):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages must not be empty")
         return self
 
 
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+SIZE_PATTERN = r"^(auto|0*[1-9][0-9]*x0*[1-9][0-9]*)$"
 
 
 class ImageGenerationRequest(OpenAIBaseModel):
     """OpenAI's images.generate fields plus diffusers-named extensions (spec §6). Bounds that depend
     on the model (size, steps, guidance, scheduler) are checked by its engine."""
-    prompt: str
+    # size excludes height/width (the validator below, in schema terms)
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"size": {"type": "string"}}, "required": ["size"]},
+        "then": {"properties": {"height": {"type": "null"}, "width": {"type": "null"}}},
+        "not": {"properties": {"scheduler": {"type": "string"}, "sampler": {"type": "string"}},
+                "required": ["scheduler", "sampler"]}})
+
+    prompt: str = Field(json_schema_extra={"pattern": NOT_BLANK_PATTERN})
     model: str | None = None                   # default: the first served image model
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    size: str | None = None                    # "WxH" or "auto" (the model's native size)
+    size: str | None = Field(None, json_schema_extra={"pattern": SIZE_PATTERN})  # "WxH" or "auto" (native)
     height: int | None = Field(None, ge=1)     # extension; with width, instead of size
     width: int | None = Field(None, ge=1)
-    response_format: str | None = None         # only b64_json: images are returned inline
+    response_format: str | None = Field(None, json_schema_extra={"enum": ["b64_json", None]})  # inline only
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; png is lossless
     negative_prompt: str | None = None
     num_inference_steps: int | None = None     # default: the pipeline's own
     guidance_scale: float | None = None        # default: the pipeline's own
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # image i uses seed + i
+    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)  # image i uses seed + i
     scheduler: str | None = None               # e.g. ddim, dpmsolver++; default: the model's own
-    sampler: str | None = None                 # alias of scheduler
+    sampler: str | None = None                 # alias of scheduler: give one
     # accepted and ignored (OpenAI fields without a meaning here)
     quality: Any = None
     style: Any = None
@@ -235,7 +309,7 @@ class ImageGenerationRequest(OpenAIBaseModel):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: str) -> str:
-        if not v.strip():
+        if not v.strip(BLANK):
             raise ValueError("prompt must not be empty")
         return v
 
@@ -250,17 +324,15 @@ class ImageGenerationRequest(OpenAIBaseModel):
     @field_validator("size")
     @classmethod
     def _check_size(cls, v: str | None) -> str | None:
-        if v is not None and v != "auto":
-            w, _, h = v.partition("x")
-            if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
-                raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {v!r}")
+        if v is not None and not re.fullmatch(SIZE_PATTERN, v):
+            raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {v!r}")
         return v
 
     @model_validator(mode="after")
     def _one_size_and_scheduler(self):
         if self.size is not None and (self.height is not None or self.width is not None):
             raise ValueError("give either size or height/width, not both")
-        if self.scheduler is not None and self.sampler is not None and self.scheduler != self.sampler:
+        if self.scheduler is not None and self.sampler is not None:
             raise ValueError("scheduler and sampler name the same setting; give one")
         return self
 
@@ -273,6 +345,18 @@ class ImageGenerationRequest(OpenAIBaseModel):
 
 
 # ---------------------------------------------------------------- responses
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int  # the HTTP status
+
+
+class ErrorResponse(BaseModel):
+    """Every error response (and an in-stream error event) of the server: OpenAI's envelope."""
+    error: ErrorInfo
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a
+# temperature near 0 overflows them (1e-45 made NaN logits and sampled token 0)
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling settings of ONE sequence (the server fans `n` out into n requests).
 
-    Semantics follow vLLM: temperature 0 = greedy; top_k <= 0 and min_p = 0 are off;
+    Semantics follow vLLM: temperature < 1e-5 = greedy; top_k <= 0 and min_p = 0 are off;
     repetition_penalty divides positive / multiplies negative logits of tokens seen in prompt
     or output; presence/frequency penalties count output tokens only.
     """
@@ -44,4 +48,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -23,7 +23,18 @@ from PIL import Image, features
 from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.server.cancellation import with_cancellation
 from leanserve.server.errors import APIError
+<<<<<<< HEAD
 from leanserve.server.image_engine import ImageGenerationError, RequestAbortedError
+=======
+from leanserve.server.json_body import JSONBodyRoute
+from leanserve.server.openapi import error_responses
+from leanserve.server.image_engine import (
+    ImageGenerationError,
+    ImageParamError,
+    ImageParams,
+    RequestAbortedError,
+)
+>>>>>>> h5-contract
 from leanserve.server.protocol import (
     ImageGenerationRequest,
     ImageObject,
@@ -31,7 +42,7 @@ from leanserve.server.protocol import (
 )
 from leanserve.server.routes import server_state
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 # zlib level 1: a slightly noisy 1024x1024 image took 0.9 s at the default level 6 and 0.2 s at 1
 # (one CPU core) for a 16% smaller file; 0.9 s is more than a few-step generator's whole call
@@ -53,11 +64,13 @@ def encode_images(images: list[np.ndarray], output_format: str, compression: int
     return encoded
 
 
-@router.post("/v1/images/generations", responses={200: {"model": ImagesResponse}})
+@router.post("/v1/images/generations", responses={200: {"model": ImagesResponse}, **error_responses(404, 429)})
 async def create_image(body: ImageGenerationRequest, request: Request) -> Response:
     state = server_state(request)
     arrival = request.state.arrival_time
     engine = state.engine(body.model, "image") if body.model else state.default_engine("image")
+    if body.n > engine.config.max_queued_images:  # a 429 would invite retries that can never succeed
+        raise APIError(400, f"n={body.n} images never fit the image queue ({engine.config.max_queued_images})", "n")
     if body.output_format == "webp" and not features.check("webp"):
         raise APIError(400, "output_format 'webp' is not available on this server (Pillow without WebP); "
                             "use png or jpeg", "output_format")

@@ -27,7 +27,9 @@ from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.validation import check_token_ids, validate_request
 from leanserve.server.errors import APIError
+from leanserve.server.json_body import JSONBodyRoute
 from leanserve.server.metrics import RequestMetrics
+from leanserve.server.openapi import error_responses
 from leanserve.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -56,9 +58,11 @@ from leanserve.server.streaming import (
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
+# 200 is a JSON body, or an SSE stream with "stream": true
+STREAMED = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
 
 # ---------------------------------------------------------------- models
@@ -74,7 +78,7 @@ async def list_models(request: Request):
     return ModelList(data=[_model_card(state, name, e) for name, e in state.engines.items()])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404))
 async def get_model(model_id: str, request: Request):
     state = server_state(request)
     if model_id not in state.engines:
@@ -90,7 +94,7 @@ def _render_chat(engine, messages: list[ChatMessage], add_generation_prompt: boo
     if not tok.chat_template:
         raise APIError(400, f"The model `{engine.model_name}` has no chat template; use /v1/completions.",
                        "messages")
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    conversation = [m.template_dict() for m in messages]
     # template variables only: a per-request `chat_template` (or tokenize=...) must not slip through
     reserved = sorted(set(template_kwargs or ()) & set(inspect.signature(tok.apply_chat_template).parameters))
     if reserved:
@@ -157,7 +161,8 @@ class _Choice:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    metrics: RequestMetrics
+    metrics: RequestMetrics  # shared by the n choices of one prompt
+    slot: int             # this choice's place among them
     counts_prompt: bool   # the first choice of its prompt: usage counts the prompt once
     prefix: str = ""      # echoed prompt text, emitted before the first token
     text: list[str] = field(default_factory=list)
@@ -169,18 +174,38 @@ class _Choice:
     text_offset: int = 0   # completions logprobs: characters emitted so far
 
 
-def _fan_out(state, engine, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+def _request_ids(prefix: str, request: Request, client_id: str | None) -> tuple[str, str]:
+    """(response id, engine request-id prefix). A client's id (X-Request-Id, else the body's
+    request_id) names the response as in vLLM; the engine key always adds a fresh uuid, so two
+    requests with the same client id never collide."""
+    unique = uuid.uuid4().hex
+    client_id = request.headers.get("x-request-id") or client_id
+    if client_id:
+        response_id = f"{prefix}-{client_id}"
+        return response_id, f"{response_id}-{unique}"
+    response_id = f"{prefix}-{unique}"
+    return response_id, response_id
+
+
+def _fan_out(state, engine, engine_id: str, prompts: list[list[int]], params: list[SamplingParams],
              arrival: float, n: int, prefixes: list[str] | None = None) -> list[_Choice]:
+    """One engine request per choice; the n choices of a prompt share one RequestMetrics (vLLM
+    counts a request, its prompt and its success once, whatever n)."""
+    if len(prompts) * n > engine.config.max_queued_requests:
+        raise APIError(400, f"This request needs {len(prompts) * n} engine requests ({len(prompts)} prompts x "
+                            f"n={n}), more than the server ever queues at once "
+                            f"({engine.config.max_queued_requests}); split it", "n" if n > 1 else "prompt")
     mm = state.metrics.models[engine.model_name]
     choices = []
     for p, (ids, sp) in enumerate(zip(prompts, params)):
         mm.observe_params(n, sp.max_tokens)
+        metrics = mm.track(arrival, n)
         for i in range(n):
             index = p * n + i
             choices.append(_Choice(
-                index=index, request_id=f"{request_id}-{index}", prompt_ids=ids,
+                index=index, request_id=f"{engine_id}-{index}", prompt_ids=ids,
                 params=sp if sp.seed is None or i == 0 else replace(sp, seed=sp.seed + i),
-                metrics=mm.track(arrival), counts_prompt=i == 0, prefix=prefixes[p] if prefixes else "",
+                metrics=metrics, slot=i, counts_prompt=i == 0, prefix=prefixes[p] if prefixes else "",
                 text_offset=len(prefixes[p]) if prefixes else 0))
     return choices
 
@@ -207,7 +232,12 @@ async def _generate(choices: list[_Choice], streams) -> AsyncIterator[tuple[_Cho
         async with aclosing(merge_streams(streams)) as merged:
             async for i, out in merged:
                 c = choices[i]
-                c.metrics.on_output(out)
+                if out.logprobs and out.finished and out.finish_reason == "stop" and \
+                        not isinstance(out.stop_reason, str):
+                    # the stop token (EOS or a stop_token_id) leaves no text: no logprob either,
+                    # so the logprob tokens join to the text
+                    out = replace(out, logprobs=None)
+                c.metrics.on_output(c.slot, out)
                 c.num_output_tokens = out.num_output_tokens
                 c.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
@@ -217,7 +247,7 @@ async def _generate(choices: list[_Choice], streams) -> AsyncIterator[tuple[_Cho
                 yield c, out
     finally:
         for c in choices:  # left early (client gone, error): the closed streams aborted them
-            c.metrics.finish("abort")
+            c.metrics.finish(c.slot, "abort")
 
 
 def _usage(choices: list[_Choice]) -> dict:
@@ -260,7 +290,8 @@ def _chat_logprobs(items: list[TokenLogprob]) -> dict:
         for t in items]}
 
 
-@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
+@router.post("/v1/chat/completions",
+             responses={200: {"model": ChatCompletionResponse, **STREAMED}, **error_responses(404, 429)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = server_state(request)
     arrival = request.state.arrival_time
@@ -269,8 +300,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling_params(body, engine, prompt_ids, max_tokens, logprobs, "messages")
-    request_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
-    choices = _fan_out(state, engine, request_id, [prompt_ids], [params], arrival, body.n)
+    request_id, engine_id = _request_ids("chatcmpl", request, body.request_id)
+    choices = _fan_out(state, engine, engine_id, [prompt_ids], [params], arrival, body.n)
     streams = await _start(engine, choices, arrival)
     created = int(time.time())
     if body.stream:
@@ -338,7 +369,8 @@ def _completion_logprobs(items: list[TokenLogprob], c: _Choice) -> dict:
             "top_logprobs": [{s: _clamp(lp) for _, s, lp in t.top} for t in items], "text_offset": offsets}
 
 
-@router.post("/v1/completions", responses={200: {"model": CompletionResponse}})
+@router.post("/v1/completions",
+             responses={200: {"model": CompletionResponse, **STREAMED}, **error_responses(404, 429)})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
     arrival = request.state.arrival_time
@@ -349,8 +381,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     params = [_sampling_params(body, engine, ids, body.max_tokens, body.logprobs, "prompt") for ids in prompts]
     # after validation: decoding needs ids inside the vocabulary
     prefixes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
-    request_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
-    choices = _fan_out(state, engine, request_id, prompts, params, arrival, body.n, prefixes)
+    request_id, engine_id = _request_ids("cmpl", request, body.request_id)
+    choices = _fan_out(state, engine, engine_id, prompts, params, arrival, body.n, prefixes)
     streams = await _start(engine, choices, arrival)
     created = int(time.time())
     if body.stream:
@@ -394,7 +426,7 @@ async def _completion_stream(body: CompletionRequest, choices, streams, request_
 
 # ---------------------------------------------------------------- tokenize / detokenize
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(404))
 async def tokenize(body: TokenizeRequest, request: Request):
     state = server_state(request)
     engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
@@ -407,7 +439,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404))
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = server_state(request)
     engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from leanserve import __version__
 from leanserve.server.errors import error_response
+from leanserve.server.openapi import error_responses
 from leanserve.server.routes import server_state
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(503))
 async def health(request: Request) -> Response:
     state = server_state(request)
     if state.healthy():
@@ -27,7 +28,7 @@ async def health(request: Request) -> Response:
     return error_response(503, reason)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain
 async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
