@@ -23,18 +23,9 @@ from PIL import Image, features
 from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.server.cancellation import with_cancellation
 from leanserve.server.errors import APIError
-<<<<<<< HEAD
 from leanserve.server.image_engine import ImageGenerationError, RequestAbortedError
-=======
 from leanserve.server.json_body import JSONBodyRoute
 from leanserve.server.openapi import error_responses
-from leanserve.server.image_engine import (
-    ImageGenerationError,
-    ImageParamError,
-    ImageParams,
-    RequestAbortedError,
-)
->>>>>>> h5-contract
 from leanserve.server.protocol import (
     ImageGenerationRequest,
     ImageObject,
