@@ -22,6 +22,7 @@ ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    409: "ConflictError",
     429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
