@@ -106,6 +106,9 @@ def run(args) -> int:
     names = args.served_model_name or []
     if names and len(names) != len(models):
         raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
+    for flag in ("max_queued_jobs", "gpu_jobs", "cpu_jobs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
     kinds = [_model_kind(path) for path in models]
     chat_template = None
     if args.chat_template:

@@ -146,7 +146,7 @@ async def load_model(body: ModelLoad, request: Request):
         path, name = runner.output_dir(job), body.name or job["id"]
     else:
         path = (runner.workspace / body.path).resolve()
-        if not path.is_relative_to(runner.workspace.resolve()):
+        if not path.is_relative_to(runner.workspace):  # resolved: symlinks and .. followed
             raise APIError(400, f"path: {body.path!r} is outside the jobs workspace", "path")
         name = body.name or Path(path).name
     await request.app.state.publisher.load(path, name)
