@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 serve: install
-	$(VENV)/bin/leanserve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/leanserve serve --host $(HOST) --port $(PORT) --jobs-dir jobs
 
 test: install
 	$(PY) -m pytest -q

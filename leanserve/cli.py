@@ -7,7 +7,10 @@ and one command's heavy imports never slow another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import json
 import sys
 
 from leanserve import __version__
@@ -27,13 +30,65 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "sid"): ("leanserve.eval.sid", "SiD generators against their teacher: FD, alignment, diversity; JSON + plot"),
     ("eval", "dpm-ot"): ("leanserve.eval.dpm_ot", "DPM-OT maps against fast solvers and controls: FD vs NFE, memorisation"),
     ("eval", "classifier"): ("leanserve.eval.classifier", "train the shapes attribute classifier behind the image metrics"),
+    ("jobs",): ("leanserve.server.jobs.client", "submit, list, show, follow, cancel and resume jobs of a running server (/v1/jobs)"),
 }
+# commands `leanserve serve` runs as jobs (POST /v1/jobs): each writes its output to --out and
+# continues from its last checkpoint there with --resume
+JOB_COMMANDS = [("train", "lm"), ("train", "diffusion"), ("distill", "sid"), ("train", "dpm-ot")]
+# options of job commands that name files or directories to read: the server confines them
+PATH_OPTIONS = ("data", "tokenizer", "vae", "teacher", "model", "warm_start")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one clear line, not usage + traceback
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+
+class _ArgsError(Exception):
+    pass
+
+
+class _CheckingParser(_Parser):
+    def error(self, message: str):
+        raise _ArgsError(f"{self.prog}: {message}")
+
+    def exit(self, status=0, message=None):  # --help, --version
+        raise _ArgsError(f"{self.prog}: --help and --version are not job arguments")
+
+
+def _check_job(command: str, argv: list[str]) -> dict:
+    from leanserve.runtime import resolve_device
+
+    words = tuple(command.split())
+    if words not in JOB_COMMANDS:
+        known = ", ".join(" ".join(w) for w in JOB_COMMANDS)
+        what = "is not a leanserve command" if words not in COMMANDS else "does not run as a job"
+        return {"error": f"{command!r} {what}; jobs run: {known}"}
+    module_name, help_ = COMMANDS[words]
+    parser = _CheckingParser(prog="leanserve " + command, description=help_)
+    importlib.import_module(module_name).add_arguments(parser)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # stdout carries the answers
+            args = parser.parse_args(argv)
+        device = resolve_device(getattr(args, "device", "auto")).type
+    except (_ArgsError, UserError) as e:
+        return {"error": str(e)}
+    paths = {dest: getattr(args, dest) for dest in PATH_OPTIONS if getattr(args, dest, None) is not None}
+    return {"paths": paths, "device": device}
+
+
+def check_jobs() -> int:
+    """`leanserve --check-jobs`: the job-argument checker `leanserve serve` runs beside itself (the
+    server may not import the commands). One JSON request a line on stdin, {"command": "train lm",
+    "argv": [...]}, one answer a line on stdout: {"error": the parser's message} or {"paths": {option
+    dest: value} of PATH_OPTIONS, "device": "cpu" | "cuda"}. Long-lived, so that each command's
+    module is imported once rather than on every request."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.write(json.dumps(_check_job(request["command"], request["argv"])) + "\n")
+        sys.stdout.flush()
+    return 0
 
 
 def _usage() -> str:
@@ -59,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(__version__)
         return 0
+    if argv[0] == "--check-jobs":
+        return check_jobs()
     found = _find_command(argv)
     if found is None:
         sys.stderr.write(f"leanserve: error: unknown command '{' '.join(argv[:2])}' (see leanserve --help)\n")

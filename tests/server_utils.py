@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,9 +69,16 @@ class RemoteServer:
 
 
 @contextmanager
-def remote_server(model_dir, *args: str, env: dict[str, str] | None = None) -> Iterator[RemoteServer]:
-    """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it."""
+def remote_server(model_dir, *args: str, env: dict[str, str] | None = None,
+                  exit_code: int = 0) -> Iterator[RemoteServer]:
+    """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it.
+    Without --jobs-dir in ARGS the jobs workspace is a fresh temporary directory (one server per workspace).
+    `exit_code`: the status the server must end with (-9 for a test that kills it)."""
     port = free_port()
+    jobs_dir = None
+    if "--jobs-dir" not in args:
+        jobs_dir = tempfile.mkdtemp(prefix="leanserve-jobs-")
+        args = (*args, "--jobs-dir", jobs_dir)
     cmd = [sys.executable, "-m", "leanserve.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", *args]
     # one intra-op thread: the tiny model gains nothing from more and the test machine is small
@@ -96,4 +104,6 @@ def remote_server(model_dir, *args: str, env: dict[str, str] | None = None) -> I
         code = server.terminate()
         log_file.close()
         os.unlink(log_file.name)
-    assert code == 0, f"server exited with {code}"
+        if jobs_dir is not None:
+            shutil.rmtree(jobs_dir, ignore_errors=True)
+    assert code == exit_code, f"server exited with {code}"

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -20,9 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leanserve import __version__
 from leanserve.server.errors import APIError, error_response, install_exception_handlers
+from leanserve.server.jobs.workspace import open_jobs
 from leanserve.server.metrics import ServerMetrics
 from leanserve.server.openapi import install_openapi
-from leanserve.server.routes import images, openai, ops
+from leanserve.server.publisher import ModelPublisher
+from leanserve.server.routes import images, jobs, openai, ops
 from leanserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -219,12 +221,17 @@ def _add_header(send: Send, name: bytes, value: bytes) -> Send:
     return wrapped
 
 
-def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastAPI:
+def create_app(settings: ServerSettings, engines: Mapping[str, object],
+               make_engine: Callable[[str, str], object] | None = None) -> FastAPI:
+    """`make_engine(model directory, served name)`: an unstarted engine, for models published while
+    serving (POST /v1/models); `settings.jobs_dir` turns on the jobs API over that workspace."""
     kinds = {name: e.kind for name, e in engines.items()}
     state = ServerState(settings=settings, engines=engines, kinds=kinds, metrics=ServerMetrics(engines),
                         api_key_digests=[hashlib.sha256(k.encode()).digest() for k in settings.api_keys])
     for name, image_metrics in state.metrics.image_models.items():
         engines[name].batch_observer = image_metrics.observe_batch  # stage timings of each pipeline call
+    publisher = ModelPublisher(state, make_engine)
+    job_runner = open_jobs(settings, state, publisher) if settings.jobs_dir else None
 
     async def log_stats_loop() -> None:
         while True:
@@ -235,6 +242,8 @@ def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastA
     async def lifespan(app: FastAPI):
         for engine in engines.values():
             await engine.start()
+        if job_runner is not None:
+            await job_runner.start()
         state.ready = True
         logger.info("serving %s", ", ".join(f"{name} ({kind})" for name, kind in kinds.items()))
         log_task = asyncio.create_task(log_stats_loop()) if settings.log_stats_interval > 0 else None
@@ -245,15 +254,19 @@ def create_app(settings: ServerSettings, engines: Mapping[str, object]) -> FastA
                 log_task.cancel()
                 with suppress(asyncio.CancelledError):
                     await log_task
+            if job_runner is not None:
+                await job_runner.shutdown()  # running jobs become `interrupted`, resumable
             await state.shutdown()
 
     app = FastAPI(title="leanserve", version=__version__, lifespan=lifespan)
     app.state.server = state
+    app.state.publisher, app.state.jobs = publisher, job_runner
     install_exception_handlers(app)
     install_openapi(app, OPS_PATHS, api_keys=bool(settings.api_keys),
                     vocab_sizes=[e.vocab_size for name, e in engines.items() if kinds[name] == "llm"])
     app.include_router(openai.router)
     app.include_router(images.router)
     app.include_router(ops.router)
+    app.include_router(jobs.router)
     app.add_middleware(FrontDoorMiddleware, state=state)
     return app

@@ -336,3 +336,17 @@ class ServerMetrics:
             if d_images or s.num_running or s.num_waiting:
                 logger.info("%s: running %d, waiting %d, %.2f images/s", name, s.num_running, s.num_waiting,
                             d_images / dt)
+
+    def add_engine(self, name: str, engine) -> None:
+        """A model loaded while serving (POST /v1/models), measured like those served from the start."""
+        if engine.kind == "llm":
+            self.engines[name] = engine
+            self.models[name] = ModelMetrics(self, name)
+        else:
+            self.image_engines[name] = engine
+            self.image_models[name] = ImageModelMetrics(self, name)
+            engine.batch_observer = self.image_models[name].observe_batch
+
+    def remove_engine(self, name: str) -> None:
+        for by_name in (self.engines, self.models, self.image_engines, self.image_models):
+            by_name.pop(name, None)

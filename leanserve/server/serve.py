@@ -25,6 +25,7 @@ from leanserve.server.settings import ServerSettings
 # the first image model is the images API default (the fast few-step generator); its teacher stays servable by name
 DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-sid", "zoo/shapes-teacher"]
 _IMAGE_DEFAULTS = ImageEngineConfig(model="")
+DEFAULT_JOBS_DIR = "jobs"
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
     "--max-num-seqs": ("max_num_seqs", int),
@@ -71,6 +72,15 @@ def add_arguments(p):
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
                        help=f"images per denoising loop; concurrent requests of one shape share it "
                             f"(default: {_IMAGE_DEFAULTS.max_image_batch})")
+    jobs = p.add_argument_group("jobs API (/v1/jobs)")
+    jobs.add_argument("--jobs-dir", default=DEFAULT_JOBS_DIR, metavar="DIR",
+                      help="workspace of the jobs API: its database, each job's output and log, the inputs jobs "
+                           "may read; '' turns the jobs API off (default: ./jobs)")
+    jobs.add_argument("--max-queued-jobs", type=int, default=defaults.max_queued_jobs, metavar="INT")
+    jobs.add_argument("--gpu-jobs", type=int, default=defaults.gpu_jobs, metavar="INT",
+                      help="jobs running at once on the GPU")
+    jobs.add_argument("--cpu-jobs", type=int, default=defaults.cpu_jobs, metavar="INT",
+                      help="jobs running at once on the CPU, counted apart from the GPU's")
 
 
 def _model_kind(path: str) -> str:
@@ -98,6 +108,9 @@ def run(args) -> int:
     names = args.served_model_name or []
     if names and len(names) != len(models):
         raise UserError(f"{len(names)} --served-model-name for {len(models)} --model; give one per model or none")
+    for flag in ("max_queued_jobs", "gpu_jobs", "cpu_jobs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
     kinds = [_model_kind(path) for path in models]
     chat_template = None
     if args.chat_template:
@@ -106,7 +119,9 @@ def run(args) -> int:
         chat_template = Path(args.chat_template).read_text()
     env_key = os.environ.get("LEANSERVE_API_KEY")
     settings = ServerSettings(host=args.host, port=args.port, api_keys=args.api_key or ([env_key] if env_key else []),
-                              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                              shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                              jobs_dir=args.jobs_dir or None, max_queued_jobs=args.max_queued_jobs,
+                              gpu_jobs=args.gpu_jobs, cpu_jobs=args.cpu_jobs)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # heavy imports (torch, transformers) only once the arguments are known to be good
@@ -121,20 +136,24 @@ def run(args) -> int:
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch
+
+    def make_engine(path: str, name: str | None, kind: str | None = None):
+        """An unstarted engine with this server's engine options (also for models published later)."""
+        if (kind or _model_kind(path)) == "image":
+            return AsyncImageEngine(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
+        engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=name, **engine_kwargs))
+        if chat_template is not None:
+            engine.tokenizer.chat_template = chat_template
+        return engine
+
     engines = {}
     for i, (path, kind) in enumerate(zip(models, kinds)):
-        name = names[i] if names else None
-        if kind == "image":
-            engine = AsyncImageEngine(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
-        else:
-            engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=name, **engine_kwargs))
-            if chat_template is not None:
-                engine.tokenizer.chat_template = chat_template
+        engine = make_engine(path, names[i] if names else None, kind)
         if engine.model_name in engines:
             raise UserError(f"two models are served as {engine.model_name!r}; use --served-model-name")
         engines[engine.model_name] = engine
 
-    app = create_app(settings, engines)
+    app = create_app(settings, engines, make_engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=UVICORN_GRACE_S)
     server = DrainingServer(config, app.state.server)

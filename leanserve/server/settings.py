@@ -13,3 +13,7 @@ class ServerSettings:
     max_body_bytes: int = 2 * 1024 * 1024  # TGI's payload limit; larger bodies get 413
     log_stats_interval: float = 5.0     # seconds between one-line throughput summaries; 0 = off
     log_level: str = "info"
+    jobs_dir: str | None = None         # the jobs API's workspace (`leanserve serve` defaults to ./jobs); None = off
+    max_queued_jobs: int = 16           # more waiting jobs get 429
+    gpu_jobs: int = 1                   # jobs running at once on the GPU
+    cpu_jobs: int = 1                   # and, counted separately, on the CPU

@@ -145,13 +145,14 @@ def initial_candidates(y: torch.Tensor) -> dict[str, torch.Tensor]:
 def solve(y: torch.Tensor, config: SolverConfig, h0: torch.Tensor | None = None,
           log: Callable[[str], None] = print, progress: bool = False, *, state: SolverState | None = None,
           save: Callable[[SolverState], None] | None = None, save_every: int = 0,
-          stop_at: int | None = None) -> SolveResult:
+          stop_at: int | None = None, report: Callable[[int, dict, bool], None] | None = None) -> SolveResult:
     """Potentials h [N] (float32) for targets y [N, d] on the solve device. y in bfloat16 scores with
     tensor cores (fp32 accumulation): rounding moves only near-tie assignments, which adds noise to
     the mass estimates but not bias worth a slower solve; the sampler scores in fp32.
 
     `state` resumes a saved solve (h0 is then ignored); `save(state)` is called every `save_every`
-    iterations and at `stop_at`, where the solve stops unfinished."""
+    iterations and at `stop_at`, where the solve stops unfinished; `report(iteration, last evaluation,
+    saved)` after every iteration (a ProgressFile's update)."""
     from tqdm import tqdm
 
     n = y.shape[0]
@@ -183,6 +184,7 @@ def solve(y: torch.Tensor, config: SolverConfig, h0: torch.Tensor | None = None,
     k = state.iteration
     finished = state.best.converged(config) or k >= config.max_iters
     bar = tqdm(total=config.max_iters, initial=k, disable=not progress, dynamic_ncols=True, desc="dpm-ot solve")
+    postfix = {}
     while not finished:
         k += 1
         g = cell_counts(y, h, num_step, generator).to(h.dtype) / num_step - 1.0 / n
@@ -197,16 +199,20 @@ def solve(y: torch.Tensor, config: SolverConfig, h0: torch.Tensor | None = None,
         if k % config.eval_every == 0 or finished:
             error = evaluate(y, ema, num_eval, eval_seed)
             state.history.append({"iter": k, **asdict(error)})
-            bar.set_postfix(max_rel=f"{error.max_rel:.3f}", chi2=f"{error.chi2_excess:.2e}", empty=error.empty)
+            postfix = {"max_rel": f"{error.max_rel:.3f}", "chi2": f"{error.chi2_excess:.2e}", "empty": error.empty}
+            bar.set_postfix(**postfix)
             if error.chi2_excess < state.best.chi2_excess:
                 state.best_h, state.best = ema.clone(), error
             finished |= error.converged(config)
         state.iteration = k
-        if save is not None and not finished and ((save_every and k % save_every == 0) or k == stop_at):
+        saved = save is not None and not finished and ((save_every and k % save_every == 0) or k == stop_at)
+        if saved:
             state.rng = generator.get_state()
             state.seconds += time.perf_counter() - started
             started = time.perf_counter()
             save(state)
+        if report is not None:
+            report(k, postfix, saved)
         if k == stop_at and not finished:
             bar.close()
             log(f"stopped at iteration {k}; continue with --resume")
@@ -362,6 +368,7 @@ def run(args):
         weights_sha256,
     )
     from leanserve.trainers.checkpoint import check_resume_args
+    from leanserve.trainers.progress import ProgressFile
     from leanserve.runtime import resolve_device
 
     _check_args(args)
@@ -412,8 +419,11 @@ def run(args):
         out.mkdir(parents=True, exist_ok=True)
         save_state(checkpoint, solver_state, {"targets": targets, "x0": x0}, info)
 
+    done_iters = state.iteration if state is not None else 0
+    progress = ProgressFile(out, "iteration", config.max_iters, done_iters,
+                            checkpoint_step=done_iters if state is not None else None)
     result = solve(targets.flatten(1).to(device, getattr(torch, args.solve_dtype)), config, h0=h0, progress=True,
-                   state=state, save=save, save_every=args.save_every, stop_at=args.stop_at)
+                   state=state, save=save, save_every=args.save_every, stop_at=args.stop_at, report=progress.update)
     if not result.finished:
         return 0
 
@@ -439,6 +449,7 @@ def run(args):
                  "solve_seconds": result.seconds, "target_seconds": target_seconds, "target_nfe": target_nfe,
                  "device": str(device), "history": result.history}))
     checkpoint.unlink(missing_ok=True)  # the model directory is the artifact now
+    progress.update(result.iterations, done=True)
     print(f"wrote {args.out} (N={args.num_targets}, t′={args.t_prime}, σ={sigma:.3g}, "
           f"{'converged' if result.converged else 'NOT converged'})")
     return 0

@@ -3,7 +3,8 @@ bar, periodic evaluation and checkpoints, --stop-at and --time-limit, and the en
 evaluation, the model directory written by rank 0, the checkpoint removed).
 
 A trainer subclasses TrainingLoop and keeps its own data, models, step and output; checkpoints are
-trainers/checkpoint.py's (every rank's RNG states, same world size to resume). Also here: the two
+trainers/checkpoint.py's (every rank's RNG states, same world size to resume); rank 0 keeps
+OUT/progress.json current (trainers/progress.py). Also here: the two
 option helpers the data-parallel trainers share (--batch-size over ranks, --bf16 autocast).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from leanserve.errors import UserError
 from leanserve.models.model_dir import make_recipe
 from leanserve.runtime import DistInfo
 from leanserve.trainers.checkpoint import check_resume_args, load_checkpoint, save_checkpoint
+from leanserve.trainers.progress import ProgressFile
 
 CHECKPOINT = "checkpoint.pt"  # in --out until the model directory replaces it
 
@@ -136,6 +138,8 @@ class TrainingLoop:
             self.deadline = started + 60 * time_limit
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
                    desc=self.command)
+        progress = ProgressFile(self.out, self.unit, self.total_steps, self.step,
+                                checkpoint_step=self.step if args.resume else None)
         while self.step < end and not self.out_of_time:
             postfix = self._advance()
             bar.update(1)
@@ -143,8 +147,11 @@ class TrainingLoop:
                 bar.set_postfix(**postfix)
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._evaluate()
-            if self.step % args.save_every == 0 or self.step == args.stop_at:
+            saved = self.step % args.save_every == 0 or self.step == args.stop_at
+            if saved:
                 self._save()
+            if self.dist.is_main:
+                progress.update(self.step, postfix, checkpointed=saved)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -159,6 +166,7 @@ class TrainingLoop:
             self._write_output(metrics)
             fsync_tree(self.out)  # the model directory is on disk before what it replaces is gone
             (self.out / CHECKPOINT).unlink(missing_ok=True)  # the model directory is the artifact now
+            progress.update(self.step, done=True)
         if self.dist.world_size > 1:
             torch.distributed.barrier()  # no rank exits (or reads OUT) before the model directory is complete
         return 0

@@ -1,5 +1,5 @@
 """Route modules by API: openai (chat, completions, models, tokenize), images (generations),
-ops (health, metrics, version, load); jobs come later. Each exposes an APIRouter named `router`."""
+ops (health, metrics, version, load), jobs (the jobs API, publishing models). Each exposes an APIRouter named `router`."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
