@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from leanserve.server.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
@@ -69,6 +70,15 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
     return "; ".join(messages) or "Invalid request", first_param
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI schema lists for the request's path: what a client may send there."""
+    methods = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
+
+
 def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -81,11 +91,16 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        headers = exc.headers
         if exc.status_code == 404:
             message = f"Route {request.method} {request.url.path} not found"
         else:
             message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
-        return error_response(exc.status_code, message, headers=exc.headers)
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route of the path; routers split some
+            # paths' methods over several routes (GET /v1/models in one, POST in another)
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(exc.status_code, message, headers=headers)
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid_request(request: Request, exc: InvalidRequestError):

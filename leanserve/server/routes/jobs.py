@@ -15,11 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from leanserve.server.errors import APIError
 from leanserve.server.jobs.runner import JobRunner
 from leanserve.server.jobs.store import FINISHED
+from leanserve.server.json_body import JSONBodyRoute
+from leanserve.server.openapi import error_responses
 from leanserve.server.routes import server_state
 from leanserve.server.routes.openai import _model_card
 from leanserve.server.streaming import SSE_DONE, SSE_HEADERS, sse_event
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 MAX_PAGE = 100
 FOLLOW_POLL_S = 0.25
 MAX_LOG_BYTES = 1 << 20  # GET .../logs answers the log's last MiB
@@ -70,23 +72,23 @@ def _event_seq(after: str | None) -> int | None:
     return int(seq)
 
 
-@router.post("/v1/jobs")
+@router.post("/v1/jobs", responses=error_responses(404, 429))
 async def create_job(body: JobCreate, request: Request) -> dict:
     return _job_object(await _runner(request).submit(body.command.strip(), body.args, body.publish))
 
 
-@router.get("/v1/jobs")
+@router.get("/v1/jobs", responses=error_responses(400, 404))
 async def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=MAX_PAGE)) -> dict:
     jobs, has_more = _runner(request).store.page(after, limit)
     return {"object": "list", "data": [_job_object(j) for j in jobs], "has_more": has_more}
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses=error_responses(404))
 async def get_job(job_id: str, request: Request) -> dict:
     return _job_object(_runner(request).get(job_id))
 
 
-@router.get("/v1/jobs/{job_id}/events")
+@router.get("/v1/jobs/{job_id}/events", responses=error_responses(400, 404))
 async def list_events(job_id: str, request: Request, after: str | None = None,
                       limit: int = Query(20, ge=1, le=MAX_PAGE), stream: bool = False):
     """Newest first, `after` an event id for the older ones; `stream=true`: every event (after `after`)
@@ -113,7 +115,7 @@ async def _follow(runner: JobRunner, job_id: str, after: int):
         await asyncio.sleep(FOLLOW_POLL_S)
 
 
-@router.get("/v1/jobs/{job_id}/logs")
+@router.get("/v1/jobs/{job_id}/logs", responses=error_responses(404))
 async def job_logs(job_id: str, request: Request) -> PlainTextResponse:
     """The job's stdout and stderr (its last MiB), every attempt."""
     path = _runner(request).log_path(job_id)
@@ -124,17 +126,17 @@ async def job_logs(job_id: str, request: Request) -> PlainTextResponse:
         return PlainTextResponse(f.read().decode(errors="replace"))
 
 
-@router.post("/v1/jobs/{job_id}/cancel")
+@router.post("/v1/jobs/{job_id}/cancel", responses=error_responses(404, 409))
 async def cancel_job(job_id: str, request: Request) -> dict:
     return _job_object(await _runner(request).cancel(job_id))
 
 
-@router.post("/v1/jobs/{job_id}/resume")
+@router.post("/v1/jobs/{job_id}/resume", responses=error_responses(404, 409))
 async def resume_job(job_id: str, request: Request) -> dict:
     return _job_object(await _runner(request).resume(job_id))
 
 
-@router.post("/v1/models")
+@router.post("/v1/models", responses=error_responses(404, 409))
 async def load_model(body: ModelLoad, request: Request):
     runner, state = _runner(request), server_state(request)
     if (body.job is None) == (body.path is None):
@@ -155,7 +157,7 @@ async def load_model(body: ModelLoad, request: Request):
     return _model_card(state, name, state.engines[name])
 
 
-@router.delete("/v1/models/{model_id:path}")
+@router.delete("/v1/models/{model_id:path}", responses=error_responses(404, 409))
 async def unload_model(model_id: str, request: Request) -> dict:
     """Answers once the model's in-flight requests have ended and its engine has stopped."""
     await request.app.state.publisher.unload(model_id)
