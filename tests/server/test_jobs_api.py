@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from server_utils import metric, remote_server, scrape, sse_data
-from test_train_lm import train_texts, write_data
+from lm_builders import train_texts, write_data
 
 KEY = "jobs-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_utils import remote_server
-from test_server_images import build_tiny_pipeline
+from image_builders import build_tiny_pipeline
 
 from pydantic import BaseModel
 

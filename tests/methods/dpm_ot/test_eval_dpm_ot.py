@@ -23,7 +23,7 @@ from leanserve.eval.image_metrics import mode_mixture, nearest_distances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEACHER = Path(__file__).resolve().parents[1] / "zoo" / "shapes-teacher"
+TEACHER = Path(__file__).resolve().parents[3] / "zoo" / "shapes-teacher"
 N_TARGETS, N_IMAGES, BATCH, NFE, DDPM_STEPS = 16, 16, 8, 2, 2
 
 

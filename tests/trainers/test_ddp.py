@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_lm import train_texts, write_data
+from lm_builders import train_texts, write_data
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from torch_threads import single_thread
 
 from leanserve.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # `python -c WRAPPER CHECKPOINT N WHEN leanserve-args...`: runs the command, counting the renames
 # that put CHECKPOINT in place. WHEN < 0: at the Nth, the temporary file is cut in half and the
@@ -93,7 +93,7 @@ TRAINERS = {
 
 @pytest.fixture(scope="module")
 def lm_inputs(tmp_path_factory):
-    from test_train_lm import train_texts, write_data
+    from lm_builders import train_texts, write_data
 
     from leanserve.data.tokenizer import train_tokenizer
 
