@@ -1,4 +1,4 @@
-"""`leanserve train dpm-ot`: fit the semi-discrete OT map of DPM-OT (specs/dpm_ot.md §2-4).
+"""`leanserve train dpm-ot`: fit the semi-discrete OT map of DPM-OT (Li et al., ICCV 2023).
 
 Source μ = N(0, I_d), the law the sampler draws x_T from; targets y_1..y_N at noise level t′
 (y_i = a·x0_i + s·ε_i with fixed ε_i, a = √ᾱ_t′, s = √(1 − ᾱ_t′); the fresh-noise variant solves

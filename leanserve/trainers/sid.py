@@ -1,5 +1,6 @@
 """`leanserve distill sid`: distil a pixel-space diffusion teacher into a 1..K-step generator with
-Score identity Distillation (spec: shared/specs/sid.md; losses in trainers/sid_loss.py).
+Score identity Distillation (Zhou et al., SiD and its few-step, LSG and Diffusion-GAN extensions; losses in
+trainers/sid_loss.py).
 
 The generator θ and the fake score network ψ start as copies of the teacher's UNet; the teacher
 φ and the text encoder stay frozen. Data-free: only prompts are needed (shapes train captions),

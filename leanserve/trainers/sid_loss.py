@@ -1,4 +1,5 @@
-"""Score identity Distillation (SiD) losses as pure functions (spec: shared/specs/sid.md §1-§6).
+"""Score identity Distillation (SiD) losses as pure functions (the few-step SiD paper: score identity loss,
+LSG, Zero-CFG, Anti-CFG, Diffusion-GAN).
 
 Three ε-prediction UNets of the same architecture: the frozen teacher φ, the fake score network ψ
 (models the score of the generator's own outputs) and the generator θ. Everything here works on
