@@ -1,5 +1,6 @@
 """`leanserve eval dpm-ot`: DPM-OT maps against fast solvers, the controls and the DDPM reference
-(the DPM-OT paper's comparison: FD and mode mixture against NFE), unconditional (empty prompt, guidance 1: the paper's setting).
+(the DPM-OT paper's comparison: FD and mode mixture against NFE), unconditional (empty prompt,
+guidance 1: the paper's setting).
 
 Rows, each at every NFE of --nfe and every evaluation seed:
 - baselines: --baselines samplers from x_T with NFE steps;
