@@ -148,7 +148,7 @@ def test_connection_stays_usable_after_errors(http):
     first = http.get("/v1/models")
     errors = [http.post("/v1/completions", json={"model": MODEL, "prompt": ""}),
               http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}),
-              http.post("/v1/models"),
+              http.put("/v1/models"),
               http.post("/v1/completions", content=b"x", headers={"Content-Type": "text/plain"})]
     assert [r.status_code for r in errors] == [400, 404, 405, 415]
     good = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
