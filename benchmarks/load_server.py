@@ -87,8 +87,9 @@ async def one_stream(client: httpx.AsyncClient, model: str, max_tokens: int) -> 
         return type(e).__name__
     if data[-1:] != ["[DONE]"]:
         return "no [DONE]"
-    if any('"error"' in d for d in data):
-        return "error event"
+    errors = [json.loads(d)["error"]["message"] for d in data[:-1] if d.startswith('{"error"')]
+    if errors:
+        return f"error event: {errors[0]}"
     return "ok" if any('"finish_reason":"length"' in d for d in data) else "no finish_reason"
 
 
@@ -104,36 +105,44 @@ async def stream_round(url: str, model: str, n: int, max_tokens: int) -> dict:
             "output_tok_s": round(counts.get("ok", 0) * max_tokens / seconds, 1), **health.summary()}
 
 
+_PROBE = """
+import json, sys, threading, time
+import httpx
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+latencies, failures = [], 0
+with httpx.Client(timeout=30) as client:
+    while not stop.is_set():
+        start = time.perf_counter()
+        try:
+            failures += client.get(sys.argv[1] + "/health").status_code != 200
+        except httpx.HTTPError:
+            failures += 1
+        latencies.append(time.perf_counter() - start)
+        stop.wait(0.1)
+print(json.dumps({"health_probes": len(latencies), "health_failures": failures,
+                  "health_worst_ms": round(max(latencies, default=0.0) * 1e3, 1)}))
+"""
+
+
 class HealthProbe:
-    """GET /health every 100 ms while the block runs; the worst latency (a blocked loop shows here)."""
+    """GET /health every 100 ms while the block runs, from a process of its own (this one's event
+    loop is busy with the load): the worst latency shows whether the server's loop was blocked."""
 
     def __init__(self, url: str):
-        self.url, self.latencies, self.failures = url, [], 0
+        self.url = url
 
     async def __aenter__(self):
-        self._task = asyncio.create_task(self._run())
+        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, self.url], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
         return self
 
     async def __aexit__(self, *exc):
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self):
-        async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
-            while True:
-                start = time.perf_counter()
-                try:
-                    ok = (await client.get("/health")).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                self.latencies.append(time.perf_counter() - start)
-                self.failures += not ok
-                await asyncio.sleep(0.1)
+        out, _ = await asyncio.to_thread(self._proc.communicate, "")
+        self._summary = json.loads(out)
 
     def summary(self) -> dict:
-        worst = max(self.latencies, default=0.0)
-        return {"health_probes": len(self.latencies), "health_failures": self.failures,
-                "health_worst_ms": round(worst * 1e3, 1)}
+        return self._summary
 
 
 # ---------------------------------------------------------------- misbehaving clients
