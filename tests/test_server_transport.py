@@ -8,6 +8,7 @@ import json
 import resource
 import socket
 import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -53,10 +54,12 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 
 
 def closed_now(sock: socket.socket) -> bool:
-    """Whether the server has closed `sock` already (its response, if any, read before)."""
+    """Whether the server has closed `sock` already; reads and drops what it sent before."""
     sock.setblocking(False)
     try:
-        return sock.recv(65536) == b""
+        while sock.recv(65536):
+            pass
+        return True
     except BlockingIOError:
         return False
     except ConnectionResetError:
@@ -227,34 +230,33 @@ def test_slow_body_gets_408_and_close(strict_server):
 
 
 def test_idle_keep_alive_connections_are_capped(strict_server):
-    socks = [raw_connection(strict_server) for _ in range(3)]  # 4 would reach --limit-concurrency
-    for sock in socks:
-        sock.sendall(http_get("/health"))
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-    time.sleep(0.3)
-    # the 2 allowed idle ones stay for their next request (until the 2 s head deadline)
-    assert [closed_now(sock) for sock in socks] == [False, False, True]
-    socks[0].sendall(http_get("/version"))
-    assert socks[0].recv(65536).startswith(b"HTTP/1.1 200")
-    for sock in socks:
-        sock.close()
+    with ExitStack() as stack:
+        socks = [stack.enter_context(raw_connection(strict_server)) for _ in range(3)]  # 4 = --limit-concurrency
+        for sock in socks:
+            sock.sendall(http_get("/health"))
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.3)
+        # the 2 allowed idle ones stay for their next request (until the 2 s head deadline)
+        assert [closed_now(sock) for sock in socks] == [False, False, True]
+        socks[0].sendall(http_get("/version"))
+        assert socks[0].recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_connection_cap_and_limit_concurrency(strict_server):
-    held = [raw_connection(strict_server) for _ in range(4)]
-    time.sleep(0.1)
-    # 5 connections open >= --limit-concurrency 4: uvicorn answers this request 503
-    with raw_connection(strict_server) as fifth:
-        fifth.sendall(http_get("/health"))
-        assert fifth.recv(65536).startswith(b"HTTP/1.1 503")
-        assert closed_by_server(fifth, within=1)
-    time.sleep(0.1)
-    extra = [raw_connection(strict_server) for _ in range(4)]
-    time.sleep(0.3)
-    # 4 + 2 open = the cap of 6: the rest are closed at accept
-    assert [closed_now(sock) for sock in extra] == [False, False, True, True]
-    for sock in held + extra:
-        sock.close()
+    with ExitStack() as stack:
+        for _ in range(4):
+            stack.enter_context(raw_connection(strict_server))
+        time.sleep(0.1)
+        # 5 connections open >= --limit-concurrency 4: uvicorn answers this request 503
+        with raw_connection(strict_server) as fifth:
+            fifth.sendall(http_get("/health"))
+            assert fifth.recv(65536).startswith(b"HTTP/1.1 503")
+            assert closed_by_server(fifth, within=1)
+        time.sleep(0.1)
+        extra = [stack.enter_context(raw_connection(strict_server)) for _ in range(4)]
+        time.sleep(0.3)
+        # 4 + 2 open = the cap of 6: the rest are closed at accept
+        assert [closed_now(sock) for sock in extra] == [False, False, True, True]
     time.sleep(0.3)
     assert httpx.get(strict_server.url + "/health").status_code == 200
     assert strict_server.log().count("connection limit reached") == 1  # rate-limited: one line for both
