@@ -11,8 +11,8 @@ from leanserve.models.model_dir import git_commit
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS) -> Path:
-    """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json."""
+def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filename: str | None = None) -> Path:
+    """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json (or OUT/filename)."""
     hw = hardware()
     payload = {"bench": bench, "hardware": hw, "git_commit": git_commit() or "unknown",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -20,7 +20,7 @@ def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in hw.lower()).strip("-")[:40]
-    path = out / f"{bench}-{slug}.json"
+    path = out / (filename or f"{bench}-{slug}.json")
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

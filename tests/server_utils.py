@@ -69,22 +69,25 @@ class RemoteServer:
 
 
 @contextmanager
-def remote_server(model_dir, *args: str, env: dict[str, str] | None = None,
-                  exit_code: int = 0) -> Iterator[RemoteServer]:
-    """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it.
-    Without --jobs-dir in ARGS the jobs workspace is a fresh temporary directory (one server per workspace).
-    `exit_code`: the status the server must end with (-9 for a test that kills it)."""
+def remote_server(model_dir, *args: str, env: dict[str, str] | None = None, launcher: str | None = None,
+                  preexec_fn=None, exit_code: int = 0) -> Iterator[RemoteServer]:
+    """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it
+    and check its exit status (-9 for a test that kills it). Without --jobs-dir in ARGS the jobs
+    workspace is a fresh temporary directory (one server per workspace). `launcher`: Python source
+    run instead of `-m leanserve.cli` (it gets the arguments in sys.argv[1:]), for tests that patch
+    the server before it starts."""
     port = free_port()
     jobs_dir = None
     if "--jobs-dir" not in args:
         jobs_dir = tempfile.mkdtemp(prefix="leanserve-jobs-")
         args = (*args, "--jobs-dir", jobs_dir)
-    cmd = [sys.executable, "-m", "leanserve.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    entry = ["-c", launcher] if launcher else ["-m", "leanserve.cli"]
+    cmd = [sys.executable, *entry, "serve", "--model", str(model_dir), "--port", str(port),
            "--log-level", "warning", *args]
     # one intra-op thread: the tiny model gains nothing from more and the test machine is small
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     log_file = tempfile.NamedTemporaryFile(prefix="leanserve-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
     server = RemoteServer(proc, f"http://127.0.0.1:{port}", Path(log_file.name))
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

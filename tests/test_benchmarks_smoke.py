@@ -47,3 +47,20 @@ def test_sid_and_dpm_ot_benchmarks_smoke(tmp_path):
     for r in ot["solve"]:  # toy problems converge well inside the budget
         assert r["solve"]["converged"], r
         assert r["solve"]["best"]["chi2_excess"] <= 1e-3 and r["solve"]["best"]["empty"] == 0
+
+
+def test_load_server_smoke():
+    """benchmarks/load_server.py --smoke: a real server, 2 rounds of 50 streams and 10 slow clients of each kind."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_server.py"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout)
+    for name in ("round_1", "round_2"):
+        assert r[name]["outcomes"] == {"ok": 50}
+        assert not any(r[name]["gauges_after"].values())
+    clients = r["misbehaving_clients"]
+    assert all(clients[kind]["closed_by_server"] == 10 for kind in ("idle", "slow_headers", "slow_bodies"))
+    assert clients["slow_bodies"]["status_408"] == 10
+    assert clients["slow_reader"]["completed"] and clients["never_reader_cut_after_s"] is not None
+    assert r["server_load_after"] == 0 and r["sigterm"]["exit_code"] == 0 and r["server_log"]["tracebacks"] == 0

@@ -30,8 +30,11 @@ from leanserve.server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 KIND_NAMES = {"llm": "an LLM (chat/completions)", "image": "an image"}
-OPS_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})  # never gated by auth or draining
+# never gated by auth or draining: probes and scrapers carry no key, and none of these does work
+# for the caller (vLLM leaves /load open too); every other route needs the key when one is set
+OPS_PATHS = frozenset({"/health", "/metrics", "/version", "/load"})
 MAX_REQUEST_ID_CHARS = 256
+CLOSE = {"Connection": "close"}  # the body was left unread: this connection cannot carry another request
 FLUSH_TIMEOUT_S = 2.0  # after the engines finished every request, time for the last SSE events to go out
 
 
@@ -67,10 +70,11 @@ class ServerState:
         return self.ready and not self.draining and all(e.stats().healthy for e in self.engines.values())
 
     def api_key_ok(self, authorization: str | None) -> bool:
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 7235 2.1)
             return False
         # constant-time over fixed-length digests: neither the key nor its length leaks by timing
-        digest = hashlib.sha256(authorization.removeprefix("Bearer ").encode("latin-1")).digest()
+        digest = hashlib.sha256(token.strip(" ").encode("latin-1")).digest()
         return any(secrets.compare_digest(digest, d) for d in self.api_key_digests)
 
     async def shutdown(self) -> None:
@@ -141,11 +145,10 @@ class FrontDoorMiddleware:
                 metrics.http_duration.labels(handler, method).observe(time.monotonic() - arrival)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state, path, method = self.state, scope["path"], scope["method"]
+        state, method = self.state, scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
-        if state.api_key_digests and path.startswith("/v1/") and method != "OPTIONS" \
-                and not state.api_key_ok(headers.get("authorization")):
+        if state.api_key_digests and method != "OPTIONS" and not state.api_key_ok(headers.get("authorization")):
             await error_response(401, "Invalid or missing API key (send Authorization: Bearer <key>)")(
                 scope, receive, send)
             return
@@ -175,28 +178,36 @@ class FrontDoorMiddleware:
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send,
                          headers: dict[str, str]) -> Receive | None:
-        """Read the whole (JSON) body under the size limit, then replay it to the app.
+        """Read the whole (JSON) body under the size limit and deadline, then replay it to the app.
 
         Reading up front turns both a large Content-Length and an endless chunked body
-        into a 413 before any parsing; later receive() calls reach the client, so
+        into a 413 before any parsing, and a body that trickles in (slowloris) into a 408
+        (uvicorn has no body timeout); later receive() calls reach the client, so
         disconnects are still seen."""
-        limit = self.state.settings.max_body_bytes
-        too_large = error_response(413, f"Request body is larger than {limit} bytes")
+        settings = self.state.settings
+        limit = settings.max_body_bytes
+        too_large = error_response(413, f"Request body is larger than {limit} bytes", headers=CLOSE)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             await too_large(scope, receive, send)
             return None
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > limit:
-                await too_large(scope, receive, send)
-                return None
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(settings.timeout_body):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        await too_large(scope, receive, send)
+                        return None
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await error_response(408, f"Request body not received within {settings.timeout_body:g} s",
+                                 headers=CLOSE)(scope, receive, send)
+            return None
         pending: Message | None = {"type": "http.request", "body": bytes(body), "more_body": False}
 
         async def replay() -> Message:

@@ -18,15 +18,39 @@ import uvicorn
 
 from leanserve.errors import UserError
 from leanserve.models.model_dir import check_complete
+from leanserve.server.connections import ConnectionLimits, fd_budget, install_accept_error_handler
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
 
 # the first image model is the images API default (the fast few-step generator); its teacher stays servable by name
 DEFAULT_MODELS = ["zoo/chat-tiny", "zoo/shapes-sid", "zoo/shapes-teacher"]
 _IMAGE_DEFAULTS = ImageEngineConfig(model="")
 DEFAULT_JOBS_DIR = "jobs"
 UVICORN_GRACE_S = 2.0  # after our drain only idle keep-alive connections remain
+BACKLOG = 2048  # uvicorn's default listen backlog; also bounds the sockets one accept burst opens
+MIN_CONNECTIONS = 16
+_SERVER_OPTIONS = {  # flag -> (ServerSettings field, type, help); defaults from ServerSettings
+    "--max-input-chars": ("max_input_chars", int, "prompt/messages characters per request, checked before "
+                          "tokenizing; larger requests get 400 (default: max_model_len x 32)"),
+    "--limit-concurrency": ("limit_concurrency", int, "connections/requests served at once; beyond, requests "
+                            "get 503 (default: %(default)s)"),
+    "--max-idle-connections": ("max_idle_connections", int, "keep-alive connections kept open between requests; "
+                               "connections beyond this plus --limit-concurrency are closed at accept "
+                               "(default: %(default)s)"),
+    "--timeout-keep-alive": ("timeout_keep_alive", float, "seconds an idle keep-alive connection stays open "
+                             "(default: %(default)s)"),
+    "--timeout-headers": ("timeout_headers", float, "seconds a client has to send a request head, from connect "
+                          "or the previous response; then the connection closes (default: %(default)s)"),
+    "--timeout-body": ("timeout_body", float, "seconds a client has to send a request body after its head; "
+                       "then 408 (default: %(default)s)"),
+    "--timeout-write": ("timeout_write", float, "seconds a client may leave a response unread before the "
+                        "connection is cut and its request aborted (default: %(default)s)"),
+    "--h11-max-incomplete-event-size": ("h11_max_incomplete_event_size", int, "largest request head in bytes "
+                                        "(default: %(default)s)"),
+}
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep EngineConfig's defaults
     "--max-num-seqs": ("max_num_seqs", int),
     "--max-model-len": ("max_model_len", int),
@@ -55,10 +79,15 @@ def add_arguments(p):
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", action="append", metavar="KEY",
-                   help="require `Authorization: Bearer KEY` on /v1/* (repeatable; default: $LEANSERVE_API_KEY)")
+                   help="require `Authorization: Bearer KEY` on every route but /health, /metrics, /version and /load "
+                        "(repeatable; default: $LEANSERVE_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout, metavar="S",
                    help="seconds in-flight requests may finish after SIGTERM; 0 aborts them at once")
     p.add_argument("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
+    limits = p.add_argument_group("request and connection limits")
+    for flag, (name, type_, help_) in _SERVER_OPTIONS.items():
+        limits.add_argument(flag, dest=name, type=type_, default=getattr(defaults, name),
+                            metavar=type_.__name__.upper(), help=help_)
     engine = p.add_argument_group("engine")
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for flag, (name, type_) in _ENGINE_OPTIONS.items():
@@ -118,11 +147,16 @@ def run(args) -> int:
             raise UserError(f"--chat-template {args.chat_template}: no such file")
         chat_template = Path(args.chat_template).read_text()
     env_key = os.environ.get("LEANSERVE_API_KEY")
+    for flag, (name, _, _) in _SERVER_OPTIONS.items():
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"{flag} must be > 0, got {getattr(args, name)}")
     settings = ServerSettings(host=args.host, port=args.port, api_keys=args.api_key or ([env_key] if env_key else []),
                               shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                               jobs_dir=args.jobs_dir or None, max_queued_jobs=args.max_queued_jobs,
-                              gpu_jobs=args.gpu_jobs, cpu_jobs=args.cpu_jobs)
+                              gpu_jobs=args.gpu_jobs, cpu_jobs=args.cpu_jobs,
+                              **{name: getattr(args, name) for name, _, _ in _SERVER_OPTIONS.values()})
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = _connection_limits(settings)
 
     # heavy imports (torch, transformers) only once the arguments are known to be good
     from leanserve.server.app import create_app
@@ -155,14 +189,35 @@ def run(args) -> int:
 
     app = create_app(settings, engines, make_engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=UVICORN_GRACE_S)
+                            timeout_graceful_shutdown=UVICORN_GRACE_S, backlog=BACKLOG,
+                            http=limits.protocol_class(),
+                            limit_concurrency=settings.limit_concurrency,
+                            timeout_keep_alive=settings.timeout_keep_alive,
+                            h11_max_incomplete_event_size=settings.h11_max_incomplete_event_size)
     server = DrainingServer(config, app.state.server)
     server.run()
+    if server.engine_died:
+        return 1  # a supervisor restarts the process: a dead engine does not come back by itself
     return 0 if server.started else 1
 
 
+def _connection_limits(settings: ServerSettings) -> ConnectionLimits:
+    wanted = settings.limit_concurrency + settings.max_idle_connections
+    room = fd_budget(BACKLOG)
+    if room < min(wanted, MIN_CONNECTIONS):
+        raise UserError(f"the file descriptor limit (ulimit -n) leaves room for {max(room, 0)} connections; raise it")
+    if room < wanted:
+        logger.warning("the file descriptor limit (ulimit -n) leaves room for %d connections, not the %d of "
+                       "--limit-concurrency + --max-idle-connections: connections beyond %d are closed at once",
+                       room, wanted, room)
+    return ConnectionLimits(max_connections=min(room, wanted), max_idle=settings.max_idle_connections,
+                            timeout_headers=settings.timeout_headers, timeout_write=settings.timeout_write)
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGINT/SIGTERM drains the app before uvicorn shuts down."""
+    """uvicorn.Server whose first SIGINT/SIGTERM drains the app before uvicorn shuts down, and
+    which shuts down the same way when an engine dies (its requests have ended with an error; the
+    process exits with status 1 for a supervisor to restart it, as vLLM's server does)."""
 
     def __init__(self, config: uvicorn.Config, state):
         super().__init__(config)
@@ -170,10 +225,22 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._draining = False
+        self.engine_died = False
 
     async def serve(self, sockets=None):
         self._loop = asyncio.get_running_loop()
+        install_accept_error_handler(self._loop)
         await super().serve(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop calls this every 0.1 s once serving
+        if not self._draining:
+            dead = [name for name, engine in self.state.engines.items() if not engine.healthy]
+            if dead:
+                logger.error("engine %s died: shutting down", ", ".join(dead))
+                self.engine_died = self._draining = True
+                self._start_drain()
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig, frame):
         if not self.started or self._draining:

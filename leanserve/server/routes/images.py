@@ -9,7 +9,6 @@ ships); what a model cannot serve (leanserve.models.image_model) is a 400 naming
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -25,6 +24,7 @@ from leanserve.server.cancellation import with_cancellation
 from leanserve.server.errors import APIError
 from leanserve.server.image_engine import ImageGenerationError, RequestAbortedError
 from leanserve.server.json_body import JSONBodyRoute
+from leanserve.server.offload import off_loop
 from leanserve.server.openapi import error_responses
 from leanserve.server.protocol import (
     ImageGenerationRequest,
@@ -85,7 +85,7 @@ async def _generate(state, engine, body: ImageGenerationRequest, params: ImagePa
         raise APIError(503, str(e)) from e
     except ImageGenerationError as e:
         raise APIError(500, str(e)) from e
-    data = await asyncio.to_thread(encode_images, out.images, body.output_format, body.output_compression)
+    data = await off_loop(encode_images, out.images, body.output_format, body.output_compression)
     state.metrics.image_models[engine.model_name].observe_request(out, body.n, params.num_inference_steps)
     response = ImagesResponse(created=int(time.time()), data=[ImageObject(b64_json=b) for b in data])
     return JSONResponse(response.model_dump())

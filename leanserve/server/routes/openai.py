@@ -29,6 +29,7 @@ from leanserve.server.engine.validation import check_token_ids, validate_request
 from leanserve.server.errors import APIError
 from leanserve.server.json_body import JSONBodyRoute
 from leanserve.server.metrics import RequestMetrics
+from leanserve.server.offload import off_loop
 from leanserve.server.openapi import error_responses
 from leanserve.server.protocol import (
     ChatCompletionChoice,
@@ -87,6 +88,19 @@ async def get_model(model_id: str, request: Request):
 
 
 # ---------------------------------------------------------------- prompts and sampling params
+
+def _check_input_size(state, engine, size: int, param: str, unit: str = "characters") -> None:
+    """Refuse input larger than the server's bound before any tokenizing: the tokenizer's time
+    grows with the text, and a prompt many times the context could never run anyway."""
+    limit = state.settings.input_chars_limit(engine.max_model_len)
+    if size > limit:
+        raise APIError(400, f"{param} has {size} {unit}; this server accepts at most {limit} per request "
+                            f"(--max-input-chars)", param)
+
+
+def _messages_chars(messages: list[ChatMessage]) -> int:
+    return sum(len(m.text()) for m in messages)
+
 
 def _render_chat(engine, messages: list[ChatMessage], add_generation_prompt: bool = True,
                  template_kwargs: dict | None = None, add_special_tokens: bool = False) -> list[int]:
@@ -296,7 +310,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     arrival = request.state.arrival_time
     engine = state.engine(body.model, "llm")
-    prompt_ids = _render_chat(engine, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    _check_input_size(state, engine, _messages_chars(body.messages), "messages")
+    prompt_ids = await off_loop(_render_chat, engine, body.messages, body.add_generation_prompt,
+                                body.chat_template_kwargs)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling_params(body, engine, prompt_ids, max_tokens, logprobs, "messages")
@@ -377,10 +393,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     engine = state.engine(body.model, "llm")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
-    prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in body.prompts()]
+    _check_input_size(state, engine, sum(len(p) for p in body.prompts() if isinstance(p, str)), "prompt")
+    prompts = await off_loop(lambda: [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p
+                                      for p in body.prompts()])
     params = [_sampling_params(body, engine, ids, body.max_tokens, body.logprobs, "prompt") for ids in prompts]
     # after validation: decoding needs ids inside the vocabulary
-    prefixes = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
+    prefixes = await off_loop(lambda: [p if isinstance(p, str) else engine.tokenizer.decode(p)
+                                       for p in body.prompts()]) if body.echo else None
     request_id, engine_id = _request_ids("cmpl", request, body.request_id)
     choices = _fan_out(state, engine, engine_id, prompts, params, arrival, body.n, prefixes)
     streams = await _start(engine, choices, arrival)
@@ -427,21 +446,26 @@ async def _completion_stream(body: CompletionRequest, choices, streams, request_
 # ---------------------------------------------------------------- tokenize / detokenize
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(404))
-async def tokenize(body: TokenizeRequest, request: Request):
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     state = server_state(request)
     engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
     if body.messages is not None:
-        tokens = _render_chat(engine, body.messages, body.add_generation_prompt,
-                              add_special_tokens=bool(body.add_special_tokens))
+        _check_input_size(state, engine, _messages_chars(body.messages), "messages")
+        tokens = await off_loop(_render_chat, engine, body.messages, body.add_generation_prompt,
+                                add_special_tokens=bool(body.add_special_tokens))
     else:
+        _check_input_size(state, engine, len(body.prompt), "prompt")
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = engine.tokenizer(body.prompt, add_special_tokens=add_special)["input_ids"]
-    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+        tokens = await off_loop(lambda: engine.tokenizer(body.prompt, add_special_tokens=add_special)["input_ids"])
+    # a maximal prompt has ~10^6 tokens: serializing them takes as long as tokenizing did
+    return await off_loop(lambda: JSONResponse(TokenizeResponse(
+        count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens).model_dump()))
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404))
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = server_state(request)
     engine = state.engine(body.model, "llm") if body.model else state.default_engine("llm")
+    _check_input_size(state, engine, len(body.tokens), "tokens", "tokens")  # each decodes to 1+ characters
     check_token_ids(body.tokens, engine.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await off_loop(engine.tokenizer.decode, body.tokens))
