@@ -66,6 +66,9 @@ def add_arguments(p):
         if name == "max_queued_requests":
             help_ += f"; image models count images, default {_IMAGE_DEFAULTS.max_queued_images}"
         engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)
+    engine.add_argument("--load-format", choices=["safetensors", "dummy"], default=None,
+                        help="dummy: random LLM weights from config.json alone (no weight files), for benchmarks; "
+                             "image models load theirs either way (default: safetensors)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     image = p.add_argument_group("image engine")
@@ -133,6 +136,8 @@ def run(args) -> int:
                      if getattr(args, name) is not None}
     if args.enforce_eager:
         engine_kwargs["enforce_eager"] = True
+    if args.load_format is not None:
+        engine_kwargs["load_format"] = args.load_format
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch
