@@ -73,8 +73,8 @@ def add_arguments(p):
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     image = p.add_argument_group("image engine")
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
-                       help=f"images per denoising loop; concurrent requests of one shape share it "
-                            f"(default: {_IMAGE_DEFAULTS.max_image_batch})")
+                       help="images per denoising loop; concurrent requests of one shape share it (default: "
+                            "auto, what fits in the free GPU memory as measured at startup; a small batch on CPU)")
     jobs = p.add_argument_group("jobs API (/v1/jobs)")
     jobs.add_argument("--jobs-dir", default=DEFAULT_JOBS_DIR, metavar="DIR",
                       help="workspace of the jobs API: its database, each job's output and log, the inputs jobs "
