@@ -69,8 +69,8 @@ class RemoteServer:
 
 
 @contextmanager
-def remote_server(model_dir, *args: str, env: dict[str, str] | None = None,
-                  exit_code: int = 0) -> Iterator[RemoteServer]:
+def remote_server(model_dir, *args: str, env: dict[str, str] | None = None, exit_code: int = 0,
+                  startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[RemoteServer]:
     """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it.
     Without --jobs-dir in ARGS the jobs workspace is a fresh temporary directory (one server per workspace).
     `exit_code`: the status the server must end with (-9 for a test that kills it)."""
@@ -87,7 +87,7 @@ def remote_server(model_dir, *args: str, env: dict[str, str] | None = None,
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
     server = RemoteServer(proc, f"http://127.0.0.1:{port}", Path(log_file.name))
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode} during startup:\n{server.log()[-3000:]}")
@@ -97,7 +97,7 @@ def remote_server(model_dir, *args: str, env: dict[str, str] | None = None,
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log()[-3000:]}")
+                raise RuntimeError(f"server not healthy after {startup_timeout} s:\n{server.log()[-3000:]}")
             time.sleep(0.1)
         yield server
     finally:
