@@ -33,10 +33,10 @@ LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_
                  bos_token_id=0, eos_token_id=2, torch_dtype="bfloat16")
 
 
-def model_dir() -> Path:
+def model_dir(config: dict = LLAMA3_8B) -> Path:
     """config.json + a small local tokenizer (its ids are a subset of the 128k vocabulary)."""
     d = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
-    (d / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (d / "config.json").write_text(json.dumps(config))
     train_tokenizer([json.__doc__ or "", random.__doc__ or "", time.__doc__ or ""] * 20, d, vocab_size=512)
     return d
 

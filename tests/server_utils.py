@@ -70,7 +70,8 @@ class RemoteServer:
 
 @contextmanager
 def remote_server(model_dir, *args: str, env: dict[str, str] | None = None, launcher: str | None = None,
-                  preexec_fn=None, exit_code: int = 0) -> Iterator[RemoteServer]:
+                  preexec_fn=None, exit_code: int = 0,
+                  startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[RemoteServer]:
     """Start `leanserve serve --model DIR --port <free> ARGS`, wait for /health, yield it, stop it
     and check its exit status (-9 for a test that kills it). Without --jobs-dir in ARGS the jobs
     workspace is a fresh temporary directory (one server per workspace). `launcher`: Python source
@@ -90,7 +91,7 @@ def remote_server(model_dir, *args: str, env: dict[str, str] | None = None, laun
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
     server = RemoteServer(proc, f"http://127.0.0.1:{port}", Path(log_file.name))
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode} during startup:\n{server.log()[-3000:]}")
@@ -100,7 +101,7 @@ def remote_server(model_dir, *args: str, env: dict[str, str] | None = None, laun
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log()[-3000:]}")
+                raise RuntimeError(f"server not healthy after {startup_timeout} s:\n{server.log()[-3000:]}")
             time.sleep(0.1)
         yield server
     finally:

@@ -7,10 +7,15 @@ guidance, one of the diffusers samplers of image_pipeline.SAMPLERS or a sampler 
 carries, such as DPM-OT's OT map), unless the pipeline sets its own: a pipeline that defines
 `check_params(params, model_name)`, `samplers` and `default_steps` (SiDPipeline) is checked by
 those alone.
+
+How many images one call may take (`auto_batch_size`) is measured, not guessed: on CUDA two calls at
+the native size (1 and PROBE_BATCH images, one step) give the fixed and the per-image peak memory,
+and the batch is what fits in FREE_MEMORY_FRACTION of the free memory, at most AUTO_BATCH_CAP.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +30,13 @@ from leanserve.models.image_pipeline import (
     set_sampler,
     size_limits,
 )
+
+logger = logging.getLogger(__name__)
+
+AUTO_BATCH_CAP = 256          # a call's latency grows with its batch; past hundreds throughput gains little
+CPU_BATCH = 8                 # on CPU a call is compute-bound already at a few images
+FREE_MEMORY_FRACTION = 0.8    # of the free device memory at startup; the rest absorbs fragmentation
+PROBE_BATCH = 4
 
 
 class ImageModel:
@@ -83,6 +95,35 @@ class ImageModel:
         self._use_sampler(p.sampler)
         return self.pipe(**kwargs).images
 
+    def auto_batch_size(self) -> int:
+        """Images per call at the native size: on CUDA what fits in the free memory (probed with two
+        one-step calls, see the module docstring), on CPU CPU_BATCH."""
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        p = ImageParams(self.sizes.width, self.sizes.height, 1, self.default_guidance)
+        try:
+            self.check_inputs(p)
+        except ImageParamError:  # a model that takes no 1-step call
+            p = ImageParams(self.sizes.width, self.sizes.height, self.default_steps, self.default_guidance)
+        self._peak_bytes(1, p)  # warm-up: one-time workspaces are not per-image memory
+        peak_1, peak_k = self._peak_bytes(1, p), self._peak_bytes(PROBE_BATCH, p)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        batch = batch_that_fits(free, peak_1, peak_k, PROBE_BATCH)
+        logger.info("%s: %d images per call (%.1f MiB per image, %.1f MiB fixed, %.1f GiB free)", self.name, batch,
+                    (peak_k - peak_1) / (PROBE_BATCH - 1) / 2**20, peak_1 / 2**20, free / 2**30)
+        return batch
+
+    def _peak_bytes(self, n: int, p: ImageParams) -> int:
+        """Peak device memory of one call of n images, above what was allocated before it."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.generate(["a probe"] * n, None, p, [torch.Generator("cpu").manual_seed(i) for i in range(n)],
+                      on_step=lambda: False)
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
     def _use_sampler(self, name: str | None) -> None:
         if name not in self._schedulers:
             self.pipe.scheduler = self._schedulers[None]
@@ -97,6 +138,15 @@ def load_image_model(model_dir: str | Path, name: str, device: str | torch.devic
     pipe = load_image_pipeline(model_dir, device=device, dtype=dtype)
     ot_map = load_ot_map(model_dir, pipe)
     return ImageModel(pipe, name, OTSampler(ot_map) if ot_map is not None else None)
+
+
+def batch_that_fits(free_bytes: int, peak_1: int, peak_k: int, k: int) -> int:
+    """The batch whose peak fits in FREE_MEMORY_FRACTION of `free_bytes`, given the peaks of calls of 1
+    and k images (peak = fixed + n x per-image), within [1, AUTO_BATCH_CAP]."""
+    per_image = max((peak_k - peak_1) / (k - 1), 1.0)  # a tiny model can measure no growth at all
+    fixed = max(peak_1 - per_image, 0.0)
+    fits = int((free_bytes * FREE_MEMORY_FRACTION - fixed) // per_image)
+    return max(1, min(AUTO_BATCH_CAP, fits))
 
 
 def _step_end(on_step: Callable[[], bool]):

@@ -3,7 +3,10 @@ samplers its directory offers) driven by one worker thread, requests batched per
 
 Every request is split into its n images; the worker takes the oldest waiting image and every
 other waiting image with the same batch key (size, steps, guidance, sampler, negative prompt or
-not) up to `max_image_batch`, and runs them as ONE pipeline call, i.e. one denoising loop. Image i
+not) up to the batch limit, and runs them as ONE pipeline call, i.e. one denoising loop: images that
+arrive while a loop runs all go into the next one. The limit is `max_image_batch`, or when that is
+None (auto) what the model measures fits in device memory at start (ImageModel.auto_batch_size),
+scaled down by area for sizes above the native one. Image i
 of a request has its own CPU generator seeded seed + i, so an image does not depend on what it
 was batched with (nor on the device): the same seed gives the same image alone or batched.
 
@@ -140,7 +143,7 @@ class AsyncImageEngine:
         from leanserve.models.image_model import load_image_model
 
         for name in ("max_image_batch", "max_queued_images"):
-            if getattr(config, name) < 1:
+            if getattr(config, name) is not None and getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.config = config
         self.model_name = config.served_model_name or Path(config.model).name
@@ -150,6 +153,7 @@ class AsyncImageEngine:
                                      dtype=resolve_dtype(config.dtype, device))
         self.model = model
         self.device: torch.device = model.device
+        self.max_image_batch: int | None = config.max_image_batch  # at the native size; auto: set by start()
         self._clock = StageClock(self.device)
         self._install_stage_hooks()
         self.batch_observer: Callable[[BatchStats], None] | None = None  # called on the event loop
@@ -177,6 +181,11 @@ class AsyncImageEngine:
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
         self._loop = asyncio.get_running_loop()
+        if self.config.max_image_batch is None:
+            # at start, not in __init__: the server builds every engine first, so what is free now is
+            # what the other engines of this process (an LLM's KV cache) leave
+            self.max_image_batch = await asyncio.to_thread(self.model.auto_batch_size)
+            logger.info("%s: up to %d images per pipeline call", self.model_name, self.max_image_batch)
         self._thread = threading.Thread(target=self._run, name="leanserve-image-engine", daemon=True)
         self._thread.start()
 
@@ -286,10 +295,11 @@ class AsyncImageEngine:
 
     def _take_batch(self) -> list[tuple[_Request, int]]:
         """The oldest waiting image and the next ones with its batch key (called under the lock)."""
-        key = self._queue[0][0].batch_key
+        first = self._queue[0][0]
+        key, limit = first.batch_key, self._batch_limit(first.params)
         batch, rest = [], deque()
         for item in self._queue:
-            if len(batch) < self.config.max_image_batch and item[0].batch_key == key:
+            if len(batch) < limit and item[0].batch_key == key:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -301,6 +311,14 @@ class AsyncImageEngine:
                 self._waiting.discard(req)
                 self._running.add(req)
         return batch
+
+    def _batch_limit(self, p: ImageParams) -> int:
+        """Images per call at this size: an explicit max_image_batch as it is; an automatic one (sized
+        at the native size) scaled down by area, as a call's activations grow with its pixels."""
+        if self.config.max_image_batch is not None:
+            return self.config.max_image_batch
+        native = self.model.sizes.width * self.model.sizes.height
+        return max(1, self.max_image_batch * min(native, p.width * p.height) // (p.width * p.height))
 
     def _run_batch(self, batch: list[tuple[_Request, int]]):
         p = batch[0][0].params

@@ -95,12 +95,15 @@ def add_arguments(p):
         if name == "max_queued_requests":
             help_ += f"; image models count images, default {_IMAGE_DEFAULTS.max_queued_images}"
         engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)
+    engine.add_argument("--load-format", choices=["safetensors", "dummy"], default=None,
+                        help="dummy: random LLM weights from config.json alone (no weight files), for benchmarks; "
+                             "image models load theirs either way (default: safetensors)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     image = p.add_argument_group("image engine")
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
-                       help=f"images per denoising loop; concurrent requests of one shape share it "
-                            f"(default: {_IMAGE_DEFAULTS.max_image_batch})")
+                       help="images per denoising loop; concurrent requests of one shape share it (default: "
+                            "auto, what fits in the free GPU memory as measured at startup; a small batch on CPU)")
     jobs = p.add_argument_group("jobs API (/v1/jobs)")
     jobs.add_argument("--jobs-dir", default=DEFAULT_JOBS_DIR, metavar="DIR",
                       help="workspace of the jobs API: its database, each job's output and log, the inputs jobs "
@@ -167,6 +170,8 @@ def run(args) -> int:
                      if getattr(args, name) is not None}
     if args.enforce_eager:
         engine_kwargs["enforce_eager"] = True
+    if args.load_format is not None:
+        engine_kwargs["load_format"] = args.load_format
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch
