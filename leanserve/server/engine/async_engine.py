@@ -78,15 +78,15 @@ class AsyncLLMEngine:
 
         self.config = config
         self.model_name = config.served_model_name or Path(config.model).name
+        # two instances: a fast tokenizer's Rust state must not be borrowed by the routes' encode
+        # in a worker thread (it may reconfigure truncation/padding) while the loop decodes
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self._processor = OutputProcessor(AutoTokenizer.from_pretrained(config.model))
         self._core = EngineCoreClient(config)
         self.max_model_len: int = self._core.facts["max_model_len"]
         self.vocab_size: int = self._core.facts["vocab_size"]
         self.eos_token_ids: list[int] = self._core.facts["eos_token_ids"]
         self._stats = wire.stats_from_wire(self._core.facts["stats"])
-        # two instances: a fast tokenizer's Rust state must not be borrowed by the routes' encode
-        # in a worker thread (it may reconfigure truncation/padding) while the loop decodes
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self._processor = OutputProcessor(AutoTokenizer.from_pretrained(config.model))
 
         self._started = False
         self._stopped = False

@@ -11,7 +11,6 @@ import logging
 import signal
 from multiprocessing.connection import Connection
 
-from leanserve.errors import UserError
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.core import CoreOutput, EngineCore
@@ -27,8 +26,8 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
         core = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
         logger.exception("engine core failed to start")
-        user_error = isinstance(e, UserError)
-        conn.send_bytes(wire.encode((wire.FAILED, user_error, str(e) if user_error else f"{type(e).__name__}: {e}")))
+        kind = next((cls.__name__ for cls in wire.STARTUP_ERRORS if isinstance(e, cls)), None)
+        conn.send_bytes(wire.encode((wire.FAILED, kind, str(e) if kind else f"{type(e).__name__}: {e}")))
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
                                               "eos_token_ids": core.eos_token_ids,
