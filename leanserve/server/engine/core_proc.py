@@ -25,8 +25,9 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     try:
         core = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
-        logger.exception("engine core failed to start")
         kind = next((cls.__name__ for cls in wire.STARTUP_ERRORS if isinstance(e, cls)), None)
+        if kind is None:  # a bug, not bad input: keep its traceback
+            logger.exception("engine core failed to start")
         conn.send_bytes(wire.encode((wire.FAILED, kind, str(e) if kind else f"{type(e).__name__}: {e}")))
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
