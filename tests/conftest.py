@@ -88,3 +88,34 @@ def one_thread():
     from torch_threads import single_thread
     with single_thread():
         yield
+
+
+# Run at the start of every Python process that has it on its path: in an engine core process
+# (multiprocessing's spawned child) it makes the core's N-th step raise, as a device failure would.
+_CRASHING_CORE = """
+import os, sys
+if "spawn_main" in " ".join(sys.orig_argv):
+    from leanserve.server.engine import core
+    _step, _steps = core.EngineCore.step, []
+
+    def step(self):
+        _steps.append(1)
+        if len(_steps) == int(os.environ["CRASH_AT_STEP"]):
+            raise RuntimeError("simulated device failure")
+        return _step(self)
+
+    core.EngineCore.step = step
+"""
+
+
+@pytest.fixture
+def crash_core_at_step(tmp_path, monkeypatch):
+    """`crash_core_at_step(n)`: engine core processes spawned from then on raise "simulated device
+    failure" in their n-th step (a sitecustomize on their PYTHONPATH patches EngineCore.step)."""
+    def arm(step: int) -> None:
+        site = tmp_path / "crashing-core"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_CRASHING_CORE)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv("CRASH_AT_STEP", str(step))
+    return arm

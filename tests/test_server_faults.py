@@ -1,39 +1,42 @@
-"""An engine crash in a real `leanserve serve` process: every live stream ends with an error event
-and [DONE], /health stops answering 200, and the process exits by itself with status 1 (no hang)
-for a supervisor to restart it. The crash is injected by a launcher that patches the engine's
-step in the server process, not by a hook in the product."""
+"""The engine core process dying under a real `leanserve serve`: every live stream ends with an
+error event and [DONE], /health stops answering 200, and the server exits by itself with status 1
+(no hang) for a supervisor to restart it. And the other way round: the core process never
+outlives a server that is killed."""
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 from server_utils import remote_server, sse_data
 
 MODEL = "tiny-llm"
 NUM_STREAMS = 4
-LAUNCHER = """
-import os, sys
-from leanserve.server.engine import llm_engine
-
-real_step = llm_engine.LLMEngine.step
-
-def step(self):
-    if os.path.exists(os.environ["CRASH_TRIGGER"]):
-        raise RuntimeError("simulated device failure")
-    return real_step(self)
-
-llm_engine.LLMEngine.step = step
-from leanserve.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def test_engine_crash_ends_streams_and_exits(tiny_llm_dir, tmp_path):
-    trigger = tmp_path / "crash"
-    with remote_server(tiny_llm_dir, "--served-model-name", MODEL, "--max-model-len", "512", launcher=LAUNCHER,
-                       env={"CRASH_TRIGGER": str(trigger)}, exit_code=1) as server:
+def engine_core_pid(server_pid: int) -> int:
+    """The server's engine core process (multiprocessing's spawned child; not its resource tracker)."""
+    children = " ".join(p.read_text() for p in Path(f"/proc/{server_pid}/task").glob("*/children")).split()
+    cores = [int(pid) for pid in children
+             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(cores) == 1, cores
+    return cores[0]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_engine_core_death_ends_streams_and_exits(tiny_llm_dir):
+    with remote_server(tiny_llm_dir, "--served-model-name", MODEL, "--max-model-len", "512", exit_code=1) as server:
+        core_pid = engine_core_pid(server.proc.pid)
         body = {"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 400, "ignore_eos": True, "stream": True}
         started = asyncio.Event()
         health_after_crash: list[int | str] = []
@@ -52,7 +55,7 @@ def test_engine_crash_ends_streams_and_exits(tiny_llm_dir, tmp_path):
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 streams = [asyncio.create_task(stream(client)) for _ in range(NUM_STREAMS)]
                 await started.wait()
-                trigger.touch()
+                os.kill(core_pid, signal.SIGKILL)  # what the kernel's OOM killer or a driver fault does
                 return await asyncio.gather(*streams)
 
         streams = asyncio.run(main())
@@ -66,8 +69,19 @@ def test_engine_crash_ends_streams_and_exits(tiny_llm_dir, tmp_path):
         for events in streams:
             assert events[-1] == "[DONE]"
             error = json.loads(events[-2])["error"]
-            assert error["code"] == 500 and "simulated device failure" in error["message"]
+            assert error["code"] == 500 and "engine core process exited unexpectedly (exit code -9)" in error["message"]
         # the process exited by itself, and never answered 200 after the crash
         assert server.proc.wait(timeout=30) == 1
         assert 200 not in health_after_crash, health_after_crash
         assert "died: shutting down" in server.log()
+
+
+def test_engine_core_never_outlives_the_server(tiny_llm_dir):
+    with remote_server(tiny_llm_dir, "--served-model-name", MODEL, exit_code=-signal.SIGKILL) as server:
+        core_pid = engine_core_pid(server.proc.pid)
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        while alive(core_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(core_pid)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 # repeated punctuation can merge into tokens of 16+, so 32 leaves room without letting a body
 # many times the context length reach the tokenizer
 CHARS_PER_TOKEN_BOUND = 32
+# the server's log lines; the engine core process logs the same way
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(slots=True)

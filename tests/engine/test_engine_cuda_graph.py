@@ -234,7 +234,7 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     seqs = []
     for i, p in enumerate(params):
         engine.add_request(f"r{i}", [3, 4, 5], p)
-        seqs.append(engine.requests[f"r{i}"][0])
+        seqs.append(engine.core.requests[f"r{i}"])
     sched = engine.scheduler.schedule()  # the prefill: all blocks allocated, an eager step
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -4,7 +4,6 @@ queue bound, engine death, shutdown)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -218,29 +217,22 @@ def test_async_errors_are_raised_at_call_time(tiny_llm_dir, prompts):
         await eng.start()
         with pytest.raises(ValueError, match="maximum context length"):
             eng.generate("big", prompts[0], SamplingParams(max_tokens=1000), time.monotonic())
-        # hold the engine thread inside a step so the waiting queue cannot drain
-        gate = threading.Event()
-        step = eng.engine.step
-        eng.engine.step = lambda: (gate.wait(), step())[1]
+        # without an await in between, the core cannot have taken them: both count as waiting
         eng.generate("q0", prompts[0], GREEDY, time.monotonic())
         eng.generate("q1", prompts[0], GREEDY, time.monotonic())
         with pytest.raises(QueueFullError):
             eng.generate("q2", prompts[0], GREEDY, time.monotonic())
-        gate.set()
         await eng.shutdown(drain_timeout=0)
 
     asyncio.run(main())
 
 
-def test_async_engine_death(tiny_llm_dir, prompts):
+def test_async_engine_death(tiny_llm_dir, prompts, crash_core_at_step):
+    crash_core_at_step(1)
+
     async def main():
         eng = AsyncLLMEngine(engine_config(tiny_llm_dir))
         await eng.start()
-
-        def boom(*args):
-            raise RuntimeError("simulated device failure")
-
-        eng.engine.model_runner.execute_model = boom
         outs, _, _ = await collect(eng.generate("d0", prompts[0], GREEDY, time.monotonic()))
         with pytest.raises(EngineDeadError):
             eng.generate("d1", prompts[0], GREEDY, time.monotonic())

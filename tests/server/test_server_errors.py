@@ -200,8 +200,8 @@ def test_queue_full_429(server, http):
 
 
 @pytest.fixture(params=["stream", "full"])
-def dying_engine_app(request, tiny_llm_dir):
-    """An in-process app whose real engine loop dies on its 3rd step (an engine crash)."""
+def dying_engine_app(request, tiny_llm_dir, crash_core_at_step):
+    """An in-process app whose real engine core process dies on its 3rd step (an engine crash)."""
     from starlette.testclient import TestClient
 
     from leanserve.server.app import create_app
@@ -209,17 +209,9 @@ def dying_engine_app(request, tiny_llm_dir):
     from leanserve.server.engine.config import EngineConfig
     from leanserve.server.settings import ServerSettings
 
+    crash_core_at_step(3)
     engine = AsyncLLMEngine(EngineConfig(model=str(tiny_llm_dir), served_model_name=MODEL, max_model_len=128,
                                          num_kv_blocks=32))
-    real_step, steps = engine.engine.step, []
-
-    def step():
-        steps.append(1)
-        if len(steps) == 3:
-            raise RuntimeError("simulated device failure")
-        return real_step()
-
-    engine.engine.step = step
     with TestClient(create_app(ServerSettings(log_stats_interval=0), {MODEL: engine})) as c:
         yield c, request.param
 

@@ -1,20 +1,25 @@
-"""The server's engine API: LLMEngine driven by one background thread, results streamed to asyncio.
+"""The server's engine API (vLLM V1's AsyncLLM): requests in, RequestOutput streams out, with the
+engine core in its own process.
 
-The thread owns the LLMEngine; the event loop never touches it except for read-only checks.
-Requests and aborts reach the thread through a lock-protected inbox, outputs come back with
-loop.call_soon_threadsafe. torch releases the GIL inside ops, so the loop stays responsive while
-a step runs; when there is no work the thread sleeps on a condition variable.
+This process tokenizes (the routes), detokenizes, finds stop strings and writes SSE; the core
+process (core_proc.py) schedules and runs the model and sends one message per step with every
+request's new token ids. So the per-token Python work of the two sides runs on two interpreters.
+Everything here runs on the event loop, which owns the request table; the core's messages arrive
+through a reader callback (core_client.py).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import threading
 from pathlib import Path
 
+from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.core import EngineStats
+from leanserve.server.engine.core_client import EngineCoreClient
 from leanserve.server.engine.errors import EngineDeadError, QueueFullError
-from leanserve.server.engine.llm_engine import EngineStats, LLMEngine
+from leanserve.server.engine.output_processor import OutputProcessor
 from leanserve.server.engine.outputs import RequestOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.validation import validate_request
@@ -68,47 +73,47 @@ class AsyncLLMEngine:
     kind = "llm"  # the server routes by kind; image engines say "image"
 
     def __init__(self, config: EngineConfig):
+        """Start the core process and load the model there (blocks until it is ready)."""
         from transformers import AutoTokenizer
 
         self.config = config
-        self.engine = LLMEngine(config)
         self.model_name = config.served_model_name or Path(config.model).name
-        self.max_model_len = self.engine.max_model_len
-        # the front end's own instance: a fast tokenizer's Rust state must not be borrowed by the
-        # event loop (encode may reconfigure truncation/padding) while the engine thread decodes
+        # two instances: a fast tokenizer's Rust state must not be borrowed by the routes' encode
+        # in a worker thread (it may reconfigure truncation/padding) while the loop decodes
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.vocab_size = self.engine.vocab_size
-        self.eos_token_ids = self.engine.eos_token_ids
+        self._processor = OutputProcessor(AutoTokenizer.from_pretrained(config.model))
+        self._core = EngineCoreClient(config)
+        self.max_model_len: int = self._core.facts["max_model_len"]
+        self.vocab_size: int = self._core.facts["vocab_size"]
+        self.eos_token_ids: list[int] = self._core.facts["eos_token_ids"]
+        self._stats = wire.stats_from_wire(self._core.facts["stats"])
 
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._pending_adds: list[tuple[str, list[int], SamplingParams, float]] = []
-        self._pending_aborts: list[str] = []
-        self._stop = False
-        self._dead: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # event-loop side
+        self._started = False
+        self._stopped = False
         self._accepting = True
+        self._dead: str | None = None
         self._streams: dict[str, asyncio.Queue] = {}
-        self._unfinished: set[str] = set()  # added and not yet finished in the engine
+        self._unfinished: set[str] = set()  # added and not yet finished
         self._idle = asyncio.Event()
         self._idle.set()
+        # the waiting queue's bound is checked here, at admission: adds the core has not yet
+        # taken count as waiting, on top of the waiting count of its last message
+        self._adds_sent = 0
+        self._adds_received = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._started:
             raise RuntimeError("the engine is already started")
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="leanserve-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        self._core.start(self._on_message, self._on_core_exit)
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop admitting; let in-flight requests finish for up to `drain_timeout` seconds (None =
-        as long as they take, 0 = not at all), abort the rest, then stop the engine thread."""
+        as long as they take, 0 = not at all), abort the rest, then stop the core process."""
         self._accepting = False
-        if self._thread is None:
+        if not self._started or self._stopped:
             return
         if self._unfinished and drain_timeout != 0:
             try:
@@ -121,11 +126,9 @@ class AsyncLLMEngine:
             try:  # the abort outputs come after the step in progress
                 await asyncio.wait_for(self._idle.wait(), 30)
             except TimeoutError:
-                logger.warning("engine did not confirm %d aborts", len(self._unfinished))
-        with self._lock:
-            self._stop = True
-            self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join, 30)
+                logger.warning("engine core did not confirm %d aborts", len(self._unfinished))
+        self._stopped = True
+        await self._core.close()
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -135,23 +138,20 @@ class AsyncLLMEngine:
         ValueError (cannot run: validate_request, unless `validated` says the caller ran it),
         QueueFullError (waiting queue full), EngineDeadError."""
         if self._dead is not None:
-            raise EngineDeadError(f"the engine loop died: {self._dead!r}")
+            raise EngineDeadError(f"the engine core died: {self._dead}")
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
-        if self._thread is None:
+        if not self._started:
             raise RuntimeError("AsyncLLMEngine.start() has not been awaited")
         if request_id in self._streams or request_id in self._unfinished:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not validated:
             validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
-        with self._lock:
-            if self._dead is not None:
-                raise EngineDeadError(f"the engine loop died: {self._dead!r}")
-            # the engine thread moves the inbox into the waiting queue under this lock
-            if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.config.max_queued_requests:
-                raise QueueFullError(f"waiting queue is full ({self.config.max_queued_requests} requests)")
-            self._pending_adds.append((request_id, list(prompt_token_ids), params, arrival_time))
-            self._wakeup.notify()
+        if self._stats.num_waiting + self._adds_sent - self._adds_received >= self.config.max_queued_requests:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_queued_requests} requests)")
+        self._processor.add_request(request_id, prompt_token_ids, params)
+        self._core.send((wire.ADD, request_id, list(prompt_token_ids), wire.params_to_wire(params), arrival_time))
+        self._adds_sent += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         self._unfinished.add(request_id)
@@ -160,54 +160,39 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished); its stream ends with finish_reason "abort"."""
-        with self._lock:
-            self._pending_aborts.append(request_id)
-            self._wakeup.notify()
+        if request_id in self._unfinished and self._dead is None:
+            self._core.send((wire.ABORT, [request_id]))
 
     def stats(self) -> EngineStats:
-        return self.engine.stats(healthy=self.healthy)
+        return dataclasses.replace(self._stats, healthy=self.healthy)
 
     @property
     def healthy(self) -> bool:
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return self._dead is None and self._started and not self._stopped
 
-    # ---- engine thread ----------------------------------------------------------------------------
+    # ---- the core's messages ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                with self._lock:
-                    while not (self._stop or self._pending_adds or self._pending_aborts or engine.has_unfinished()):
-                        self._wakeup.wait()
-                    if self._stop:
-                        return
-                    adds, self._pending_adds = self._pending_adds, []
-                    aborts, self._pending_aborts = self._pending_aborts, []
-                    # generate() validated them and enforced the queue bound under this lock
-                    for request_id, prompt, params, arrival in adds:
-                        engine.add_request(request_id, prompt, params, arrival, check_queue=False, validated=True)
-                outputs: list[RequestOutput] = []
-                for request_id in aborts:
-                    if (out := engine.abort(request_id)) is not None:
-                        outputs.append(out)
-                if engine.has_unfinished():
-                    outputs += engine.step()
-                if outputs:
-                    self._post(self._dispatch, outputs)
-        except BaseException as e:  # noqa: BLE001 - anything that escapes a step kills the engine
-            logger.exception("engine loop died")
-            with self._lock:
-                self._dead = e
-            self._post(self._fail_all, f"engine error: {type(e).__name__}: {e}")
+    def _on_message(self, message: list) -> None:
+        if message[0] == wire.DEAD:  # end-of-file follows: _on_core_exit
+            self._dead = message[1]
+            return
+        _, outputs, stats, self._adds_received = message
+        self._stats = wire.stats_from_wire(stats)
+        request_outputs, stopped = self._processor.process([wire.output_from_wire(o) for o in outputs])
+        if stopped:  # a stop string ended them here: free their blocks in the core
+            self._core.send((wire.ABORT, stopped))
+        self._dispatch(request_outputs)
 
-    def _post(self, fn, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    # ---- event-loop side --------------------------------------------------------------------------
+    def _on_core_exit(self, exit_code: int | None) -> None:
+        if self._stopped:
+            return
+        if self._dead is None:
+            self._dead = f"the engine core process exited unexpectedly (exit code {exit_code})"
+        logger.error("engine core died: %s", self._dead)
+        for request_id in self._unfinished:
+            self._processor.drop(request_id)
+        self._dispatch([RequestOutput(request_id, [], "", finished=True, finish_reason="error",
+                                      error=f"engine error: {self._dead}") for request_id in self._unfinished])
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -217,7 +202,3 @@ class AsyncLLMEngine:
                 self._unfinished.discard(out.request_id)
         if not self._unfinished:
             self._idle.set()
-
-    def _fail_all(self, message: str) -> None:
-        self._dispatch([RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=message)
-                        for request_id in self._unfinished])

@@ -1,47 +1,21 @@
-"""The synchronous engine: requests in, one scheduled model step at a time, deltas out.
+"""The synchronous engine for offline use: the engine core and the output processor in one
+process; requests in, one scheduled model step at a time, deltas out.
 
-AsyncLLMEngine drives it from a background thread for the server; `generate()` drives it
-directly for tests and offline benchmarks.
+Tests and offline benchmarks drive it directly (`generate()`, or add_request/step); the server
+runs the core in its own process instead (async_engine.py).
 """
 from __future__ import annotations
 
-import copy
 import itertools
-import json
-import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from leanserve.errors import UserError
-from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.detokenizer import Detokenizer
-from leanserve.server.engine.model_runner import ModelRunner
+from leanserve.server.engine.core import EngineCore, EngineStats
+from leanserve.server.engine.output_processor import OutputProcessor
 from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
-from leanserve.server.engine.sampler import SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
-from leanserve.server.engine.scheduler import Scheduler
-from leanserve.server.engine.sequence import Sequence
-from leanserve.server.engine.validation import validate_request
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float       # 0..1, fraction of KV blocks held by live requests
-    num_kv_blocks: int
-    block_size: int
-    num_preemptions: int        # cumulative
-    prefix_cache_queries: int   # cumulative, tokens
-    prefix_cache_hits: int      # cumulative, tokens
-    healthy: bool
-    enable_prefix_caching: bool
+__all__ = ["EngineStats", "GenerationResult", "LLMEngine"]
 
 
 @dataclass(slots=True)
@@ -57,165 +31,46 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None
 
 
-def eos_token_ids(model_dir: str, hf_config, tokenizer) -> list[int]:
-    """generation_config.json's eos_token_id (int or list; config.json's if there is none) plus
-    the tokenizer's: chat models end turns with a token other than the tokenizer's eos."""
-    gen_file = Path(model_dir) / "generation_config.json"
-    eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else hf_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(ids))
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
-            if getattr(config, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.config = config
+        self.core = EngineCore(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.model_runner = ModelRunner(config)
-        hf_config = self.model_runner.hf_config
-        max_pos = hf_config.max_position_embeddings
-        self.max_model_len = config.max_model_len or max_pos
-        if self.max_model_len > max_pos:
-            raise UserError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_pos}")
-        self.vocab_size = self.model_runner.vocab_size
-        self.eos_token_ids = eos_token_ids(config.model, hf_config, self.tokenizer)
-
-        kv_spec = self.model_runner.kv_spec
-        max_seq_blocks = kv_spec.blocks_for(self.max_model_len)  # what one full-length sequence holds
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            num_blocks = self.model_runner.profile_num_blocks(self.max_model_len)
-            # A small model on a big GPU would get millions of blocks (seconds of Python setup,
-            # GBs of host memory, the GPU taken from the image engine) that no schedule can use:
-            # stop at max_num_seqs full-length sequences.
-            usable = config.max_num_seqs * max_seq_blocks
-            if num_blocks > usable:
-                logger.info("KV cache: capping %d blocks to %d (max_num_seqs x max_model_len)", num_blocks, usable)
-                num_blocks = usable
-        num_kv_tokens = num_blocks * config.block_size
-        if num_blocks < max_seq_blocks:
-            raise UserError(
-                f"the KV cache holds {num_kv_tokens} tokens ({num_blocks} blocks of {config.block_size}), less than "
-                f"one max_model_len={self.max_model_len} sequence; lower max_model_len or give the cache more "
-                f"memory (gpu_memory_utilization / cpu_kv_cache_gib / num_kv_blocks)")
-        self.model_runner.allocate_kv_cache(num_blocks)
-        logger.info("KV cache: %d tokens; max concurrency at %d tokens: %.2fx",
-                    num_kv_tokens, self.max_model_len, num_kv_tokens / self.max_model_len)
-
-        self.block_manager = BlockManager(num_blocks, kv_spec, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_queued_requests)
-        self.requests: dict[str, tuple[Sequence, Detokenizer]] = {}
+        self.processor = OutputProcessor(self.tokenizer)
+        # the core's parts, for tests and benchmarks that look inside
+        self.model_runner, self.scheduler, self.block_manager = (self.core.model_runner, self.core.scheduler,
+                                                                 self.core.block_manager)
+        self.max_model_len, self.vocab_size, self.eos_token_ids = (self.core.max_model_len, self.core.vocab_size,
+                                                                   self.core.eos_token_ids)
         self._generate_ids = itertools.count()
-
-    # ---- requests ---------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, *, check_queue: bool = True, validated: bool = False) -> None:
-        """Queue a request; ValueError if its id is in use or it cannot run (validate_request, unless
-        validated says the caller ran it), QueueFullError if the queue is at its bound (unless
-        check_queue is False: offline runs, or a front end that enforced the bound itself)."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if not validated:
-            validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
-        now = time.monotonic()
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed)
-        seq = Sequence(request_id, prompt_token_ids, params, arrival_time if arrival_time is not None else now,
-                       self.eos_token_ids, generator)
-        self.scheduler.add(seq, check_queue)
-        seq.times.queued = now
-        self.requests[request_id] = (seq, Detokenizer(self.tokenizer, prompt_token_ids, params.stop,
-                                                      params.skip_special_tokens, params.min_tokens))
+        """EngineCore.add_request; the same errors."""
+        self.core.add_request(request_id, prompt_token_ids, params, arrival_time, check_queue=check_queue,
+                              validated=validated)
+        self.processor.add_request(request_id, prompt_token_ids, params)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Drop a request and free its blocks; returns its final output (None if unknown/finished)."""
-        if request_id not in self.requests:
-            return None
-        seq, _ = self.requests.pop(request_id)
-        self.scheduler.finish(seq)
-        seq.finish_reason = "abort"
-        seq.times.finished = time.monotonic()
-        return self._output(seq, [], "", None, finished=True)
+        core_out = self.core.abort(request_id)
+        outputs, _ = self.processor.process([core_out] if core_out is not None else [])
+        return outputs[0] if outputs else None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.core.has_unfinished()
 
     def stats(self, healthy: bool = True) -> EngineStats:
-        bm = self.block_manager
-        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-                           kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks, block_size=bm.block_size,
-                           num_preemptions=self.scheduler.num_preemptions,
-                           prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
-                           healthy=healthy, enable_prefix_caching=bm.enable_prefix_caching)
-
-    # ---- the step ---------------------------------------------------------------------------------
+        return self.core.stats(healthy)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return one output per request that got a token."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not schedule any waiting request")
-            return []
-        sampled_seqs, sampled = self.model_runner.execute_model(sched.scheduled)
-        for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
-        now = time.monotonic()
-        return [self._process_token(i, seq, sampled, now) for i, seq in enumerate(sampled_seqs)]
-
-    def _process_token(self, row: int, seq: Sequence, sampled: SamplerOutput, now: float) -> RequestOutput:
-        token = sampled.token_ids[row]
-        params = seq.params
-        seq.append_token(token)
-        if seq.times.first_token is None:
-            seq.times.first_token = now
-        seq.times.last_token = now
-        _, detok = self.requests[seq.request_id]
-
-        if seq.num_output_tokens >= params.min_tokens and token in seq.eos_token_ids and not params.ignore_eos:
-            seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= params.min_tokens and token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif (stop_str := detok.update(token)) is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop_str
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        finished = seq.finish_reason is not None
-        # the stop token's own text is never emitted; a stop string already cut the text
-        if finished and not isinstance(seq.stop_reason, str):
-            detok.flush()
-        new_text = detok.take_delta(finished)
-
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = [TokenLogprob(token, self._token_text(token), sampled.logprobs[row],
-                                     [(t, self._token_text(t), lp) for t, lp in sampled.top_logprobs[row]])]
-        if finished:
-            self.scheduler.finish(seq)
-            del self.requests[seq.request_id]
-            seq.times.finished = now
-        return self._output(seq, [token], new_text, logprobs, finished, token_times=[now])
-
-    def _output(self, seq: Sequence, new_token_ids: list[int], new_text: str, logprobs: list[TokenLogprob] | None,
-                finished: bool, token_times: list[float] | None = None) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_token_ids, new_text=new_text, finished=finished,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs,
-            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens, token_times=token_times or [],
-            times=copy.copy(seq.times))
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        outputs, stopped = self.processor.process(self.core.step())
+        for request_id in stopped:  # a stop string ended it: free its blocks now
+            self.core.abort(request_id)
+        return outputs
 
     # ---- offline ----------------------------------------------------------------------------------
 

@@ -1,0 +1,206 @@
+"""The engine core: scheduler, KV blocks and model runner; token ids in, token ids out.
+
+It knows nothing of text: detokenization and stop strings live in the OutputProcessor, which
+runs next to it offline (LLMEngine) and in the API process when the core runs in its own process
+(core_proc.py, vLLM V1's EngineCore). A stop string found there aborts the request here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from leanserve.errors import UserError
+from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.model_runner import ModelRunner
+from leanserve.server.engine.outputs import RequestTimes
+from leanserve.server.engine.sampler import SamplerOutput
+from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.scheduler import Scheduler
+from leanserve.server.engine.sequence import Sequence
+from leanserve.server.engine.validation import validate_request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float       # 0..1, fraction of KV blocks held by live requests
+    num_kv_blocks: int
+    block_size: int
+    num_preemptions: int        # cumulative
+    prefix_cache_queries: int   # cumulative, tokens
+    prefix_cache_hits: int      # cumulative, tokens
+    healthy: bool
+    enable_prefix_caching: bool
+
+
+@dataclass(slots=True)
+class CoreOutput:
+    """What one step produced for one request, in token ids; the core's finish reasons only
+    ("stop" for EOS or a stop token id, "length", "abort")."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | None
+    # per new token: (token id, its logprob, top [(id, logprob)] best first), when requested
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    token_times: list[float] = field(default_factory=list)
+    times: RequestTimes | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def eos_token_ids(model_dir: str, hf_config, tokenizer) -> list[int]:
+    """generation_config.json's eos_token_id (int or list; config.json's if there is none) plus
+    the tokenizer's: chat models end turns with a token other than the tokenizer's eos."""
+    gen_file = Path(model_dir) / "generation_config.json"
+    eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else hf_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+            if getattr(config, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        hf_config = self.model_runner.hf_config
+        max_pos = hf_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or max_pos
+        if self.max_model_len > max_pos:
+            raise UserError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_pos}")
+        self.vocab_size = self.model_runner.vocab_size
+        self.eos_token_ids = eos_token_ids(config.model, hf_config, AutoTokenizer.from_pretrained(config.model))
+
+        kv_spec = self.model_runner.kv_spec
+        max_seq_blocks = kv_spec.blocks_for(self.max_model_len)  # what one full-length sequence holds
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            num_blocks = self.model_runner.profile_num_blocks(self.max_model_len)
+            # A small model on a big GPU would get millions of blocks (seconds of Python setup,
+            # GBs of host memory, the GPU taken from the image engine) that no schedule can use:
+            # stop at max_num_seqs full-length sequences.
+            usable = config.max_num_seqs * max_seq_blocks
+            if num_blocks > usable:
+                logger.info("KV cache: capping %d blocks to %d (max_num_seqs x max_model_len)", num_blocks, usable)
+                num_blocks = usable
+        num_kv_tokens = num_blocks * config.block_size
+        if num_blocks < max_seq_blocks:
+            raise UserError(
+                f"the KV cache holds {num_kv_tokens} tokens ({num_blocks} blocks of {config.block_size}), less than "
+                f"one max_model_len={self.max_model_len} sequence; lower max_model_len or give the cache more "
+                f"memory (gpu_memory_utilization / cpu_kv_cache_gib / num_kv_blocks)")
+        self.model_runner.allocate_kv_cache(num_blocks)
+        logger.info("KV cache: %d tokens; max concurrency at %d tokens: %.2fx",
+                    num_kv_tokens, self.max_model_len, num_kv_tokens / self.max_model_len)
+
+        self.block_manager = BlockManager(num_blocks, kv_spec, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_queued_requests)
+        self.requests: dict[str, Sequence] = {}
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, *, check_queue: bool = True, validated: bool = False) -> None:
+        """Queue a request; ValueError if its id is in use or it cannot run (validate_request, unless
+        validated says the caller ran it), QueueFullError if the queue is at its bound (unless
+        check_queue is False: offline runs, or a front end that enforced the bound itself)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not validated:
+            validate_request(prompt_token_ids, params, self.vocab_size, self.max_model_len)
+        now = time.monotonic()
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_token_ids, params, arrival_time if arrival_time is not None else now,
+                       self.eos_token_ids, generator)
+        self.scheduler.add(seq, check_queue)
+        seq.times.queued = now
+        self.requests[request_id] = seq
+
+    def abort(self, request_id: str) -> CoreOutput | None:
+        """Drop a request and free its blocks; returns its final output (None if unknown/finished)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        seq.times.finished = time.monotonic()
+        return self._output(seq, [], None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self, healthy: bool = True) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks, block_size=bm.block_size,
+                           num_preemptions=self.scheduler.num_preemptions,
+                           prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+                           healthy=healthy, enable_prefix_caching=bm.enable_prefix_caching)
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        """Schedule, run the model once, and return one output per request that got a token."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule any waiting request")
+            return []
+        sampled_seqs, sampled = self.model_runner.execute_model(sched.scheduled)
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+        now = time.monotonic()
+        return [self._process_token(i, seq, sampled, now) for i, seq in enumerate(sampled_seqs)]
+
+    def _process_token(self, row: int, seq: Sequence, sampled: SamplerOutput, now: float) -> CoreOutput:
+        token = sampled.token_ids[row]
+        params = seq.params
+        seq.append_token(token)
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        seq.times.last_token = now
+        if seq.num_output_tokens >= params.min_tokens and token in seq.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= params.min_tokens and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [(token, sampled.logprobs[row], sampled.top_logprobs[row])]
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self.requests[seq.request_id]
+            seq.times.finished = now
+        return self._output(seq, [token], logprobs, token_times=[now])
+
+    @staticmethod
+    def _output(seq: Sequence, new_token_ids: list[int], logprobs, token_times: list[float] | None = None) -> CoreOutput:
+        return CoreOutput(request_id=seq.request_id, new_token_ids=new_token_ids, finish_reason=seq.finish_reason,
+                          stop_reason=seq.stop_reason, logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
+                          num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens,
+                          token_times=token_times or [], times=copy.copy(seq.times))

@@ -1,0 +1,95 @@
+"""The API process's side of the engine core process: spawn it, send it adds and aborts, and
+hand its messages to the event loop.
+
+One pipe (a socketpair) carries msgpack messages both ways. Sends go through a thread, so the
+event loop never blocks on a full pipe while the core is busy in a long step. Receives run on the
+event loop as a reader callback. The core's death (a crash, or killed) shows as end-of-file on
+the pipe after every message it sent, so its last words (wire.DEAD) are never lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import threading
+from collections.abc import Callable
+
+from leanserve.server.engine import wire
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.core_proc import run_engine_core
+from leanserve.server.settings import LOG_FORMAT
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCoreClient:
+    def __init__(self, config: EngineConfig):
+        """Start the core process and wait until it has loaded the model; its startup errors are
+        raised here (those of wire.STARTUP_ERRORS as such, others as RuntimeError)."""
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, child_conn = ctx.Pipe()
+        # daemon: multiprocessing ends it if the API process exits without shutting it down
+        self.proc = ctx.Process(target=run_engine_core, name="leanserve-engine-core", daemon=True,
+                                args=(config, child_conn, logging.getLogger().getEffectiveLevel(), LOG_FORMAT))
+        self.proc.start()
+        child_conn.close()  # else our own copy would keep the pipe open after the core exits
+        try:
+            message = wire.decode(self._conn.recv_bytes())
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"the engine core process exited during startup (exit code {self.proc.exitcode})") \
+                from None
+        if message[0] == wire.FAILED:
+            self.proc.join()
+            _, kind, text = message
+            error_classes = {cls.__name__: cls for cls in wire.STARTUP_ERRORS}
+            raise error_classes[kind](text) if kind else RuntimeError(f"the engine core failed to start: {text}")
+        self.facts: dict = message[1]
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="leanserve-core-sender", daemon=True)
+        self._sender.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, on_message: Callable[[list], None], on_exit: Callable[[int | None], None]) -> None:
+        """Deliver each message from the core to `on_message` on the running event loop, and call
+        `on_exit(exit code)` once if the core's end of the pipe closes."""
+        self._loop = asyncio.get_running_loop()
+        self._on_message, self._on_exit = on_message, on_exit
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+
+    def send(self, message) -> None:
+        """Queue a message for the core (thread-safe, never blocks)."""
+        self._outbox.put(wire.encode(message))
+
+    async def close(self, timeout: float = 30) -> None:
+        """Ask the core to exit, wait up to `timeout` seconds, then kill it."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+        self.send((wire.SHUTDOWN,))
+        self._outbox.put(None)
+        await asyncio.to_thread(self.proc.join, timeout)
+        if self.proc.is_alive():
+            logger.warning("the engine core process did not exit in %s s: killing it", timeout)
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.join)
+        self._conn.close()
+
+    def _send_loop(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except OSError:  # the core is gone; the reader reports it
+                return
+
+    def _on_readable(self) -> None:
+        # one message (one step) per callback: the reader is level-triggered, so a backlog is
+        # read over several loop iterations, between the writes of SSE events
+        try:
+            data = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._conn.fileno())
+            self.proc.join(1)  # it has closed its end: exiting, if not yet gone
+            self._on_exit(self.proc.exitcode)
+            return
+        self._on_message(wire.decode(data))

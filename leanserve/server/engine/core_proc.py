@@ -1,0 +1,71 @@
+"""The engine core's process (vLLM V1's EngineCoreProc): a busy loop that takes adds and aborts
+from the API process, steps the core, and sends back one batched message per step.
+
+It owns no signal handling of its own: SIGINT (a terminal's Ctrl+C reaches the whole process
+group) is ignored so the API process can drain; the API process stops it with a SHUTDOWN message,
+and when the API process dies its end of the pipe closes, which ends this loop too.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from multiprocessing.connection import Connection
+
+from leanserve.server.engine import wire
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.core import CoreOutput, EngineCore
+
+logger = logging.getLogger(__name__)
+
+
+def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_format: str) -> None:
+    """The process target (spawned: CUDA does not survive a fork)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=log_format)
+    try:
+        core = EngineCore(config)
+    except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
+        kind = next((cls.__name__ for cls in wire.STARTUP_ERRORS if isinstance(e, cls)), None)
+        if kind is None:  # a bug, not bad input: keep its traceback
+            logger.exception("engine core failed to start")
+        conn.send_bytes(wire.encode((wire.FAILED, kind, str(e) if kind else f"{type(e).__name__}: {e}")))
+        return
+    conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
+                                              "eos_token_ids": core.eos_token_ids,
+                                              "stats": wire.stats_to_wire(core.stats())})))
+    try:
+        _busy_loop(core, conn)
+    except EOFError:  # the API process is gone
+        pass
+    except BaseException as e:  # noqa: BLE001 - anything that escapes a step kills the core
+        logger.exception("engine core died")
+        conn.send_bytes(wire.encode((wire.DEAD, f"{type(e).__name__}: {e}")))
+        raise SystemExit(1) from None
+
+
+def _busy_loop(core: EngineCore, conn: Connection) -> None:
+    adds_received = 0
+    while True:
+        # block while idle; between steps only take what has already arrived
+        timeout = 0 if core.has_unfinished() else None
+        outputs: list[CoreOutput] = []
+        received = False
+        while conn.poll(timeout):
+            message = wire.decode(conn.recv_bytes())
+            kind = message[0]
+            if kind == wire.ADD:
+                _, request_id, prompt, params, arrival = message
+                # the API process validated it and enforced the queue bound
+                core.add_request(request_id, prompt, wire.params_from_wire(params), arrival,
+                                 check_queue=False, validated=True)
+                adds_received += 1
+            elif kind == wire.ABORT:
+                outputs += filter(None, map(core.abort, message[1]))
+            elif kind == wire.SHUTDOWN:
+                return
+            received, timeout = True, 0
+        if core.has_unfinished():
+            outputs += core.step()
+        if outputs or received:
+            conn.send_bytes(wire.encode((wire.STEP, [wire.output_to_wire(o) for o in outputs],
+                                         wire.stats_to_wire(core.stats()), adds_received)))
