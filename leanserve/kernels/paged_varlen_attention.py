@@ -16,10 +16,13 @@ e.g. Llama-3-8B (Hq 32, Hkv 8, D 128, bf16), a 2048-token chunk with no prefix: 
 sequence's K/V once per query tile, from L2 mostly. Decode rows (n = 1) are bandwidth-bound like
 the split-K decode kernel's, but here one program walks a row's whole context (no split).
 
-Programs: (query tile of a sequence, sequence, KV head). A tile's BLOCK_M rows are BLOCK_M // GROUP
-query tokens x the GROUP query heads sharing the KV head, so each K/V tile loaded serves every head
-of the group, and decode rows still fill GROUP rows of the dot. Tiles past a sequence's q_len exit
-at once: the grid is sized by the host's max_query_len, so the launch needs no device sync.
+Programs: (query tile of a sequence, KV head). A tile's BLOCK_M rows are BLOCK_M // GROUP query
+tokens x the GROUP query heads sharing the KV head, so each K/V tile loaded serves every head of
+the group, and decode rows still fill GROUP rows of the dot. The grid is sized from T and B alone
+(host ints, so the launch needs no device sync and can be graph-captured); each program finds its
+sequence by a binary search over query_start_loc, so a long chunk batched with many decodes costs
+~T / BLOCK_Q + B programs, not max_query_len / BLOCK_Q x B (the scheme of vLLM's unified Triton
+attention).
 """
 from __future__ import annotations
 
@@ -35,22 +38,40 @@ NO_WINDOW = 2**31 - 1    # a window no context reaches, so the kernel needs no "
 
 
 @triton.jit
+def _first_tile(query_start_loc_ptr, seq, BLOCK_Q: tl.constexpr):
+    """Where sequence seq's query tiles start in the grid: query_start_loc // BLOCK_Q + seq. It
+    grows by >= cdiv(q_len, BLOCK_Q) per sequence, so sequences' tile ranges never overlap, and
+    the grid needs only T // BLOCK_Q + B programs per KV head (gaps exit at once)."""
+    return tl.load(query_start_loc_ptr + seq) // BLOCK_Q + seq
+
+
+@triton.jit
 def _paged_varlen_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    scale_log2e, window,
+    num_seqs, scale_log2e, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax in base 2 (scale folded with log2 e); writes the normalised output rows.
     Row r of the tile is query token tile * BLOCK_Q + r // GROUP, head r % GROUP of the group."""
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    global_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # binary search: the last sequence whose first tile is <= this program's
+    left = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        if _first_tile(query_start_loc_ptr, mid, BLOCK_Q) <= global_tile:
+            left = mid + 1
+        else:
+            right = mid
+    seq = left - 1
+    tile = global_tile - _first_tile(query_start_loc_ptr, seq, BLOCK_Q)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if tile * BLOCK_Q >= q_len:
+    if tile * BLOCK_Q >= q_len:  # a gap between two sequences' tiles, or past the last
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - q_len  # absolute position of the sequence's first query
@@ -104,14 +125,12 @@ def _paged_varlen_kernel(
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                           scale: float, max_query_len: int, sliding_window: int | None = None,
-                           out: torch.Tensor | None = None, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
+                           scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D], written into `out` if given. Rows outside every sequence
-    (past query_start_loc[B]) are left untouched. max_query_len is a host int >= every q_len: it
-    sizes the grid without a device sync (so the call can be graph-captured). block_m / block_n /
-    num_warps / num_stages are tuning knobs."""
-    _, num_heads, head_dim = q.shape
+    (past query_start_loc[B]) are left untouched. No host syncs. block_m / block_n / num_warps /
+    num_stages are tuning knobs."""
+    num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"paged_varlen_attention needs a power-of-2 head_dim >= 16, got {head_dim}")
@@ -129,14 +148,14 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if out.stride(-1) != 1:
         raise ValueError("out rows must be contiguous")
     num_seqs = seq_lens.shape[0]
-    if num_seqs == 0 or max_query_len == 0:
+    if num_seqs == 0 or num_tokens == 0:
         return out
 
     block_m = max(block_m, 16, triton.next_power_of_2(group))  # tl.dot needs M >= 16; a tile holds a group
     block_q = block_m // group  # query tokens per tile
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_varlen_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, num_seqs,
         scale * math.log2(math.e), NO_WINDOW if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),

@@ -12,6 +12,8 @@ from leanserve.kernels import paged_attention as pa
 
 # on CPU, tests/conftest.py has turned Triton's interpreter on before this module was imported
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")  # tests/conftest.py
+
 
 def run_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
              block_size: int = 16, seed: int = 0, **kwargs) -> None:

@@ -10,6 +10,7 @@ from paged_kv_builders import TOL, make_paged_kv
 from leanserve.kernels import paged_varlen_attention as pva
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")  # tests/conftest.py
 
 # (cached prefix, new tokens) per sequence: a fresh prompt, decode rows (q_len 1) at several context
 # lengths, chunks after prefixes that end mid-block and on block and tile boundaries
@@ -27,8 +28,7 @@ def run_case(step: list[tuple[int, int]], num_kv_heads: int, group: int, head_di
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))
-    pva.paged_varlen_attention(q, k_cache, v_cache, qsl, lens, tables, scale, max(n for _, n in step), out=out,
-                               **kwargs)
+    pva.paged_varlen_attention(q, k_cache, v_cache, qsl, lens, tables, scale, out=out, **kwargs)
     ref = pva.paged_varlen_attention_ref(q, k_cache, v_cache, qsl, lens, tables, scale,
                                          sliding_window=kwargs.get("sliding_window"))
     assert not ref[:num_tokens].isnan().any()
@@ -45,6 +45,11 @@ def test_matches_reference(dtype, group):
 def test_fp16_small_tiles_and_block_size():
     # 4 query tokens per tile: a chunk spans many tiles, each with its own causal range
     run_case(STEP, num_kv_heads=2, group=4, head_dim=64, dtype=torch.float16, block_size=8, block_m=16, block_n=16)
+
+
+def test_one_sequence_many_tiles():
+    # a lone prompt chunk after a prefix: 8 query tiles of 4 tokens, no padding rows past it
+    run_case([(9, 32)], num_kv_heads=1, group=4, head_dim=16, dtype=torch.float32, padding_rows=0, block_m=16)
 
 
 def test_group_not_dividing_the_tile():
@@ -66,10 +71,10 @@ def test_rejects_unsupported_shapes():
     tables = torch.zeros(1, 1, dtype=torch.int32)
     cache = torch.zeros(2, 16, 2, 96)
     with pytest.raises(ValueError, match="power-of-2 head_dim"):
-        pva.paged_varlen_attention(torch.zeros(1, 4, 96), cache, cache, qsl, lens, tables, 1.0, 1)
+        pva.paged_varlen_attention(torch.zeros(1, 4, 96), cache, cache, qsl, lens, tables, 1.0)
     cache = torch.zeros(2, 12, 2, 64)
     with pytest.raises(ValueError, match="power-of-2 block_size"):
-        pva.paged_varlen_attention(torch.zeros(1, 4, 64), cache, cache, qsl, lens, tables, 1.0, 1)
+        pva.paged_varlen_attention(torch.zeros(1, 4, 64), cache, cache, qsl, lens, tables, 1.0)
     cache = torch.zeros(2, 16, 3, 64)
     with pytest.raises(ValueError, match="not a multiple"):
-        pva.paged_varlen_attention(torch.zeros(1, 4, 64), cache, cache, qsl, lens, tables, 1.0, 1)
+        pva.paged_varlen_attention(torch.zeros(1, 4, 64), cache, cache, qsl, lens, tables, 1.0)
