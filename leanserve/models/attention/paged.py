@@ -120,9 +120,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     mask = k_pos < seq_lens  # [B, L]
     if sliding_window is not None:
         mask &= k_pos >= seq_lens - sliding_window
-    o = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-    return o.squeeze(2)
+    # one query per sequence: a KV head's group of query heads rides SDPA's query axis (they all
+    # see the same keys), so K/V need no GQA expansion; ~30% faster on CPU at the tiny model's sizes
+    o = F.scaled_dot_product_attention(q.unflatten(1, (k.shape[2], -1)), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], scale=scale)
+    return o.flatten(1, 2)
 
 
 def _pow2(n: int) -> bool:
