@@ -47,3 +47,14 @@ def test_sid_and_dpm_ot_benchmarks_smoke(tmp_path):
     for r in ot["solve"]:  # toy problems converge well inside the budget
         assert r["solve"]["converged"], r
         assert r["solve"]["best"]["chi2_excess"] <= 1e-3 and r["solve"]["best"]["empty"] == 0
+
+
+def test_paged_varlen_benchmark_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paged_varlen_gpu.py"), "--smoke",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench_paged_varlen_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    rows = json.loads(next(tmp_path.glob("paged_varlen_smoke-*.json")).read_text())["results"]["rows"]
+    assert list(rows) == ["prefill", "last_chunk", "mixed"]
+    assert all(r["triton_ms"] > 0 and r["torch_paged_ms"] > 0 for r in rows.values())
+    assert rows["prefill"]["sdpa_contiguous_ms"] > 0
