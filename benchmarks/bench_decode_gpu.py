@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from common import copy_bandwidth_gbs, write_result
-from engine_timing import time_engine
+from engine_timing import time_engine, time_generate
 
 from leanserve.data.tokenizer import train_tokenizer
 from leanserve.server.engine.config import EngineConfig
@@ -52,21 +52,7 @@ def hf_generate(path: Path, prompts: list[list[int]], max_tokens: int) -> dict:
     config = AutoConfig.from_pretrained(path)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    ids = torch.tensor(prompts, device="cuda")
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    def run(n):
-        torch.cuda.synchronize(); t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(4)  # warm-up
-    prefill_s, total_s = run(1), run(max_tokens)
-    out = {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens, "wall_s": total_s,
-           "tok_s": len(prompts) * max_tokens / total_s, "prefill_s": prefill_s,
-           "decode_tok_s": len(prompts) * (max_tokens - 1) / (total_s - prefill_s)}
-    return out  # the model is freed with this frame
+    return time_generate(model, prompts, max_tokens)  # the model is freed with this frame
 
 
 def main():

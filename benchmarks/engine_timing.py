@@ -1,4 +1,5 @@
-"""Decode-throughput timing of the leanserve engine, shared by the CPU and GPU benchmarks."""
+"""Decode-throughput timing of the leanserve engine and of transformers `generate`, shared by the
+CPU and GPU benchmarks."""
 from __future__ import annotations
 
 import time
@@ -37,3 +38,27 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) ->
     return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
             "output_tokens": produced, "wall_s": t1 - t0, "tok_s": produced / (t1 - t0),
             "prefill_s": t_all_started - t0, "decode_tok_s": decode_tokens / (t1 - t_all_started)}
+
+
+def time_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
+    """transformers `generate` (greedy, exactly max_tokens new tokens) on equal-length prompts, the
+    same dict as time_engine's; prefill_s is a 1-token generate, the decode rate the rest."""
+    import torch
+    device = model.device
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def run(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4)  # warm-up
+    prefill_s, total_s = run(1), run(max_tokens)
+    return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
+            "output_tokens": len(prompts) * max_tokens, "wall_s": total_s, "tok_s": len(prompts) * max_tokens / total_s,
+            "prefill_s": prefill_s, "decode_tok_s": len(prompts) * (max_tokens - 1) / (total_s - prefill_s)}

@@ -103,3 +103,14 @@ def test_serve_benchmark_smoke(tmp_path):
     for row in cpu["rows"]:
         assert "error" not in row and row["output_tokens"] == 4 * 8, row
         assert row["http_over_generate"] > 0 and all(row[k] > 0 for k in latency)
+
+
+def test_paged_varlen_benchmark_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paged_varlen_gpu.py"), "--smoke",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench_paged_varlen_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    rows = json.loads(next(tmp_path.glob("paged_varlen_smoke-*.json")).read_text())["results"]["rows"]
+    assert list(rows) == ["prefill", "last_chunk", "mixed"]
+    assert all(r["triton_ms"] > 0 and r["torch_paged_ms"] > 0 for r in rows.values())
+    assert rows["prefill"]["sdpa_contiguous_ms"] > 0

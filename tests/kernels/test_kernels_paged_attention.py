@@ -4,65 +4,21 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
-from triton.runtime import interpreter
+from paged_kv_builders import TOL, make_paged_kv
 
 from leanserve.kernels import paged_attention as pa
 
 # on CPU, tests/conftest.py has turned Triton's interpreter on before this module was imported
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
-
-
-@pytest.fixture(autouse=True)
-def interpreter_bf16_dot(monkeypatch):
-    """Triton's interpreter keeps bf16 as uint16 bits and its tl.dot multiplies those bits
-    (triton-lang/triton#11584, not planned to be fixed). Widen bf16 operands to fp32 first, which
-    is exact and what the GPU's bf16 MMA with fp32 accumulation computes."""
-    if DEVICE != "cpu":
-        return
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype != tl.bfloat16:
-            return x
-        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
-                        lambda self, a, b, d, *args: create_dot(self, widen(a), widen(b), d, *args))
-
-
-def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random K/V for each sequence in shuffled, non-contiguous blocks; every slot no sequence owns
-    (block tails, spare blocks) holds NaN, so a read past seq_len poisons the output."""
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3
-    perm = torch.randperm(num_blocks, generator=gen)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    tables = torch.full((len(seq_lens), max(blocks_per_seq) + 1), -1, dtype=torch.int32)  # -1 padded
-    used = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
-        blocks = perm[used:used + nb]
-        used += nb
-        tables[b, :nb] = blocks.int()
-        pos = torch.arange(n)
-        k_cache[blocks[pos // block_size], pos % block_size] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_cache[blocks[pos // block_size], pos % block_size] = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
-    return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE)
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")  # tests/conftest.py
 
 
 def run_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
              block_size: int = 16, seed: int = 0, **kwargs) -> None:
     gen = torch.Generator().manual_seed(seed)
-    k_cache, v_cache, tables = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
+    k_cache, v_cache, tables = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, DEVICE)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
@@ -129,7 +85,7 @@ def test_layers_dispatch_matches_torch_path():
 
     seq_lens = [3, 70, 300]
     gen = torch.Generator().manual_seed(0)
-    k_cache, v_cache, tables = make_paged_kv(seq_lens, 2, 64, 16, torch.bfloat16, gen)
+    k_cache, v_cache, tables = make_paged_kv(seq_lens, 2, 64, 16, torch.bfloat16, gen, DEVICE)
     k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)  # the engine zero-fills its cache
     q = torch.randn(len(seq_lens) + 2, 8, 64, generator=gen).bfloat16().cuda()  # 2 padding rows
     meta = AttentionMetadata(slot_mapping=torch.full((5,), -1, device="cuda"),

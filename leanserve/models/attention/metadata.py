@@ -25,3 +25,6 @@ class AttentionMetadata:
     # host copies, so the CPU path loops over sequences without device syncs
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # [B, max_seq_len] int64 slot of each context position (paged.context_slots), computed once per
+    # step for the PyTorch attention paths; they compute it per layer when it is None
+    context_slots: torch.Tensor | None = None

@@ -1,7 +1,7 @@
 """Dense paged attention: every layer attends to its whole context (or a sliding window of it)
-through the block table. The PyTorch paths, the one dispatch point that sends pure decode steps on
-CUDA to the Triton kernels in leanserve/kernels (which drop in behind `paged_attention` /
-`store_kvcache`), and the PagedAttention layer. Its cache layout is kv_spec.PagedKVSpec."""
+through the block table. The PyTorch paths, the one dispatch point that sends steps on CUDA to the
+Triton kernels in leanserve/kernels (which drop in behind `paged_attention` / `store_kvcache`), and
+the PagedAttention layer. Its cache layout is kv_spec.PagedKVSpec."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +28,30 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid]
 
 
+def context_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int
+                  ) -> torch.Tensor:
+    """[B, max_seq_len] int64: the cache slot of each sequence's context positions, which the
+    PyTorch paths gather K/V through. A row's tail past its seq_len repeats the slot of its position
+    0, which is written (finite), so a padded gather needs only its scores masked, not its K/V
+    (unwritten slots may hold NaN, and 0 * NaN survives a -inf score). No host syncs."""
+    pos = torch.arange(max_seq_len, device=block_tables.device)[None, :]
+    pos = torch.where(pos < seq_lens[:, None], pos, 0)
+    return block_tables.gather(1, pos // block_size).long() * block_size + pos % block_size
+
+
+def _context_slots(meta: AttentionMetadata) -> torch.Tensor:
+    """The step's context slots: precomputed once per step when the model runner filled them."""
+    if meta.context_slots is not None:
+        return meta.context_slots
+    return context_slots(meta.block_tables, meta.seq_lens, meta.max_seq_len, meta.block_size)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D] at slots [...] -> [..., Hkv, D]. index_select (a
+    row copy) ran 1.5-2x faster than advanced indexing on CPU at the tiny model's decode sizes."""
+    return cache.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Reference paged attention for any step (prefill chunks and decodes mixed). q [T, Hq, D] -> [T, Hq, D].
@@ -35,26 +59,26 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     Sequence b's q_len queries are the last positions of its seq_lens[b]-token context, so query
     i sits at absolute position seq_len - q_len + i and sees keys j <= that position (and, with a
     sliding window W, only j > position - W, transformers' convention). Keys are gathered through
-    the block table; only the first seq_len cached slots are read. Decoding sequences go through
-    one batched call; prefilling ones are looped over."""
+    the step's context slots; only the first seq_len of them are read. Decoding sequences go
+    through one batched call; prefilling ones are looped over."""
     qsl = meta.query_start_loc_cpu if meta.query_start_loc_cpu is not None else meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
-    block_size = k_cache.shape[1]
+    slots = _context_slots(meta)
     out = torch.zeros_like(q)  # rows of padding tokens (outside every sequence) stay finite
     decodes = [b for b in range(len(seq_lens)) if qsl[b + 1] - qsl[b] == 1]
     if decodes:
         idx = torch.tensor(decodes, device=q.device)
         rows = torch.tensor([qsl[b] for b in decodes], device=q.device)
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta.block_tables[idx], meta.seq_lens[idx],
-                                      max(seq_lens[b] for b in decodes), scale, sliding_window)
+        longest = max(seq_lens[b] for b in decodes)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, slots[idx, :longest], meta.seq_lens[idx],
+                                      scale, sliding_window)
     for b, seq_len in enumerate(seq_lens):
         start, end = qsl[b], qsl[b + 1]
         q_len = end - start
         if q_len <= 1:
             continue
-        blocks = meta.block_tables[b, :(seq_len + block_size - 1) // block_size]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [L, Hkv, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        k = _gather(k_cache, slots[b, :seq_len])  # [L, Hkv, D]
+        v = _gather(v_cache, slots[b, :seq_len])
         windowed = sliding_window is not None and seq_len > sliding_window
         mask = None
         if q_len < seq_len or windowed:  # else plain causal, which lets SDPA pick its fastest kernel
@@ -79,33 +103,28 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     CUDA graph capture. q [T, Hq, D] -> [T, Hq, D]."""
     num_seqs = meta.block_tables.shape[0]
     out = torch.zeros_like(q)
-    out[:num_seqs] = _decode_attention(q[:num_seqs], k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                       meta.max_seq_len, scale, sliding_window)
+    out[:num_seqs] = _decode_attention(q[:num_seqs], k_cache, v_cache, _context_slots(meta), meta.seq_lens,
+                                       scale, sliding_window)
     return out
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, max_seq_len: int, scale: float, sliding_window: int | None
-                      ) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
     """One query per sequence, at the last position of its context: q [B, Hq, D] -> [B, Hq, D].
-    Contexts are gathered padded to max_seq_len and the tail masked."""
-    block_size = k_cache.shape[1]
-    tables = block_tables[:, :(max_seq_len + block_size - 1) // block_size].clamp(min=0)  # -1 pads read block 0
-    k = k_cache[tables].flatten(1, 2)  # [B, L, Hkv, D]
-    v = v_cache[tables].flatten(1, 2)
-    k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    Contexts are gathered through slots [B, L] (context_slots: padded with written slots) and
+    the tail masked in the scores."""
+    k = _gather(k_cache, slots)  # [B, L, Hkv, D]
+    v = _gather(v_cache, slots)
+    k_pos = torch.arange(slots.shape[1], device=q.device)[None, :]
     seq_lens = seq_lens[:, None]
     mask = k_pos < seq_lens  # [B, L]
     if sliding_window is not None:
         mask &= k_pos >= seq_lens - sliding_window
-    # unwritten slots may hold NaN/inf garbage, which a -inf score alone would not neutralise (0 * nan);
-    # in place: the gathered k/v are fresh copies, and they are this path's largest temporaries
-    drop = ~mask[:, :, None, None]
-    k.masked_fill_(drop, 0)
-    v.masked_fill_(drop, 0)
-    o = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-    return o.squeeze(2)
+    # one query per sequence: a KV head's group of query heads rides SDPA's query axis (they all
+    # see the same keys), so K/V need no GQA expansion; ~30% faster on CPU at the tiny model's sizes
+    o = F.scaled_dot_product_attention(q.unflatten(1, (k.shape[2], -1)), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], scale=scale)
+    return o.flatten(1, 2)
 
 
 def _pow2(n: int) -> bool:
@@ -113,27 +132,33 @@ def _pow2(n: int) -> bool:
 
 
 def uses_triton_decode(head_dim: int, block_size: int) -> bool:
-    """Whether decode attention on CUDA runs the Triton kernel (power-of-2 shapes) rather than the
-    PyTorch path; the engine captures CUDA graphs only then (the PyTorch fallback would be
+    """Whether attention on CUDA runs the Triton kernels (power-of-2 shapes) rather than the
+    PyTorch paths; the engine captures CUDA graphs only then (the PyTorch fallback would be
     captured gathering max_model_len tokens of K/V per row, every step)."""
     return _pow2(head_dim) and head_dim >= 16 and _pow2(block_size)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """The one dispatch point for paged attention: pure decode steps on CUDA run the Triton
-    split-K kernel (power-of-2 head dims and block sizes); everything else takes the PyTorch paths."""
-    if meta.max_query_len == 1:
-        if q.is_cuda and uses_triton_decode(q.shape[-1], meta.block_size):
-            from leanserve.kernels.paged_attention import (
-                paged_decode_attention,  # CPU installs may lack Triton
-            )
+    """The one dispatch point for paged attention. On CUDA with power-of-2 head dims and block
+    sizes, pure decode steps run the Triton split-K decode kernel and every other step (prefill
+    chunks, mixed with decodes) the Triton varlen kernel, each one launch with no host syncs.
+    CPU and other shapes take the PyTorch paths."""
+    if q.is_cuda and uses_triton_decode(q.shape[-1], meta.block_size):
+        # CPU installs may lack Triton
+        from leanserve.kernels.paged_attention import paged_decode_attention
+        from leanserve.kernels.paged_varlen_attention import paged_varlen_attention
+        if meta.max_query_len == 1:
             num_seqs = meta.block_tables.shape[0]
             out = torch.empty_like(q)
             out[num_seqs:].zero_()  # rows past B are padding, zeros as in paged_decode_attention_torch
             paged_decode_attention(q[:num_seqs], k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                    meta.max_seq_len, sliding_window, out=out[:num_seqs])
             return out
+        out = torch.zeros_like(q)  # the kernel leaves rows of padding tokens (outside every sequence) alone
+        return paged_varlen_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                      scale, sliding_window, out=out)
+    if meta.max_query_len == 1:
         return paged_decode_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
     return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
 

@@ -9,7 +9,7 @@ import torch
 
 from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
-from leanserve.models.attention.paged import uses_triton_decode
+from leanserve.models.attention.paged import context_slots, uses_triton_decode
 from leanserve.models.loader import load_model
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.config import EngineConfig
@@ -137,6 +137,9 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
+        if self.device.type != "cuda" or not uses_triton_decode(self.model.head_dim, bs):
+            # the PyTorch attention paths gather through these: once per step, not per layer
+            meta.context_slots = context_slots(meta.block_tables, meta.seq_lens, meta.max_seq_len, bs)
         return ids[0], ids[1], meta, sample_rows
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
