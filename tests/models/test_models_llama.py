@@ -215,3 +215,12 @@ def test_kv_cache_spec():
     assert [spec.blocks_for(n) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
     assert spec.block_table_width(9) == 3
     assert spec.blocks_at_admission(5, max_tokens=100) == 2
+    table = [7, 2, 5]  # blocks in token order, not in id order
+    assert [spec.slot(table, p) for p in (0, 3, 4, 9)] == [28, 31, 8, 21]
+    assert spec.slots(table, 2, 6) == [30, 31, 8, 9]
+    assert not spec.graphs_capturable()  # head_dim 24: decode attention has no Triton kernel to capture
+    meta = AttentionMetadata(slot_mapping=torch.tensor([9]), query_start_loc=torch.tensor([0, 1]),
+                             seq_lens=torch.tensor([6]), block_tables=torch.tensor([table]), max_query_len=1,
+                             max_seq_len=6, block_size=4)
+    spec.prepare_step(meta, torch.device("cpu"))  # the PyTorch paths gather through these once per step
+    assert meta.context_slots.tolist() == [[28, 29, 30, 31, 8, 9]]

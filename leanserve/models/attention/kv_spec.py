@@ -11,6 +11,9 @@ from typing import Protocol
 
 import torch
 
+from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.models.attention.paged import context_slots, uses_triton_decode
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (k_cache, v_cache)
 
 
@@ -24,6 +27,10 @@ class KVCacheSpec(Protocol):
     def blocks_for(self, num_tokens: int) -> int: ...
     def block_table_width(self, max_model_len: int) -> int: ...
     def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int: ...
+    def slot(self, block_table: list[int], position: int) -> int: ...
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]: ...
+    def prepare_step(self, meta: AttentionMetadata, device: torch.device) -> None: ...
+    def graphs_capturable(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -64,3 +71,25 @@ class PagedKVSpec:
         max_tokens more. Dense: those num_tokens' blocks only; later tokens take blocks as they
         come (blocks_for), so max_tokens does not matter here."""
         return self.blocks_for(num_tokens)
+
+    def slot(self, block_table: list[int], position: int) -> int:
+        """The cache slot (block id * block_size + offset) that holds a sequence's token at `position`."""
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """The slots of positions start..end-1 (the step's new tokens of one sequence)."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare_step(self, meta: AttentionMetadata, device: torch.device) -> None:
+        """Per-step inputs the attention layers share, computed once instead of once per layer: the
+        PyTorch paths (CPU, or shapes the Triton kernels do not take) gather K/V through the step's
+        context slots."""
+        if device.type != "cuda" or not self.graphs_capturable():
+            meta.context_slots = context_slots(meta.block_tables, meta.seq_lens, meta.max_seq_len, self.block_size)
+
+    def graphs_capturable(self) -> bool:
+        """Whether decode steps may be captured in CUDA graphs: only when decode attention runs the
+        Triton kernel (power-of-2 head_dim >= 16 and block size); the PyTorch fallback would be
+        captured gathering max_model_len tokens of K/V per row, every step."""
+        return uses_triton_decode(self.head_dim, self.block_size)

@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanserve.models.attention.kv_spec import KVCache
+from typing import TYPE_CHECKING
+
 from leanserve.models.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:  # kv_spec imports this module
+    from leanserve.models.attention.kv_spec import KVCache
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,8 +137,7 @@ def _pow2(n: int) -> bool:
 
 def uses_triton_decode(head_dim: int, block_size: int) -> bool:
     """Whether attention on CUDA runs the Triton kernels (power-of-2 shapes) rather than the
-    PyTorch paths; the engine captures CUDA graphs only then (the PyTorch fallback would be
-    captured gathering max_model_len tokens of K/V per row, every step)."""
+    PyTorch paths (PagedKVSpec.graphs_capturable says why CUDA graphs follow it)."""
     return _pow2(head_dim) and head_dim >= 16 and _pow2(block_size)
 
 

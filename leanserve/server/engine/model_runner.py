@@ -9,7 +9,6 @@ import torch
 
 from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
-from leanserve.models.attention.paged import context_slots, uses_triton_decode
 from leanserve.models.loader import load_model
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.config import EngineConfig
@@ -91,9 +90,8 @@ class ModelRunner:
         self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
-        if not uses_triton_decode(self.model.head_dim, self.block_size):
-            logger.warning("CUDA graphs off: decode attention takes the PyTorch path (head_dim %d, block_size %d "
-                           "need powers of two, head_dim >= 16)", self.model.head_dim, self.block_size)
+        if not self.kv_spec.graphs_capturable():
+            logger.warning("CUDA graphs off: this model's decode attention has no capturable kernel for %s", self.kv_spec)
             return
         runner = CUDAGraphRunner(self.model, self.kv_caches, self.graph_batch_sizes, self.max_model_len,
                                  self.kv_spec, self.device)
@@ -105,7 +103,6 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -114,8 +111,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += self.kv_spec.slots(seq.block_table, start, end)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
@@ -133,24 +129,21 @@ class ModelRunner:
             block_tables=ints[2 * num_seqs + 1:].view(num_seqs, width),
             max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
-            block_size=bs,
+            block_size=self.block_size,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        if self.device.type != "cuda" or not uses_triton_decode(self.model.head_dim, bs):
-            # the PyTorch attention paths gather through these: once per step, not per layer
-            meta.context_slots = context_slots(meta.block_tables, meta.seq_lens, meta.max_seq_len, bs)
+        self.kv_spec.prepare_step(meta, self.device)
         return ids[0], ids[1], meta, sample_rows
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
         """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
-        bs = self.block_size
         inputs = DecodeInputs([], [], [], [], [])
         for seq, _ in scheduled:
             pos = seq.num_computed_tokens
             inputs.input_ids.append(seq.token_ids[pos])
             inputs.positions.append(pos)
-            inputs.slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
+            inputs.slot_mapping.append(self.kv_spec.slot(seq.block_table, pos))
             inputs.seq_lens.append(pos + 1)
             inputs.block_tables.append(seq.block_table)
         return inputs
