@@ -512,7 +512,7 @@ def _outputs(results: dict, args):
 def run(args):
     from leanserve.eval.classifier import DEFAULT_DIR, load_classifier
     from leanserve.eval.images import device_and_dtype, save_grid
-    from leanserve.eval.report import hardware
+    from leanserve.eval.report import hardware, provenance as run_provenance
     from leanserve.models.image_pipeline import load_image_pipeline, native_size
     from leanserve.models.model_dir import load_model_info
 
@@ -536,7 +536,8 @@ def run(args):
                             seeds=args.seeds, num_images=args.num_images, ddpm_reference_steps=args.ddpm_reference_steps,
                             train_images=args.train_images, batch_size=args.batch_size, resolution=native_size(pipe),
                             real_seed=args.real_seed, data_seed=args.data_seed)
-    provenance = {"teacher": str(args.teacher), "hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
+    provenance = {**run_provenance(), "teacher": str(args.teacher), "hardware": hardware(device),
+                  "dtype": str(dtype).removeprefix("torch."),
                   "classifier": {"dir": str(classifier_dir), "test_accuracy": classifier_info.metrics.get("test_accuracy")
                                  if classifier_info else None}}
 

@@ -1,6 +1,7 @@
 """What every eval and benchmark report shares: naming the hardware, writing the JSON."""
 from __future__ import annotations
 
+import datetime
 import json
 import platform
 from pathlib import Path
@@ -22,9 +23,18 @@ def hardware(device=None) -> str:
     return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
+def provenance() -> dict:
+    """The code and time a result comes from: the checkout's commit ("+dirty" with uncommitted
+    changes, as model_dir.git_commit says) and the UTC date."""
+    from leanserve.models.model_dir import git_commit
+    return {"git_commit": git_commit() or "unknown",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def emit_json(result: dict, out: str | Path | None) -> None:
-    """Write `result` to `out` (creating its folder), or print it when no path is given."""
-    text = json.dumps(result, indent=2)
+    """Write `result`, stamped with its provenance, to `out` (creating its folder), or print it when
+    no path is given."""
+    text = json.dumps({**provenance(), **result}, indent=2)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
