@@ -135,6 +135,26 @@ def _split_plan(span: int, num_splits: int, block_n: int) -> tuple[int, int]:
     return -(-tiles // tiles_per_split), tiles_per_split * block_n
 
 
+
+def check_paged_inputs(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                       ) -> tuple[int, int, int]:
+    """ValueError for shapes the paged Triton kernels do not take; -> (block_size, num_kv_heads,
+    query heads per KV head). q [..., Hq, D]; caches [num_blocks, block_size, Hkv, D]."""
+    num_heads, head_dim = q.shape[-2:]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"{kernel} needs a power-of-2 head_dim >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"{kernel} needs a power-of-2 block_size, got {block_size}")
+    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need equal strides, and q, k/v rows must be contiguous")
+    return block_size, num_kv_heads, num_heads // num_kv_heads
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            sliding_window: int | None = None, out: torch.Tensor | None = None,
@@ -145,18 +165,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     >= every seq_len: it sizes the splits without a device sync (so the call can be graph-captured).
     num_splits overrides the heuristic (tests); block_n / num_warps / num_stages are tuning knobs."""
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"paged_decode_attention needs a power-of-2 head_dim >= 16, got {head_dim}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"paged_decode_attention needs a power-of-2 block_size, got {block_size}")
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache need equal strides, and q, k/v rows must be contiguous")
-    group = num_heads // num_kv_heads
+    block_size, num_kv_heads, group = check_paged_inputs("paged_decode_attention", q, k_cache, v_cache)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from leanserve.kernels.paged_attention import check_paged_inputs
+
 BLOCK_M = 64             # query rows (tokens x heads of a group) per program
 BLOCK_N = 64             # context tokens per loop iteration (gathered across cache blocks)
 NO_WINDOW = 2**31 - 1    # a window no context reaches, so the kernel needs no "windowed?" branch
@@ -130,19 +132,8 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [T, Hq, D] -> [T, Hq, D], written into `out` if given. Rows outside every sequence
     (past query_start_loc[B]) are left untouched. No host syncs. block_m / block_n / num_warps /
     num_stages are tuning knobs."""
-    num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"paged_varlen_attention needs a power-of-2 head_dim >= 16, got {head_dim}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"paged_varlen_attention needs a power-of-2 block_size, got {block_size}")
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache need equal strides, and q, k/v rows must be contiguous")
-    group = num_heads // num_kv_heads
+    num_tokens, _, head_dim = q.shape
+    block_size, num_kv_heads, group = check_paged_inputs("paged_varlen_attention", q, k_cache, v_cache)
     if out is None:
         out = torch.empty_like(q)
     if out.stride(-1) != 1:
