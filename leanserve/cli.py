@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "images"): ("leanserve.eval.images", "FD, KID, alignment, diversity and images/s of an image model"),
     ("eval", "sid"): ("leanserve.eval.sid", "SiD generators against their teacher: FD, alignment, diversity; JSON + plot"),
     ("eval", "dpm-ot"): ("leanserve.eval.dpm_ot", "DPM-OT maps against fast solvers and controls: FD vs NFE, memorisation"),
+    ("eval", "bayes"): ("leanserve.eval.bayes", "Bayesian mixtures: exact CTW regret (C1) against KT learners; JSON + plot"),
     ("eval", "classifier"): ("leanserve.eval.classifier", "train the shapes attribute classifier behind the image metrics"),
     ("jobs",): ("leanserve.server.jobs.client", "submit, list, show, follow, cancel and resume jobs of a running server (/v1/jobs)"),
 }

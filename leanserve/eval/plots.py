@@ -52,7 +52,7 @@ def scatter_plot(series: list[Series], path: str | Path, *, title: str, xlabel: 
 
 
 def line_plot(series: list[Series], path: str | Path, *, title: str, xlabel: str, ylabel: str,
-              log_y: bool = False):
+              log_x: bool = False, log_y: bool = False):
     """Lines with markers and error bars (e.g. FD against NFE), one per series."""
     plt, fig, ax = _figure()
     # the default cycle has 10 colours; an eval with more lines would reuse them for different methods
@@ -60,6 +60,8 @@ def line_plot(series: list[Series], path: str | Path, *, title: str, xlabel: str
     colours = [palette[i % len(palette)] for i in range(len(series))] if len(series) > 10 else [None] * len(series)
     for s, colour in zip(series, colours):
         ax.errorbar(s.x, s.y, yerr=s.yerr, fmt=s.fmt, capsize=2, label=s.label, markersize=3, color=colour)
+    if log_x:
+        ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
     _save(plt, fig, ax, path, title, xlabel, ylabel)

@@ -6,6 +6,9 @@ import json
 import platform
 from pathlib import Path
 
+from leanserve.atomic import atomic_write_text
+from leanserve.errors import UserError
+
 
 def hardware(device=None) -> str:
     """The GPU's name, or the CPU model and thread count: every number is reported with it."""
@@ -41,3 +44,23 @@ def emit_json(result: dict, out: str | Path | None) -> None:
         print(f"wrote {out}")
     else:
         print(text)
+
+
+def emit_json_section(key: str, result: dict, out: str | Path) -> None:
+    """Write `result`, stamped with its own provenance, under `key` of the JSON object in `out`,
+    keeping the file's other keys: experiments that share one results file (C1, C2 of the Bayes
+    eval) are run separately, at different commits, so each section carries its own stamp.
+    Read-modify-write without a lock: two runs finishing at the same moment would race."""
+    path = Path(out)
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise UserError(f"{out}: not JSON ({e}); not overwriting it") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{out}: holds a {type(data).__name__}, not an object of sections; not overwriting it")
+    data[key] = {**provenance(), **result}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out} [{key!r}]")
