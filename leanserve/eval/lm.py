@@ -42,9 +42,10 @@ from leanserve.eval.lm_members import Members, load_members, mixture_greedy_answ
 from leanserve.eval.report import emit_json
 from leanserve.eval.token_loss import labelled, next_token_targets
 from leanserve.models.model_dir import merge_metrics
-from leanserve.runtime import resolve_device
+from leanserve.runtime import resolve_device, resolve_dtype
 
 DOC_DOMAINS = ("code", "docs", "tasks")
+DOMAINS = DOC_DOMAINS + ("chat",)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -56,9 +57,13 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for task questions")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto",
+                   help="weights dtype (auto: bfloat16 with autocast on CUDA, float32 on CPU); float32 on CUDA "
+                        "keeps small weight differences, e.g. between an ensemble's members, exact")
     p.add_argument("--members", type=int, help="ensemble directory: score its first K members (default: all)")
     p.add_argument("--ts-tokens", type=int, default=4096,
                    help="val tokens per domain kept to fit the temperature of temperature scaling (0: none)")
+    p.add_argument("--domains", default=",".join(DOMAINS), help="test domains to score (default: all)")
     p.add_argument("--no-tasks", action="store_true", help="skip the task questions")
 
 
@@ -120,16 +125,14 @@ def fit_temperatures(members: Members, batches: list[dict], device, autocast, ma
     names = ("mixture", "logit_average") if members.ensemble else ("mixture",)
     samples = {name: HeldOutSample(_labelled_count(batches), max_tokens) for name in names}
     for batch in batches:
-        ids = batch["input_ids"].to(device)
-        with torch.no_grad(), autocast():
-            logits = [labelled(lg, batch["labels"]) for lg in members.each_logits(input_ids=ids)]
-        n = len(logits[0][1])
-        pos = samples["mixture"].positions(n)
-        chosen = torch.stack([lg[pos].float() for lg, _ in logits])
-        labels = logits[0][1][pos]
-        samples["mixture"].add(n, mixture_logprobs(chosen.log_softmax(-1)), labels)
+        keep, targets = next_token_targets(batch["labels"], device)
+        pos = samples["mixture"].positions(len(targets)).to(device)
+        with torch.no_grad(), autocast():  # only the kept tokens' logits of each member stay alive
+            chosen = torch.stack([lg[:, :-1][keep][pos].float()
+                                  for lg in members.each_logits(input_ids=batch["input_ids"].to(device))])
+        samples["mixture"].add(len(targets), mixture_logprobs(chosen.log_softmax(-1)), targets[pos])
         if members.ensemble:
-            samples["logit_average"].add(n, chosen.mean(0).log_softmax(-1), labels)
+            samples["logit_average"].add(len(targets), chosen.mean(0).log_softmax(-1), targets[pos])
     return {name: t for name, sample in samples.items() if (t := sample.fit()) is not None}
 
 
@@ -160,10 +163,13 @@ def run(args):
             raise UserError(f"--{name.replace('_', '-')} must be > 0")
     if args.ts_tokens < 0:
         raise UserError("--ts-tokens must be >= 0")
+    domains = [d.strip() for d in args.domains.split(",")]
+    if not domains or set(domains) - set(DOMAINS):
+        raise UserError(f"--domains: choose from {', '.join(DOMAINS)}, got {args.domains!r}")
     manifest = load_manifest(data)
     tokenizer = load_tokenizer(model_dir)
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     members = load_members(model_dir, device, dtype, args.members)
     model = members.model
     max_len = model.config.max_position_embeddings
@@ -176,11 +182,12 @@ def run(args):
             return read_split(data, manifest, domain, split)[:args.max_docs]
 
         examples = {d: stream_windows(encode_documents(tokenizer, [r["text"] for r in rows(d)]), seq_len)
-                    for d in DOC_DOMAINS}
-        examples["chat"] = chat_examples(tokenizer, rows("chat"), seq_len)[0]
+                    for d in DOC_DOMAINS if d in domains}
+        if "chat" in domains:
+            examples["chat"] = chat_examples(tokenizer, rows("chat"), seq_len)[0]
         return {d: batched(e, args.batch_size, tokenizer.pad_token_id) for d, e in examples.items() if e}
 
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     val = batches_of("val") if args.ts_tokens else {}
     scores = {}
     for domain, test in batches_of("test").items():
@@ -223,7 +230,7 @@ def run(args):
             "disagreement": {d: s["disagreement"] for d, s in scores.items()}}
     emit_json(result, args.out)
     if args.members is not None:
-        print(f"--members {args.members}: metrics not recorded in {model_dir}/leanserve.json (a subset of the ensemble)")
+        print(f"--members {args.members}: a subset of the ensemble, not recorded in {model_dir}/leanserve.json")
         return 0
     keys = ("test_loss", "test_ppl", "calibration", "task_accuracy", "task_count")
     merged = merge_metrics(model_dir, {k: result[k] for k in keys}

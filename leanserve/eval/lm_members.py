@@ -44,16 +44,17 @@ class Members:
 def load_members(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
                  num_members: int | None = None) -> Members:
     """The model of `model_dir` and, for an ensemble directory, its first `num_members` members (all by default)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     info = load_model_info(model_dir)
-    if info is None or info.method != METHOD:
-        if num_members is not None:
-            raise UserError(f"--members: {model_dir} is not an ensemble directory (leanserve.json method "
-                            f"{info.method if info else 'missing'!r})")
+    ensemble = info is not None and info.method == METHOD
+    if num_members is not None and not ensemble:
+        raise UserError(f"--members: {model_dir} is not an ensemble directory (leanserve.json method "
+                        f"{info.method if info else 'missing'!r})")
+    if ensemble and num_members is not None and not 1 <= num_members <= info.settings.get("num_members", 0):
+        raise UserError(f"--members must be between 1 and the directory's {info.settings.get('num_members')} "
+                        f"members, got {num_members}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if not ensemble:
         return Members(model)
-    available = info.settings.get("num_members")
-    if num_members is not None and not 1 <= num_members <= (available or 0):
-        raise UserError(f"--members must be between 1 and the directory's {available} members, got {num_members}")
     params = read_members(model_dir, info.settings, device=device, dtype=dtype)
     return Members(model, params[:num_members], ensemble=True)
 

@@ -300,7 +300,8 @@ class Trainer(TrainingLoop):
         for domain, batches in self.val.items():
             logprobs = [self._true_token_logprobs(b) for b in batches]
             prev = self.running.get(domain)
-            self.running[domain] = logprobs if prev is None else [torch.logaddexp(r, lp) for r, lp in zip(prev, logprobs)]
+            self.running[domain] = (logprobs if prev is None
+                                    else [torch.logaddexp(r, lp) for r, lp in zip(prev, logprobs)])
             count = sum(len(lp) for lp in logprobs)
             single[domain] = -float(sum(lp.double().sum() for lp in logprobs)) / count
             ensemble[domain] = -float(sum((r.double() - math.log(s)).sum() for r in self.running[domain])) / count

@@ -67,7 +67,8 @@ def test_writes_an_ensemble_directory(corpus, ensemble):
     assert all(t.dtype == torch.float32 for m in members for t in m.values())
     embed = "model.embed_tokens.weight"
     assert not torch.equal(members[0][embed], map_weights[embed])
-    assert not torch.equal(members[0][embed], members[1][embed]) and not torch.equal(members[1][embed], members[2][embed])
+    assert not torch.equal(members[0][embed], members[1][embed])
+    assert not torch.equal(members[1][embed], members[2][embed])
     assert all(torch.equal(m["lm_head.weight"], m[embed]) for m in members)  # full scope keeps the tie
     sampler = settings["sampler"]
     assert sampler["member_steps"] == [6, 8, 10] and sampler["mix"] == {"code": 1.0}
@@ -152,12 +153,13 @@ def test_eval_lm_scores_the_mixture_and_its_members(corpus, ensemble, tmp_path):
         assert ens["logit_average"][domain]["nll"] > 0
     assert sum(full["task_count"].values()) == 4  # mixture greedy decoding answered them
     assert json.loads((ensemble / "leanserve.json").read_text())["metrics"]["calibration"] == full["calibration"]
+    assert main(["eval", "lm", "--model", str(ensemble), *flags, "--members", "4"]) == 2  # it has 3
 
     # member 0 of the ensemble, written out as an ordinary model, scores as --members 1 does
     assert main(["eval", "lm", "--model", str(ensemble), *flags, "--members", "1", "--no-tasks",
-                 "--out", str(tmp_path / "one.json")]) == 0
+                 "--domains", "code,docs", "--out", str(tmp_path / "one.json")]) == 0
     one = json.loads((tmp_path / "one.json").read_text())
-    assert one["ensemble"]["num_members"] == 1
+    assert one["ensemble"]["num_members"] == 1 and set(one["calibration"]) == {"code", "docs"}
     model = AutoModelForCausalLM.from_pretrained(ensemble)
     settings = json.loads((ensemble / "leanserve.json").read_text())["settings"]
     model.load_state_dict(read_members(ensemble, settings)[0], strict=False)
@@ -165,7 +167,7 @@ def test_eval_lm_scores_the_mixture_and_its_members(corpus, ensemble, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (ensemble / name).exists():
             (tmp_path / "member0" / name).write_bytes((ensemble / name).read_bytes())
-    assert main(["eval", "lm", "--model", str(tmp_path / "member0"), *flags, "--no-tasks",
+    assert main(["eval", "lm", "--model", str(tmp_path / "member0"), *flags, "--no-tasks", "--domains", "code,docs",
                  "--out", str(tmp_path / "member0.json")]) == 0
     single = json.loads((tmp_path / "member0.json").read_text())
     for domain, cal in single["calibration"].items():
@@ -188,7 +190,12 @@ def test_bad_options_fail_with_one_line(corpus, tmp_path, capsys, flags, message
     assert "\n" not in err and err.startswith("leanserve train sgld: error: ") and message in err, err
 
 
-def test_eval_lm_members_needs_an_ensemble(corpus, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--members", "2"], "not an ensemble directory"),
+    (["--domains", "code,video"], "--domains: choose from"),
+])
+def test_eval_lm_bad_options(corpus, capsys, flags, message):
     assert main(["eval", "lm", "--model", str(corpus / "map"), "--data", str(corpus / "data"), "--device", "cpu",
-                 "--members", "2"]) == 2
-    assert "not an ensemble directory" in capsys.readouterr().err
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
