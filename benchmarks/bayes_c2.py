@@ -7,10 +7,11 @@ on the code domain only (Python stdlib source, split by file), pretraining phase
 default, past the val minimum that the zoo's chat-tiny reached after about one epoch of code, so the
 MAP has begun to overfit (the script reports the val-loss history; train lm has no early stopping).
 (2) `leanserve train sgld` from it per temperature (T = 1 and a colder T): pSGLD with its RMSprop
-preconditioner frozen after a burn-in of one epoch, constant step --sgld-lr (default 1e-4, the
-AdamW schedule's final lr: with a frozen preconditioner the step sizes are comparable), a weak
-Gaussian prior of variance --prior-var (λ = 1/(N·var); the MAP's AdamW weight decay is decoupled
-and does not translate into a coupled λ), full scope, S members thinned by half an epoch.
+preconditioner frozen after a burn-in of one epoch, a weak Gaussian prior of variance --prior-var
+(λ = 1/(N·var): the MAP's AdamW weight decay is decoupled and does not translate into a coupled λ),
+full scope, S members thinned by half an epoch. The constant step size is tuned as the spec says:
+short pilot chains (T = 1, 2 members) at each of --sgld-lrs, and the largest whose single sample
+keeps the code val NLL within --max-val-increase (3%) of the MAP's is used for all temperatures.
 (3) `leanserve eval lm` (fp32) on the code test split (in-domain) and the docs test split (shifted):
 MAP; the last SGLD sample; the SGLD ensemble with its first S in {1, 2, 4, ...} members; the
 logit-averaged ensemble of all members (the negative control).
@@ -60,7 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.3])
     p.add_argument("--members", type=int, default=16, help="S, members per chain")
     p.add_argument("--map-epochs", type=float, default=3.0)
-    p.add_argument("--sgld-lr", type=float, default=1e-4)
+    p.add_argument("--sgld-lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4],
+                   help="step sizes tried by short pilot chains (T = the first --temperatures, 2 members); each "
+                        "seed samples with the largest whose last single sample keeps the code val NLL within "
+                        "--max-val-increase of the MAP's (the smallest if none does). One value: no pilot")
+    p.add_argument("--max-val-increase", type=float, default=0.03, help="relative, for the pilot (spec: 1-3%%)")
     p.add_argument("--prior-var", type=float, default=0.2, help="prior variance σ_p² (λ = 1/(N σ_p²))")
     p.add_argument("--burn-in-epochs", type=float, default=1.0)
     p.add_argument("--thin-epochs", type=float, default=0.5)
@@ -74,7 +79,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.device, args.members, args.temperatures = "cpu", 4, [1.0, 0.3]
         args.batch_size, args.map_epochs, args.burn_in_epochs, args.thin_epochs = 4, 2.0, 0.25, 0.1
-        args.sgld_lr = 1e-4
+        args.sgld_lrs = [1e-4, 1e-3]
     return args
 
 
@@ -140,28 +145,41 @@ def run_seed(args, seed: int, data: Path, tok: Path) -> dict:
     rows, chains = [], []
     for d, m in eval_json(args, data, map_dir, work / "eval_map.json")["calibration"].items():
         rows.append(row("map", 1, seed, d, m))
-    for t in args.temperatures:
-        chain = work / f"sgld_T{t:g}"
-        if not (chain / "leanserve.json").is_file():
-            run("train", "sgld", "--from", map_dir, "--data", data, "--out", chain, "--mix", "code=1",
-                "--temperature", t, "--precond", "frozen_rmsprop", "--lr", args.sgld_lr,
-                "--weight-decay", 1 / (n * args.prior_var), "--burn-in", max(1, round(args.burn_in_epochs * epoch)),
-                "--thin", max(1, round(args.thin_epochs * epoch)), "--num-members", args.members, "--scope", "full",
+    lambda_ = 1 / (n * args.prior_var)
+    burn_in, thin = max(1, round(args.burn_in_epochs * epoch)), max(1, round(args.thin_epochs * epoch))
+
+    def chain(out: Path, t: float, lr: float, members: int) -> dict:
+        if not (out / "leanserve.json").is_file():
+            run("train", "sgld", "--from", map_dir, "--data", data, "--out", out, "--mix", "code=1",
+                "--temperature", t, "--precond", "frozen_rmsprop", "--lr", lr, "--weight-decay", lambda_,
+                "--burn-in", burn_in, "--thin", thin, "--num-members", members, "--scope", "full",
                 "--eval-every", max(1, epoch // 2), "--eval-batches", 4 if args.smoke else 16, *common)
-        metrics = json.loads((chain / "leanserve.json").read_text())["metrics"]
-        chains.append({"seed": seed, "sgld_temperature": t, "val_nll": metrics["val_nll"],
+        return json.loads((out / "leanserve.json").read_text())["metrics"]
+
+    pilot = []
+    for lr in sorted(args.sgld_lrs) if len(args.sgld_lrs) > 1 else []:
+        val = chain(work / f"pilot_lr{lr:g}", args.temperatures[0], lr, 2)["val_nll"]
+        pilot.append({"lr": lr, "map": val["map"]["code"], "last_sample": val["last_sample"]["code"],
+                      "ensemble": val["ensemble"]["code"]})
+    within = [p["lr"] for p in pilot if p["last_sample"] <= (1 + args.max_val_increase) * p["map"]]
+    lr = max(within) if within else min(args.sgld_lrs)
+    for t in args.temperatures:
+        name = f"sgld_T{t:g}_lr{lr:g}"
+        metrics = chain(work / name, t, lr, args.members)
+        chains.append({"seed": seed, "sgld_temperature": t, "lr": lr, "val_nll": metrics["val_nll"],
                        "members_val_nll": [m["val_nll"] for m in metrics["members"]]})
         sizes = [s for s in (2 ** i for i in range(8)) if s < args.members] + [args.members]
         for s in sizes:
             flags = [] if s == args.members else ["--members", s]
-            result = eval_json(args, data, chain, work / f"eval_sgld_T{t:g}_S{s}.json", *flags)
+            result = eval_json(args, data, work / name, work / f"eval_{name}_S{s}.json", *flags)
             for d, m in result["calibration"].items():
                 rows.append(row("ensemble", s, seed, d, m, t))
             if s == args.members:
                 for d in result["calibration"]:
                     rows.append(row("logit_average", s, seed, d, result["ensemble"]["logit_average"][d], t))
                     rows.append(row("last_sample", 1, seed, d, result["ensemble"]["members"][d][-1], t))
-    out = {"seed": seed, "code_train_tokens": n, "steps_per_epoch": epoch, "rows": rows, "chains": chains,
+    out = {"seed": seed, "code_train_tokens": n, "steps_per_epoch": epoch, "weight_decay": lambda_, "pilot": pilot,
+           "sgld_lr": lr, "rows": rows, "chains": chains,
            "map_val_history": map_info["metrics"]["val_history"], "map_recipe": map_info["recipe"]["command"]}
     atomic_write_text(work / "rows.json", json.dumps(out, indent=2) + "\n")
     return out
@@ -221,8 +239,10 @@ def aggregate(args, per_seed: list[dict]) -> None:
     results = Path(args.results)
     rows = [r for s in per_seed for r in s["rows"]]
     c2 = {**provenance(), "smoke": args.smoke, "seeds": [s["seed"] for s in per_seed],
-          "settings": {k: getattr(args, k) for k in ("temperatures", "members", "map_epochs", "sgld_lr", "prior_var",
-                                                     "burn_in_epochs", "thin_epochs", "batch_size")},
+          "settings": {k: getattr(args, k) for k in ("temperatures", "members", "map_epochs", "sgld_lrs",
+                                                     "max_val_increase", "prior_var", "burn_in_epochs", "thin_epochs",
+                                                     "batch_size")},
+          "pilots": {s["seed"]: {"chosen_lr": s["sgld_lr"], "tried": s["pilot"]} for s in per_seed},
           "code_train_tokens": per_seed[0]["code_train_tokens"], "steps_per_epoch": per_seed[0]["steps_per_epoch"],
           "map_recipes": [s["map_recipe"] for s in per_seed],
           "map_val_history": {s["seed"]: s["map_val_history"] for s in per_seed},

@@ -134,6 +134,11 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--lr", type=float, default=1e-4, help="step size η in mean-token-loss units")
     g.add_argument("--precond", default="none", choices=["none", "frozen_rmsprop"],
                    help="pSGLD: RMSprop preconditioner estimated during burn-in, then frozen")
+    # G = 1/(sqrt(v) + eps): a coordinate whose gradient all but vanishes (the embedding of a token the data
+    # lacks) gets G ~ 1/eps, so its noise sqrt(2ηT·G/N) and step η·G grow with 1/eps; Adam's 1e-8 would let
+    # such rows random-walk far and the step go unstable once their logits rise
+    g.add_argument("--precond-eps", type=float, default=1e-5,
+                   help="pSGLD: eps of G = 1/(sqrt(v) + eps), which bounds G by 1/eps (default 1e-5)")
     g.add_argument("--momentum", type=float, default=0.0, help="SGHMC momentum (friction 1 - momentum)")
     g.add_argument("--schedule", default="constant", choices=SCHEDULES, help="step size after burn-in")
     g.add_argument("--cycles", type=int, default=4, help="cyclical: cycles (members split evenly over them)")
@@ -171,6 +176,8 @@ def _check_args(args, num_layers: int, max_len: int):
         raise UserError("--n-data must be > 0")
     if args.weight_decay is not None and args.weight_decay < 0:
         raise UserError("--weight-decay must be >= 0")
+    if not args.precond_eps > 0:
+        raise UserError("--precond-eps must be > 0")
     if not 0 <= args.momentum < 1:
         raise UserError("--momentum must be in [0, 1)")
     if not 0 <= args.explore < 1:
@@ -259,7 +266,8 @@ class Trainer(TrainingLoop):
             [{"params": [p for p in sampled.values() if p.dim() >= 2]},
              {"params": [p for p in sampled.values() if p.dim() < 2], "weight_decay": 0.0}],
             lr=args.lr, n_data=args.n_data, temperature=args.temperature, weight_decay=args.weight_decay,
-            precond=None if args.precond == "none" else args.precond, momentum=args.momentum)
+            precond=None if args.precond == "none" else args.precond, momentum=args.momentum,
+            precond_eps=args.precond_eps)
         self.num_sampled = sum(p.numel() for p in sampled.values())
 
         torch.manual_seed(args.seed)  # the chain's noise (the checkpoint keeps this generator's state)
@@ -366,6 +374,7 @@ class Trainer(TrainingLoop):
         ensemble_val = self.member_log[-1]["ensemble_val_nll"]
         sampler = {"lr": args.lr, "temperature": args.temperature, "n_data": args.n_data,
                    "weight_decay": args.weight_decay, "precond": args.precond, "momentum": args.momentum,
+                   **({"precond_eps": args.precond_eps} if args.precond != "none" else {}),
                    "schedule": args.schedule, "burn_in": args.burn_in, "thin": args.thin,
                    "member_steps": list(self.plan.member_steps), "mix": self.mix, "save_dtype": self.save_dtype,
                    "batch_size": args.batch_size, "seq_len": args.seq_len, "sampled_params": self.num_sampled}
