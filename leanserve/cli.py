@@ -24,8 +24,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "lm"): ("leanserve.trainers.lm", "pretrain then chat-finetune a Llama-architecture LM"),
     ("train", "diffusion"): ("leanserve.trainers.diffusion", "train a text-to-image diffusion teacher (diffusers layout)"),
     ("train", "dpm-ot"): ("leanserve.trainers.dpm_ot", "fit a DPM-OT map (semi-discrete OT jump to t') for an image teacher"),
+    ("train", "sgld"): ("leanserve.trainers.sgld", "SGLD posterior samples of a trained LM, written as an ensemble directory"),
     ("distill", "sid"): ("leanserve.trainers.sid", "distil a diffusion teacher into a 1..K-step SiD generator"),
-    ("eval", "lm"): ("leanserve.eval.lm", "held-out perplexity per domain and task exact-match of an LM"),
+    ("eval", "lm"): ("leanserve.eval.lm", "held-out perplexity, calibration and task exact-match of an LM or ensemble"),
     ("eval", "images"): ("leanserve.eval.images", "FD, KID, alignment, diversity and images/s of an image model"),
     ("eval", "sid"): ("leanserve.eval.sid", "SiD generators against their teacher: FD, alignment, diversity; JSON + plot"),
     ("eval", "dpm-ot"): ("leanserve.eval.dpm_ot", "DPM-OT maps against fast solvers and controls: FD vs NFE, memorisation"),
@@ -35,7 +36,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 # commands `leanserve serve` runs as jobs (POST /v1/jobs): each writes its output to --out and
 # continues from its last checkpoint there with --resume
-JOB_COMMANDS = [("train", "lm"), ("train", "diffusion"), ("distill", "sid"), ("train", "dpm-ot")]
+JOB_COMMANDS = [("train", "lm"), ("train", "diffusion"), ("distill", "sid"), ("train", "dpm-ot"), ("train", "sgld")]
 # options of job commands that name files or directories to read: the server confines them
 PATH_OPTIONS = ("data", "tokenizer", "vae", "teacher", "model", "warm_start")
 

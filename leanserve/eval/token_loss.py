@@ -9,6 +9,19 @@ from leanserve.data.lm_data import IGNORE
 from leanserve.runtime import DistInfo, all_reduce_sum
 
 
+def next_token_targets(labels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] labels -> the [B, T − 1] mask of positions that predict a labelled next token, and those n tokens."""
+    labels = labels[:, 1:].to(device)
+    keep = labels != IGNORE
+    return keep, labels[keep]
+
+
+def labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, V] logits and [B, T] labels -> the [n, V] logits that predict a labelled next token, and those tokens."""
+    keep, targets = next_token_targets(labels, logits.device)
+    return logits[:, :-1][keep], targets
+
+
 def token_loss_sum(model, batch: dict, device, autocast) -> tuple[float, int]:
     """Summed next-token cross-entropy over the labelled tokens of a batch, and their count."""
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -75,6 +75,48 @@ def parse_mix(text: str) -> dict[str, float] | None:
     return {k: v / total for k, v in mix.items() if v > 0}
 
 
+def mix_domains(manifest: dict, mix: dict[str, float] | None) -> list[str]:
+    """The domains a mixture trains on: its own, or for natural every pretraining domain with train rows."""
+    return list(mix) if mix else [d for d in PRETRAIN_DOMAINS
+                                  if manifest["splits"].get(d, {}).get("train", {}).get("num_rows")]
+
+
+def train_streams(data: Path, manifest: dict, tokenizer, domains: list[str], shard=lambda rows: rows) -> list:
+    """One packed stream of train documents per domain (of this rank's `shard` of the documents)."""
+    streams = []
+    for domain in domains:
+        texts = [row["text"] for row in shard(read_split(data, manifest, domain, "train"))]
+        if not texts:
+            raise UserError(f"{data}/{domain}/train.jsonl has no documents for this process (too few to shard "
+                            f"over the ranks?); leave {domain} out of --mix")
+        streams.append(encode_documents(tokenizer, texts))
+    return streams
+
+
+def labelled_chats(tokenizer, rows: list[dict], seq_len: int, split: str, log) -> list[tuple[list[int], list[int]]]:
+    """Chat examples of `rows` (lm_data.chat_examples), logging how many were cut to seq_len."""
+    examples, truncated = chat_examples(tokenizer, rows, seq_len)
+    if truncated:
+        log(f"chat/{split}: {truncated} conversation(s) cut to --seq-len {seq_len}")
+    return examples
+
+
+def validation_examples(data: Path, manifest: dict, tokenizer, seq_len: int, num_examples: int,
+                        log) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """The fixed validation examples per domain that train-time losses read: the first num_examples
+    windows of each document domain's val stream, the first num_examples chat conversations."""
+    val = {}
+    for domain in EVAL_DOMAINS:
+        rows = read_split(data, manifest, domain, "val")
+        if domain == "chat":
+            examples = labelled_chats(tokenizer, rows[:num_examples], seq_len, "val", log)
+        else:
+            examples = stream_windows(encode_documents(tokenizer, [r["text"] for r in rows]), seq_len, num_examples)
+        if examples:
+            val[domain] = examples
+    return val
+
+
 # --------------------------------------------------------------------------- model and schedule
 
 def model_config(args, tokenizer):
@@ -223,15 +265,8 @@ class Trainer(TrainingLoop):
     def _train_data(self, mix: dict[str, float] | None) -> tuple[PackedMixture | None, ChatExamples | None]:
         pretrain = chat = None
         if self.args.pretrain_steps:
-            domains = list(mix) if mix else [d for d in PRETRAIN_DOMAINS
-                                              if self.manifest["splits"].get(d, {}).get("train", {}).get("num_rows")]
-            streams = []
-            for domain in domains:
-                texts = [row["text"] for row in self._shard(read_split(self.data, self.manifest, domain, "train"))]
-                if not texts:
-                    raise UserError(f"{self.data}/{domain}/train.jsonl has no documents for rank {self.dist.rank} "
-                                    f"of {self.dist.world_size}: too few to shard; leave {domain} out of --mix")
-                streams.append(encode_documents(self.tokenizer, texts))
+            domains = mix_domains(self.manifest, mix)
+            streams = train_streams(self.data, self.manifest, self.tokenizer, domains, self._shard)
             if mix is None:  # natural: each domain in proportion to its tokens over all ranks
                 counts = all_reduce_sum([float(len(s)) for s in streams], self.dist, self.device)
                 mix = {d: c / sum(counts) for d, c in zip(domains, counts)}
@@ -240,33 +275,19 @@ class Trainer(TrainingLoop):
             self._log("pretrain (this rank): " + ", ".join(f"{d} {len(s):,} tokens ({mix[d]:.0%} of rows)"
                                                            for d, s in zip(domains, streams)))
         if self.args.chat_steps:
-            examples = self._chat_examples(self._shard(read_split(self.data, self.manifest, "chat", "train")), "train")
+            rows = self._shard(read_split(self.data, self.manifest, "chat", "train"))
+            examples = labelled_chats(self.tokenizer, rows, self.args.seq_len, "train", self._log)
             if not examples:
                 raise UserError(f"{self.data}/chat/train.jsonl has no conversations for rank {self.dist.rank}")
             chat = ChatExamples(examples, self.tokenizer.pad_token_id, self.args.seq_len)
             self._log(f"chat conversations (this rank): {len(examples):,}")
         return pretrain, chat
 
-    def _chat_examples(self, rows: list[dict], split: str) -> list[tuple[list[int], list[int]]]:
-        examples, truncated = chat_examples(self.tokenizer, rows, self.args.seq_len)
-        if truncated:
-            self._log(f"chat/{split}: {truncated} conversation(s) cut to --seq-len {self.args.seq_len}")
-        return examples
-
     def _val_data(self) -> dict[str, list[dict]]:
         """Fixed validation batches per domain: the same examples every evaluation, split over ranks."""
-        n = self.args.eval_batches * self.args.batch_size
-        val = {}
-        for domain in EVAL_DOMAINS:
-            rows = read_split(self.data, self.manifest, domain, "val")
-            if domain == "chat":
-                examples = self._chat_examples(rows[:n], "val")
-            else:
-                stream = encode_documents(self.tokenizer, [r["text"] for r in rows])
-                examples = stream_windows(stream, self.args.seq_len, n)
-            if examples:
-                val[domain] = batched(self._shard(examples), self.local_batch, self.tokenizer.pad_token_id)
-        return val
+        examples = validation_examples(self.data, self.manifest, self.tokenizer, self.args.seq_len,
+                                       self.args.eval_batches * self.args.batch_size, self._log)
+        return {d: batched(self._shard(e), self.local_batch, self.tokenizer.pad_token_id) for d, e in examples.items()}
 
     # ---- loop
 
