@@ -114,3 +114,22 @@ def test_paged_varlen_benchmark_smoke(tmp_path):
     assert list(rows) == ["prefill", "last_chunk", "mixed"]
     assert all(r["triton_ms"] > 0 and r["torch_paged_ms"] > 0 for r in rows.values())
     assert rows["prefill"]["sdpa_contiguous_ms"] > 0
+
+
+def test_bayes_benchmark_smoke(tmp_path):
+    """bench_bayes_gpu.py: one member, token_mean and sequence_sample of a dummy-weight ensemble (no weight files)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bayes_gpu.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench_bayes_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    r = json.loads(next(tmp_path.glob("bayes_gpu_smoke-*.json")).read_text())["results"]
+    rows = r["rows"]
+    assert list(rows) == ["one_member", "token_mean", "sequence_sample"] and r["ideal_token_mean_ratio"] == 0.25
+    one, mean, sample = rows.values()
+    # scope full: every parameter S times; token_mean keeps S x the KV heads, sequence_sample one member's
+    assert mean["weight_bytes"] == sample["weight_bytes"] == 4 * one["weight_bytes"]
+    assert mean["kv_bytes_per_token"] == 4 * one["kv_bytes_per_token"] == 4 * sample["kv_bytes_per_token"]
+    for row in rows.values():
+        for b in (1, 4):
+            assert row[f"batch_{b}"]["output_tokens"] == b * 8 and row[f"batch_{b}"]["decode_tok_s"] > 0
+    assert all(mean[f"batch_{b}"]["over_one_member"] > 0 for b in (1, 4))

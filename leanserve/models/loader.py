@@ -19,12 +19,15 @@ from leanserve.models.registry import get_model_class
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+RANDOM_STD = 0.02  # random_weights: linears and embeddings ~ N(0, RANDOM_STD)
 
 
-def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *, random_weights: bool = False):
+def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *, random_weights: bool = False,
+               settings_overrides: dict | None = None):
     """-> (model in eval mode on `device` in `dtype`, transformers config). `random_weights` reads
     only config.json and fills random weights (full-size benchmarks without a checkpoint). The
-    `leanserve.json` method's convert step (models/methods.py) is applied last; a directory
+    `leanserve.json` method's convert step (models/methods.py) is applied last, with its settings
+    updated by `settings_overrides` (`leanserve serve --model-setting KEY=VALUE`); a directory
     without one is dense."""
     from transformers import AutoConfig
 
@@ -45,8 +48,9 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     else:
         model = build_model(hf_config, device, dtype)
         load_weights(model, iter_safetensors(path), hf_config)
+    settings = {**(info.settings if info is not None else {}), **(settings_overrides or {})}
     # the method's step runs on the loaded dense model, so its extra weights may be deltas over it
-    model = convert(model, hf_config, info.settings if info is not None else {}, model_dir=path)
+    model = convert(model, hf_config, settings, model_dir=path, random_weights=random_weights)
     return model, hf_config
 
 
@@ -65,7 +69,7 @@ def build_model(hf_config, device: torch.device | str, dtype: torch.dtype, *,
 
 
 @torch.no_grad()
-def _init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def _init_random(model: nn.Module, seed: int, std: float = RANDOM_STD) -> None:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, RMSNorm):
@@ -107,7 +111,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
             continue  # older checkpoints persist the rope table; it is recomputed from the config
         if name == "lm_head.weight" and getattr(hf_config, "tie_word_embeddings", False):
             continue  # tied: the embedding is the head
-        target, shard = _packed_target(name, packed)
+        target, shard = packed_target(name, packed)
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         param = params[target]
@@ -125,7 +129,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
 
 
-def _packed_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+def packed_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """Checkpoint name -> (the parameter it loads into, its shard of a fused module or None)."""
     for ckpt_name, (fused_name, shard) in packed.items():
         if f".{ckpt_name}." in name:
             return name.replace(f".{ckpt_name}.", f".{fused_name}."), shard

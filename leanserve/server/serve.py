@@ -100,6 +100,9 @@ def add_arguments(p):
                              "image models load theirs either way (default: safetensors)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    engine.add_argument("--model-setting", action="append", metavar="KEY=VALUE",
+                        help="set KEY of the LLM directories' leanserve.json settings before their method is "
+                             "applied (repeatable; VALUE is read as JSON when it parses, else as a string)")
     image = p.add_argument_group("image engine")
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
                        help="images per denoising loop; concurrent requests of one shape share it (default: "
@@ -113,6 +116,21 @@ def add_arguments(p):
                       help="jobs running at once on the GPU")
     jobs.add_argument("--cpu-jobs", type=int, default=defaults.cpu_jobs, metavar="INT",
                       help="jobs running at once on the CPU, counted apart from the GPU's")
+
+
+def parse_model_settings(pairs: list[str]) -> dict:
+    """["KEY=VALUE", ...] -> {KEY: VALUE}, VALUE as JSON when it parses (numbers, true, lists), else
+    the string itself, so `mode=fast` needs no shell-quoted JSON string."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-setting takes KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 def _model_kind(path: str) -> str:
@@ -172,6 +190,8 @@ def run(args) -> int:
         engine_kwargs["enforce_eager"] = True
     if args.load_format is not None:
         engine_kwargs["load_format"] = args.load_format
+    if args.model_setting:
+        engine_kwargs["model_settings"] = parse_model_settings(args.model_setting)
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch

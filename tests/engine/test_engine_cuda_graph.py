@@ -3,12 +3,11 @@ plumbing on CPU (its "graphs" replaced by eager forwards over the same buffers),
 graphs against eager decode plus the no-host-sync property of a step."""
 from __future__ import annotations
 
-import functools
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import torch
+from graph_replay import attach_runner
 
 from leanserve.errors import UserError
 from leanserve.models.attention.metadata import AttentionMetadata
@@ -20,7 +19,7 @@ from leanserve.server.engine.cuda_graph import (
     PAD_SEQ_LEN,
     PAD_SLOT,
     PAD_TOKEN,
-    CUDAGraphRunner,
+    PAD_VARIANT,
     DecodeInputs,
     check_batch_sizes,
     default_batch_sizes,
@@ -92,6 +91,9 @@ def test_pad_decode_inputs():
                                                         [[10, -1], [11, 12], [13, -1]])
     with pytest.raises(ValueError):
         pad_decode_inputs(inputs, 2)
+    assert padded.variants is None  # a one-variant model's steps carry no variant ids
+    with_variants = pad_decode_inputs(DecodeInputs([5], [0], [40], [1], [[10]], variants=[2]), 3)
+    assert with_variants.variants == [2, PAD_VARIANT, PAD_VARIANT] and PAD_VARIANT == 0
 
 
 def test_uses_triton_decode():
@@ -102,31 +104,6 @@ def test_uses_triton_decode():
 
 
 # ---- the runner's buffers on CPU --------------------------------------------------------------------
-
-class EagerReplayRunner(CUDAGraphRunner):
-    """The real runner (static buffers, views, padding, buckets) whose "graphs" run the forward
-    eagerly over those buffers: what a replay computes, on CPU."""
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        self.replays: Counter[int] = Counter()
-        for bs in reversed(self.batch_sizes):
-            self._fill_padding(bs)
-            self._forward(bs)
-            self.graphs[bs] = SimpleNamespace(replay=functools.partial(self._replay, bs))
-
-    def _replay(self, bs: int) -> None:
-        self.replays[bs] += 1
-        self._forward(bs)
-
-
-def attach_runner(engine: LLMEngine, batch_sizes: list[int]) -> EagerReplayRunner:
-    mr = engine.model_runner
-    runner = EagerReplayRunner(mr.model, mr.kv_caches, batch_sizes, mr.max_model_len, mr.kv_spec, mr.device)
-    runner.capture()
-    mr.graph_runner = runner
-    return runner
-
 
 @pytest.fixture(scope="module")
 def engine(tiny_llm_dir):

@@ -22,8 +22,8 @@ def scaled_method():
     """A test method that scales the LM head by settings["scale"] and records what it was given."""
     calls = []
 
-    def convert(model, hf_config, settings, *, model_dir):
-        calls.append((hf_config.model_type, dict(settings), model_dir))
+    def convert(model, hf_config, settings, *, model_dir, random_weights):
+        calls.append((hf_config.model_type, dict(settings), model_dir, random_weights))
         model.lm_head.weight.mul_(settings["scale"])
         return model
 
@@ -44,7 +44,7 @@ def test_registered_method_converts_the_loaded_model(llm_copy, scaled_method):
     plain, _ = load_model(llm_copy, "cpu", torch.float32)
     save_model_info(llm_copy, ModelInfo(kind="llm", method="test-scaled", settings={"scale": 2.0}))
     model, _ = load_model(llm_copy, "cpu", torch.float32)
-    assert scaled_method == [("llama", {"scale": 2.0}, llm_copy)]
+    assert scaled_method == [("llama", {"scale": 2.0}, llm_copy, False)]
     # the step ran after the weights were loaded: the head is exactly twice the checkpoint's
     assert torch.equal(model.lm_head.weight, 2.0 * plain.lm_head.weight)
 
@@ -52,7 +52,13 @@ def test_registered_method_converts_the_loaded_model(llm_copy, scaled_method):
 def test_method_applies_to_random_weights_too(llm_copy, scaled_method):
     save_model_info(llm_copy, ModelInfo(kind="llm", method="test-scaled", settings={"scale": 0.5}))
     load_model(llm_copy, "cpu", torch.float32, random_weights=True)
-    assert len(scaled_method) == 1
+    assert scaled_method == [("llama", {"scale": 0.5}, llm_copy, True)]  # told so: its own weights random too
+
+
+def test_settings_overrides_update_leanserve_json_settings(llm_copy, scaled_method):
+    save_model_info(llm_copy, ModelInfo(kind="llm", method="test-scaled", settings={"scale": 2.0, "keep": 1}))
+    load_model(llm_copy, "cpu", torch.float32, settings_overrides={"scale": 3.0, "extra": [1]})
+    assert scaled_method[0][1] == {"scale": 3.0, "keep": 1, "extra": [1]}
 
 
 def test_unknown_method_and_image_kind_are_clear_errors(llm_copy):

@@ -93,3 +93,50 @@ class PagedKVSpec:
         Triton kernel (power-of-2 head_dim >= 16 and block size); the PyTorch fallback would be
         captured gathering max_model_len tokens of K/V per row, every step."""
         return uses_triton_decode(self.head_dim, self.block_size)
+
+
+@dataclass(frozen=True)
+class LayerGroupsKVSpec:
+    """Consecutive groups of layers, each a dense paged cache with its own KV head count, under one
+    block table: a block holds block_size tokens of every layer of every group, so the slot logic
+    is PagedKVSpec's (every group shares it) and only the bytes of a block add up. For models whose
+    layers keep different numbers of KV heads (an ensemble's member layers keep S caches side by
+    side as S x the heads of its shared trunk)."""
+    groups: tuple[PagedKVSpec, ...]
+
+    def __post_init__(self):
+        if not self.groups or len({(g.block_size, g.head_dim, g.dtype) for g in self.groups}) != 1:
+            raise ValueError(f"layer groups need one block size, head dim and dtype: {self.groups}")
+
+    @property
+    def block_size(self) -> int:
+        return self.groups[0].block_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(g.bytes_per_block for g in self.groups)
+
+    def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]:
+        """Every group's layers in order: one cache tensor per group."""
+        return [cache for g in self.groups for cache in g.allocate(num_blocks, device)]
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.groups[0].blocks_for(num_tokens)
+
+    def block_table_width(self, max_model_len: int) -> int:
+        return self.groups[0].block_table_width(max_model_len)
+
+    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int:
+        return self.groups[0].blocks_at_admission(num_tokens, max_tokens)
+
+    def slot(self, block_table: list[int], position: int) -> int:
+        return self.groups[0].slot(block_table, position)
+
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        return self.groups[0].slots(block_table, start, end)
+
+    def prepare_step(self, meta: AttentionMetadata, device: torch.device) -> None:
+        self.groups[0].prepare_step(meta, device)
+
+    def graphs_capturable(self) -> bool:
+        return all(g.graphs_capturable() for g in self.groups)

@@ -28,3 +28,9 @@ class AttentionMetadata:
     # [B, max_seq_len] int64 slot of each context position (paged.context_slots), computed once per
     # step for the PyTorch attention paths; they compute it per layer when it is None
     context_slots: torch.Tensor | None = None
+    # models with num_variants > 1 (several weight sets behind one model, e.g. ensemble members
+    # sampled per request): [T] int64, the variant each token runs through; None for other models.
+    # The host copy is there on eager steps (a model may group tokens by variant without a device
+    # sync), None in captured CUDA graphs
+    variants: torch.Tensor | None = None
+    variants_cpu: list[int] | None = None

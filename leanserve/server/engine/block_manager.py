@@ -32,6 +32,12 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def variant_root(variant: int) -> bytes | None:
+    """The parent hash of a sequence's first block: none for variant 0 (every sequence of a
+    one-variant model), so their hashes stay those of the token ids alone."""
+    return None if variant == 0 else b"variant" + struct.pack("<q", variant)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, kv_spec: KVCacheSpec, enable_prefix_caching: bool = True):
         if num_blocks < 1 or kv_spec.block_size < 1:
@@ -60,7 +66,9 @@ class BlockManager:
         """Extend the sequence's chained hashes to its first `num_full_blocks` blocks."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_full_blocks):
-            parent = seq.block_hashes[i - 1] if i else None
+            # a block's K/V depend on the model variant that computed them, so the chain starts
+            # from the variant: sequences on different variants never share blocks
+            parent = seq.block_hashes[i - 1] if i else variant_root(seq.variant)
             seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs]))
         return seq.block_hashes[:num_full_blocks]
 

@@ -22,3 +22,6 @@ class EngineConfig:
     load_format: str = "safetensors"    # "dummy": random weights from config.json (vLLM's name), for benchmarks
     enforce_eager: bool = False         # CUDA: no graphs, every decode step runs the model eagerly (vLLM's name)
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to max_num_seqs
+    # overrides of the model directory's leanserve.json settings, applied before its method's
+    # convert step (`leanserve serve --model-setting KEY=VALUE`); None = as the directory says
+    model_settings: dict | None = None

@@ -136,9 +136,18 @@ class EngineCore:
             generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt_token_ids, params, arrival_time if arrival_time is not None else now,
                        self.eos_token_ids, generator)
+        if self.model_runner.num_variants > 1:
+            seq.variant = self._draw_variant(generator)
         self.scheduler.add(seq, check_queue)
         seq.times.queued = now
         self.requests[request_id] = seq
+
+    def _draw_variant(self, generator: torch.Generator | None) -> int:
+        """A model with several weight sets behind it (num_variants) runs each sequence through one,
+        drawn uniformly: from the request's own generator when it is seeded (reproducible, and each
+        of n choices, seeded seed + i, draws its own), else the engine's."""
+        gen = generator or self.model_runner.sampler.generator
+        return int(torch.randint(self.model_runner.num_variants, (1,), generator=gen, device=gen.device))
 
     def abort(self, request_id: str) -> CoreOutput | None:
         """Drop a request and free its blocks; returns its final output (None if unknown/finished)."""

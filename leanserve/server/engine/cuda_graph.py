@@ -7,6 +7,7 @@ bucketed batch size and a step replays the smallest graph that fits its batch: o
 A graph bakes in tensor addresses and host ints, hence:
 - inputs live in static buffers sized for the largest bucket; a step copies its rows in and pads
   the rest of its bucket with rows that write no KV (slot -1) and read only one cached token;
+  a model with several weight sets (num_variants > 1) also gets each row's variant id from one;
 - attention is captured with max_seq_len = max_model_len (the Triton kernel sizes its split-K
   grid from that host int); each row still loops over its own seq_len only;
 - batches larger than the largest bucket, steps with prefill chunks, and CPU stay eager.
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 # a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0. Block 0 always
 # exists and holds finite values (the cache is zero-initialised), so any decode attention
 # implementation stays finite on it, whatever the batch's real sequences hold.
-PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_BLOCK = 0, 0, -1, 1, 0
+PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_BLOCK, PAD_VARIANT = 0, 0, -1, 1, 0, 0
 
 
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -67,6 +68,7 @@ class DecodeInputs:
     slot_mapping: list[int]
     seq_lens: list[int]
     block_tables: list[list[int]]  # ragged: each sequence's own table
+    variants: list[int] | None = None  # each sequence's Sequence.variant; None for a one-variant model
 
     @property
     def num_seqs(self) -> int:
@@ -86,8 +88,10 @@ def pad_decode_inputs(inputs: DecodeInputs, bucket: int) -> DecodeInputs:
     width = max(inputs.max_blocks, 1)
     tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
     tables += [[PAD_BLOCK] + [-1] * (width - 1)] * pad
+    variants = None if inputs.variants is None else inputs.variants + [PAD_VARIANT] * pad
     return DecodeInputs(inputs.input_ids + [PAD_TOKEN] * pad, inputs.positions + [PAD_POSITION] * pad,
-                        inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad, tables)
+                        inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad, tables,
+                        variants)
 
 
 class CUDAGraphRunner:
@@ -103,9 +107,11 @@ class CUDAGraphRunner:
         self.device = device
         self.max_blocks = kv_spec.block_table_width(max_model_len)
         max_bs = self.batch_sizes[-1]
-        # input_ids, positions and slot_mapping of a bs-row bucket are the views [0:bs], [bs:2bs],
-        # [2bs:3bs] of one buffer, so a step fills all three with one copy
-        self.ids = torch.zeros(3 * max_bs, dtype=torch.int64, device=device)
+        self.with_variants = getattr(model, "num_variants", 1) > 1
+        # input_ids, positions, slot_mapping (and variants) of a bs-row bucket are the views [0:bs],
+        # [bs:2bs], [2bs:3bs] (and [3bs:4bs]) of one buffer, so a step fills them all with one copy
+        self.id_rows = 4 if self.with_variants else 3
+        self.ids = torch.zeros(self.id_rows * max_bs, dtype=torch.int64, device=device)
         self.seq_lens = torch.full((max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, self.max_blocks), PAD_BLOCK, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
@@ -113,15 +119,16 @@ class CUDAGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        input_ids, positions, slot_mapping = self.ids[:3 * bs].view(3, bs)
+        input_ids, positions, slot_mapping, *variants = self.ids[:self.id_rows * bs].view(self.id_rows, bs)
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=self.query_start_loc[:bs + 1],
                                  seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
-                                 max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size)
+                                 max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size,
+                                 variants=variants[0] if variants else None)
         return input_ids, positions, meta
 
     def _fill_padding(self, bs: int) -> None:
         """Make all bs rows padding: warm-up and capture run the model without touching the KV cache."""
-        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], []), bs))
+        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], [], [] if self.with_variants else None), bs))
 
     def _forward(self, bs: int) -> None:
         input_ids, positions, meta = self._inputs(bs)
@@ -162,7 +169,8 @@ class CUDAGraphRunner:
         def copy(dst: torch.Tensor, data: list, dtype: torch.dtype) -> None:
             dst.copy_(torch.tensor(data, dtype=dtype, pin_memory=dst.is_cuda), non_blocking=True)
 
-        copy(self.ids[:3 * bs], padded.input_ids + padded.positions + padded.slot_mapping, torch.int64)
+        copy(self.ids[:self.id_rows * bs],
+             padded.input_ids + padded.positions + padded.slot_mapping + (padded.variants or []), torch.int64)
         copy(self.seq_lens[:bs], padded.seq_lens, torch.int32)
         copy(self.block_tables[:bs, :width], padded.block_tables, torch.int32)
 

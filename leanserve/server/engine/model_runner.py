@@ -35,8 +35,13 @@ class ModelRunner:
         self.graph_batch_sizes = (default_batch_sizes(config.max_num_seqs) if config.cuda_graph_batch_sizes is None
                                   else check_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs))
         self.model, self.hf_config = load_model(config.model, self.device, self.dtype,
-                                                random_weights=config.load_format == "dummy")
+                                                random_weights=config.load_format == "dummy",
+                                                settings_overrides=config.model_settings)
         self.vocab_size = self.model.vocab_size
+        # a model with several weight sets behind it (num_variants > 1) runs each sequence through
+        # the one drawn for it (Sequence.variant): it gets the step's per-token variant ids in
+        # AttentionMetadata.variants and each sampled row's in compute_logits(hidden, variants)
+        self.num_variants = getattr(self.model, "num_variants", 1)
         # LLMEngine's rule; graphs are captured for contexts up to this length
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         # the model says how its KV cache is laid out; sizing and allocation go through it
@@ -82,7 +87,7 @@ class ModelRunner:
         input_ids, positions, meta, _ = self._prepare(seqs)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
-        self.model.compute_logits(hidden[rows]).softmax(-1)
+        self._compute_logits(hidden[rows], [0] * c.max_num_seqs).softmax(-1)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The serving KV cache; on CUDA, then the decode graphs (they bake in its addresses)."""
@@ -106,12 +111,15 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        variants: list[int] = []
         query_start_loc, seq_lens, sample_rows = [0], [], []
         for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += self.kv_spec.slots(seq.block_table, start, end)
+            if self.num_variants > 1:
+                variants += [seq.variant] * n
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
@@ -120,7 +128,7 @@ class ModelRunner:
         tables = [b for seq, _ in scheduled for b in seq.block_table + [-1] * (width - len(seq.block_table))]
         num_seqs, num_tokens = len(scheduled), len(input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
-        ids = to_device(input_ids + positions + slots, torch.int64, self.device).view(3, num_tokens)
+        ids = to_device(input_ids + positions + slots + variants, torch.int64, self.device).view(-1, num_tokens)
         ints = to_device(query_start_loc + seq_lens + tables, torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=ids[2],
@@ -133,12 +141,14 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
+        if variants:
+            meta.variants, meta.variants_cpu = ids[3], variants
         self.kv_spec.prepare_step(meta, self.device)
         return ids[0], ids[1], meta, sample_rows
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
         """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
-        inputs = DecodeInputs([], [], [], [], [])
+        inputs = DecodeInputs([], [], [], [], [], [] if self.num_variants > 1 else None)
         for seq, _ in scheduled:
             pos = seq.num_computed_tokens
             inputs.input_ids.append(seq.token_ids[pos])
@@ -146,7 +156,15 @@ class ModelRunner:
             inputs.slot_mapping.append(self.kv_spec.slot(seq.block_table, pos))
             inputs.seq_lens.append(pos + 1)
             inputs.block_tables.append(seq.block_table)
+            if inputs.variants is not None:
+                inputs.variants.append(seq.variant)
         return inputs
+
+    def _compute_logits(self, hidden: torch.Tensor, variants: list[int]) -> torch.Tensor:
+        """Logits of the rows of `hidden`; variants: each row's sequence's variant."""
+        if self.num_variants == 1:
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, variants)
 
     @torch.inference_mode()
     def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
@@ -165,4 +183,4 @@ class ModelRunner:
             return [], None
         if len(sample_rows) < hidden.shape[0]:  # else every row samples, in order: no gather
             hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
-        return sampling, self.sampler(self.model.compute_logits(hidden), sampling)
+        return sampling, self.sampler(self._compute_logits(hidden, [seq.variant for seq in sampling]), sampling)

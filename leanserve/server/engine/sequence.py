@@ -33,6 +33,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chained hashes of the leading full blocks, grown lazily
         self.num_cached_blocks = 0           # leading blocks of block_table already offered to the prefix cache
         self.generator = generator       # own RNG when params.seed is set; else the engine's is used
+        # which of the model's num_variants weight sets this sequence runs through (EngineCore
+        # draws it at admission; always 0 for a model with one)
+        self.variant = 0
         # min_tokens masks every id that would end the sequence
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.eos_token_ids = frozenset(eos_token_ids)
