@@ -4,7 +4,8 @@ Perplexity reads the test splits exactly as training reads its validation data (
 documents for code/docs/tasks, assistant tokens of chat pairs), so train-time val losses and
 these test losses are comparable. Task accuracy asks the chat test questions that carry a
 task, greedy-decodes an answer from the chat-templated prompt and checks it exactly
-(leanserve.data.tasks.check).
+(leanserve.data.tasks.check). For a MoE / MoE++ model it also reports how the test tokens are
+routed (eval/moepp_routing.py).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from leanserve.data.lm_data import (
 from leanserve.data.tasks import Task, check
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
+from leanserve.eval.moepp_routing import routing_stats
 from leanserve.eval.report import emit_json
 from leanserve.eval.token_loss import mean_losses
 from leanserve.models.model_dir import merge_metrics
+from leanserve.models.moepp_hf import MODEL_TYPE as MOEPP_MODEL_TYPE  # importing it registers the Auto classes
 from leanserve.runtime import DistInfo, resolve_device
 
 DOC_DOMAINS = ("code", "docs", "tasks")
@@ -124,6 +127,8 @@ def run(args):
     batches = {d: batched(e, args.batch_size, tokenizer.pad_token_id) for d, e in examples.items() if e}
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     test_loss = mean_losses(model, batches, device, autocast, DistInfo())
+    routing = routing_stats(model, batches, device, autocast, DistInfo()) \
+        if model.config.model_type == MOEPP_MODEL_TYPE else None
 
     # questions whose prompt and answer budget fit the context; longer ones (large retrieval
     # tasks) are counted as skipped, not as wrong
@@ -143,8 +148,11 @@ def run(args):
         "test_loss": test_loss, "test_ppl": {d: math.exp(v) for d, v in test_loss.items()},
         "task_accuracy": accuracy, "task_count": counts, "task_skipped": skipped,
     }
+    if routing is not None:
+        result["test_routing"] = routing
     emit_json(result, args.out)
-    merged = merge_metrics(model_dir, {k: result[k] for k in ("test_loss", "test_ppl", "task_accuracy", "task_count")}
+    keys = ("test_loss", "test_ppl", "task_accuracy", "task_count") + (("test_routing",) if routing else ())
+    merged = merge_metrics(model_dir, {k: result[k] for k in keys}
                            | {"eval_data_sha256": result["data_sha256"], "eval_max_docs": args.max_docs})
     if not merged:
         print(f"{model_dir} has no leanserve.json: metrics not recorded there")
