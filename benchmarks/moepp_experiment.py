@@ -9,11 +9,18 @@ Arms (identical but for the ZC experts, the gating residual and the load-balance
 each with every seed of --seeds (init and data order); same data, token budget and recipe otherwise.
 
 Shape (GPU): 6 layers, D 512, 8 heads (MHA), I 1408 per expert, seq 512, the repo tokenizer
-(zoo/chat-tiny, 8192 tokens), the `small` preset's tied embeddings; ~110M parameters (~33M active). Recipe: AdamW (0.9, 0.95), wd 0.1, clip 1.0, LR 5e-4 cosine to 5e-5, 2% warm-up,
+(zoo/chat-tiny, 8192 tokens), the `small` preset's tied embeddings; 114M parameters, ~32M active
+without the embedding. Recipe: AdamW (0.9, 0.95), wd 0.1, clip 1.0, LR 5e-4 cosine to 5e-5, 2% warm-up,
 lb_coef 0.01 (mean over layers), dropless, bf16 autocast, pretraining only on the natural mixture of
 `leanserve data build`'s code, docs and tasks splits (about 4.5M train tokens: the budget repeats them).
-Default budget: 1200 steps x 16 x 512 = 9.8M tokens per run (measured on an H200 with all runs
-side by side; see the README of this experiment in the report or `budget` in the results JSON).
+Budget: 1000 steps x 16 x 512 = 8.2M tokens per run (~1.8 passes over the mixture), 82M for the 10
+runs; an estimate, not a measurement. A training step of this model is ~2 TFLOP and ~2,500 GPU kernels
+(the reference's per-expert loop; 6 host syncs), so ~20-25 ms of GPU time; processes on one GPU are
+time-sliced, not concurrent, so 10 of them each step about every 0.25-0.3 s: ~300k tokens/s together,
+1000 steps in ~5 min, plus ~1 min of start-up (tokenising ~4.5M tokens per process) and validations
+(~8%): ~6-7 min. The results JSON records the measured wall time and tokens/s; if it is far off, scale
+--steps by 8 min / wall_s. Where the sweep may be cut short, --save-every makes the runs checkpoint,
+and running the script again with the same --out resumes them (finished runs are reused).
 
 Quality: held-out loss (the val splits, which training never reads) at equal tokens, the mean of
 the code, docs and tasks losses; per arm the mean and std over seeds. Routing: the learned FFN
@@ -45,8 +52,9 @@ from leanserve.eval.plots import Series, line_plot  # noqa: E402
 from leanserve.eval.report import emit_json, hardware  # noqa: E402
 
 DOMAINS = ("code", "docs", "tasks")  # what the runs pretrain on; val_loss is their mean
-GPU = dict(shape=["--preset", "small", "--layers", "6", "--heads", "8", "--kv-heads", "8", "--intermediate-size", "1408"],
-           steps=1200, batch=16, seq=512, eval_every=150, eval_batches=4, experts=8, device="cuda",
+GPU = dict(shape=["--preset", "small", "--layers", "6", "--heads", "8", "--kv-heads", "8",
+                  "--intermediate-size", "1408"],
+           steps=1000, batch=16, seq=512, eval_every=125, eval_batches=4, experts=8, device="cuda",
            data_build=[])
 SMOKE = dict(shape=["--preset", "tiny", "--intermediate-size", "64"], steps=4, batch=4, seq=64, eval_every=2,
              eval_batches=1, experts=4, device="cpu", data_build=["--max-docs", "40", "--num-tasks", "40"])
@@ -85,7 +93,7 @@ def launch(runs: list[dict], cfg: dict, args, env: dict) -> float:
                    "--chat-steps", "0", "--mix", "natural", "--batch-size", str(cfg["batch"]),
                    "--seq-len", str(cfg["seq"]), "--lr", "5e-4", "--warmup", "0.02", "--weight-decay", "0.1",
                    "--clip", "1.0", "--lb-coef", "0.01", "--eval-every", str(cfg["eval_every"]),
-                   "--eval-batches", str(cfg["eval_batches"]), "--save-every", str(cfg["steps"] + 1),
+                   "--eval-batches", str(cfg["eval_batches"]), "--save-every", str(args.save_every or cfg["steps"] + 1),
                    "--device", cfg["device"], *resume]
             log = open(args.out / "logs" / f"{r['dir'].name}.log", "w")
             r["proc"], r["log"] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
@@ -128,7 +136,8 @@ def summarise(rows: list[dict]) -> dict:
 
     arms_out = {name: {"seeds": [r["seed"] for r in g], "val_loss": stats([r["val_loss"] for r in g]),
                        "ffn_share": stats([r["ffn_share"] for r in g]), "ffn_share_theory": g[0]["ffn_share_theory"],
-                       "ffn_share_per_layer": [statistics.fmean(v) for v in zip(*(r["ffn_share_per_layer"] for r in g))]}
+                       "ffn_share_per_layer": [statistics.fmean(v)
+                                               for v in zip(*(r["ffn_share_per_layer"] for r in g))]}
                 for name, g in groups.items()}
     base = arms_out["moe"]["val_loss"]
     for a in arms_out.values():
@@ -169,7 +178,9 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--taus", default="0.5,0.75,1.0")
     ap.add_argument("--no-gr-arm", action="store_true", help="leave out plain MoE + gating residual")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 1200; --smoke 4)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 1000; --smoke 4)")
+    ap.add_argument("--save-every", type=int, help="checkpoint every N steps, so that a killed sweep resumes "
+                                                   "(default: no checkpoints, ~1.8 GB each at the GPU size)")
     ap.add_argument("--parallel", type=int, default=64, help="runs at a time (default: all)")
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes, one tau, no moe_gr arm: tests the pipeline")
     args = ap.parse_args()
@@ -190,7 +201,8 @@ def main() -> int:
 
     runs = [{"arm": arm, "tau": tau, "seed": int(seed), "flags": flags,
              "dir": args.out / "runs" / (arm + (f"-tau{tau}" if tau is not None else "") + f"-seed{seed}")}
-            for arm, tau, flags in arms(taus, gr_arm=not (args.no_gr_arm or args.smoke)) for seed in args.seeds.split(",")]
+            for arm, tau, flags in arms(taus, gr_arm=not (args.no_gr_arm or args.smoke))
+            for seed in args.seeds.split(",")]
     wall = launch(runs, cfg, args, env)
 
     tokens_per_step = cfg["batch"] * cfg["seq"]

@@ -194,13 +194,15 @@ def add_arguments(p: argparse.ArgumentParser):
     g = p.add_argument_group("MoE (--arch moe|moepp; --intermediate-size is per expert)")
     g.add_argument("--experts", type=int, help="FFN experts per layer (default 8)")
     g.add_argument("--top-k", type=int, help="experts per token (default 2)")
-    g.add_argument("--zc", help="zero-computation experts of moepp: zero=N,copy=N,const=N (default zero=1,copy=1,const=2)")
+    g.add_argument("--zc", help="zero-computation experts of moepp: zero=N,copy=N,const=N "
+                                "(default zero=1,copy=1,const=2)")
     g.add_argument("--tau", type=float,
                    help="moepp: load-balance weight of ZC experts relative to FFN experts; sets the FFN share of "
                         "routed slots to tau*experts/(tau*experts + ZC experts) (default 0.75)")
     g.add_argument("--lb-coef", type=float, help="weight of the load-balance loss, mean over layers (default 0.01)")
     g.add_argument("--gating-residual", choices=["on", "off"],
-                   help="add each layer's router logits, mapped, to the next layer's (default: on for moepp, off for moe)")
+                   help="add each layer's router logits, mapped, to the next layer's "
+                        "(default: on for moepp, off for moe)")
     g.add_argument("--renorm-mode", choices=RENORM_MODES,
                    help="top-k gate weights: released (zero-expert gates dropped, the rest summing to 1; default), "
                         "paper (raw softmax probabilities) or mixtral (softmax over the top-k logits)")
@@ -398,7 +400,8 @@ class Trainer(TrainingLoop):
         self.tokens += int(tokens)
         prev = self.loss_ema.get(phase)
         self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
-        postfix = {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+        postfix = {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}",
+                   "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
         if getattr(out, "aux_loss", None) is not None:  # MoE: this rank's load-balance loss (part of loss)
             postfix["aux"] = f"{out.aux_loss.item():.3f}"
         return postfix

@@ -89,7 +89,8 @@ def test_trust_remote_code_loads_without_leanserve(tmp_path):
             f" dtype=torch.float32).eval()\n"
             f"assert not type(m).__module__.startswith('leanserve'), type(m).__module__\n"
             f"with torch.no_grad():\n"
-            f"    torch.save(m(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})\n")
+            f"    logits = m(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits\n"
+            f"torch.save(logits, {str(tmp_path / 'out.pt')!r})\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
