@@ -21,7 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("leanserve.server.serve", "serve chat and image models over an OpenAI-compatible API"),
     ("data", "build"): ("leanserve.data.build", "build the local corpora, tasks and chat sets with a manifest"),
     ("data", "tokenizer"): ("leanserve.data.tokenizer", "train the byte-level BPE tokenizer on built data"),
-    ("train", "lm"): ("leanserve.trainers.lm", "pretrain then chat-finetune a Llama-architecture LM"),
+    ("train", "lm"): ("leanserve.trainers.lm", "pretrain then chat-finetune a Llama-architecture LM (dense, MoE or MoE++)"),
     ("train", "diffusion"): ("leanserve.trainers.diffusion", "train a text-to-image diffusion teacher (diffusers layout)"),
     ("train", "dpm-ot"): ("leanserve.trainers.dpm_ot", "fit a DPM-OT map (semi-discrete OT jump to t') for an image teacher"),
     ("train", "sgld"): ("leanserve.trainers.sgld", "SGLD posterior samples of a trained LM, written as an ensemble directory"),

@@ -13,6 +13,7 @@ An ensemble directory (models/ensemble_dir.py) is scored as its mixture (probabi
 its test loss, calibration and greedy answers are the mixture's; the report adds the logit-averaged
 control, every member's metrics and the members' diversity. `--members K` scores the first K
 members, so that NLL against S comes from one directory.
+For a MoE / MoE++ model it also reports how the test tokens are routed (eval/moepp_routing.py).
 """
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.calibration import EnsembleMetrics, HeldOutSample, TokenMetrics, mixture_logprobs
 from leanserve.eval.lm_members import Members, load_members, mixture_greedy_answers
+from leanserve.eval.moepp_routing import routing_stats
 from leanserve.eval.report import emit_json
 from leanserve.eval.token_loss import labelled, next_token_targets
 from leanserve.models.model_dir import merge_metrics
-from leanserve.runtime import resolve_device, resolve_dtype
+from leanserve.models.moepp_hf import MODEL_TYPE as MOEPP_MODEL_TYPE  # importing it registers the Auto classes
+from leanserve.runtime import DistInfo, resolve_device, resolve_dtype
 
 DOC_DOMAINS = ("code", "docs", "tasks")
 DOMAINS = DOC_DOMAINS + ("chat",)
@@ -196,6 +199,8 @@ def run(args):
         scores[domain] = score_batches(members, test, device, autocast, temperatures)
     calibration = {d: s["mixture"] if members.ensemble else s for d, s in scores.items()}
     test_loss = {d: c["nll"] for d, c in calibration.items()}
+    routing = (routing_stats(model, batches_of("test"), device, autocast, DistInfo())
+               if model.config.model_type == MOEPP_MODEL_TYPE else None)
 
     # questions whose prompt and answer budget fit the context; longer ones (large retrieval
     # tasks) are counted as skipped, not as wrong
@@ -228,11 +233,13 @@ def run(args):
             "members": {d: s["members"] for d, s in scores.items()},
             "jensen_gap": {d: s["jensen_gap"] for d, s in scores.items()},
             "disagreement": {d: s["disagreement"] for d, s in scores.items()}}
+    if routing is not None:
+        result["test_routing"] = routing
     emit_json(result, args.out)
     if args.members is not None:
         print(f"--members {args.members}: a subset of the ensemble, not recorded in {model_dir}/leanserve.json")
         return 0
-    keys = ("test_loss", "test_ppl", "calibration", "task_accuracy", "task_count")
+    keys = ("test_loss", "test_ppl", "calibration", "task_accuracy", "task_count") + (("test_routing",) if routing else ())
     merged = merge_metrics(model_dir, {k: result[k] for k in keys}
                            | {"eval_data_sha256": result["data_sha256"], "eval_max_docs": args.max_docs})
     if not merged:

@@ -1,5 +1,10 @@
 """`leanserve train lm`: pretrain a Llama on packed code/docs/tasks text, then chat-finetune it.
 
+`--arch moe|moepp` trains the same decoder with MoE FFNs instead (leanserve/models/moepp_hf.py):
+plain top-k MoE, or MoE++ with zero/copy/constant experts, the gating residual and the
+heterogeneous load-balance loss. Their validations also record how tokens are routed
+(eval/moepp_routing.py).
+
 Phase 1 (pretrain) reads random windows of packed token streams (`<bos> doc <end_of_text> ...`),
 one stream per domain, drawing each row's domain from the mixture. Phase 2 (chat) trains on
 chat pairs rendered through the tokenizer's chat template with the loss on assistant tokens
@@ -37,14 +42,21 @@ from leanserve.data.lm_data import (
 )
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
+from leanserve.eval.moepp_routing import routing_stats, summary
 from leanserve.eval.token_loss import mean_losses
+from leanserve.kernels.moepp_reference import RENORM_MODES
 from leanserve.models.model_dir import ModelInfo, save_model_info
+from leanserve.models.moepp_hf import MoEPPConfig, MoEPPForCausalLM
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
 from leanserve.trainers.checkpoint import check_out_dir, unwrap
 from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast, local_batch_size
 from leanserve.trainers.optim import make_optimizer, warmup_cosine
 from leanserve.trainers.presets import PRESETS
 
+ARCHS = ("llama", "moe", "moepp")
+# the MoE options (None unless given; _resolve_moe_args fills them in for --arch moe|moepp)
+MOE_OPTIONS = ("experts", "top_k", "zc", "tau", "lb_coef", "gating_residual", "renorm_mode")
+ZC_KINDS = ("zero", "copy", "const")
 PRETRAIN_DOMAINS = ("code", "docs", "tasks")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
 # options that may differ between a run and its resume without changing the result
@@ -117,10 +129,62 @@ def validation_examples(data: Path, manifest: dict, tokenizer, seq_len: int, num
     return val
 
 
+def parse_zc(text: str) -> dict[str, int]:
+    """`zero=N,copy=N,const=N` (kinds left out: 0) -> {"zero": N, "copy": N, "const": N}."""
+    counts = dict.fromkeys(ZC_KINDS, 0)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in ZC_KINDS:
+            raise UserError(f"--zc: unknown expert kind {name!r} (choose from {', '.join(ZC_KINDS)})")
+        try:
+            counts[name] = int(value)
+        except ValueError:
+            raise UserError(f"--zc: {part!r} is not KIND=COUNT") from None
+        if counts[name] < 0:
+            raise UserError(f"--zc: the count of {name} must be >= 0")
+    return counts
+
+
 # --------------------------------------------------------------------------- model and schedule
 
+def _resolve_moe_args(args):
+    """Fill in the MoE options' defaults for the chosen --arch (in place, so the recipe and a resume
+    see the values used); refuse the ones that do not apply to it."""
+    given = [name for name in MOE_OPTIONS if getattr(args, name) is not None]
+    if args.arch == "llama":
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --arch moe or moepp")
+        return
+    if args.arch == "moe":
+        for name in ("zc", "tau"):
+            if getattr(args, name) is not None:
+                raise UserError(f"--{name} sets the zero-computation experts of --arch moepp; --arch moe has none")
+    defaults = {"experts": 8, "top_k": 2, "lb_coef": 0.01, "renorm_mode": "released",
+                "gating_residual": "on" if args.arch == "moepp" else "off"}
+    if args.arch == "moepp":
+        defaults |= {"zc": "zero=1,copy=1,const=2", "tau": 0.75}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.experts < 1 or args.top_k < 1:
+        raise UserError("--experts and --top-k must be >= 1")
+    if args.lb_coef < 0 or (args.tau is not None and not args.tau > 0):
+        raise UserError("--lb-coef must be >= 0 and --tau > 0")
+
+
+def _moe_fields(args) -> dict:
+    """MoEPPConfig's expert fields from the resolved options (plain MoE: no ZC experts, every
+    expert weighted 1 in the load-balance loss)."""
+    zc = parse_zc(args.zc) if args.arch == "moepp" else dict.fromkeys(ZC_KINDS, 0)
+    return dict(n_ffn_experts=args.experts, n_zero=zc["zero"], n_copy=zc["copy"], n_const=zc["const"],
+                num_experts_per_tok=args.top_k, tau=args.tau or 1.0,  # moe: no ZC expert to weigh
+                lb_coef=args.lb_coef,
+                gating_residual=args.gating_residual == "on", renorm_mode=args.renorm_mode)
+
+
 def model_config(args, tokenizer):
-    """LlamaConfig from the preset with any shape flags overriding it."""
+    """LlamaConfig (or MoEPPConfig for --arch moe|moepp) from the preset with any shape flags overriding it."""
     preset = PRESETS[args.preset]
     hidden = args.hidden_size or preset.hidden_size
     heads = args.heads or preset.num_heads
@@ -132,13 +196,19 @@ def model_config(args, tokenizer):
         raise UserError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
     if args.seq_len is not None and args.seq_len > max_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's --max-len {max_len}")
-    return LlamaConfig(
+    shape = dict(
         vocab_size=len(tokenizer), hidden_size=hidden,
-        intermediate_size=args.intermediate_size or preset.intermediate_size,
+        intermediate_size=args.intermediate_size or preset.intermediate_size,  # per expert for MoE
         num_hidden_layers=args.layers or preset.num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_len, tie_word_embeddings=preset.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id)
+    if args.arch == "llama":
+        return LlamaConfig(**shape)
+    try:
+        return MoEPPConfig(**shape, **_moe_fields(args))
+    except ValueError as e:  # e.g. --top-k larger than the experts
+        raise UserError(f"--arch {args.arch}: {e}") from None
 
 
 def lr_multiplier(step: int, *, pretrain_steps: int, chat_steps: int, warmup: float, chat_scale: float) -> float:
@@ -161,6 +231,23 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--kv-heads", type=int)
     g.add_argument("--intermediate-size", type=int)
     g.add_argument("--max-len", type=int, help="max_position_embeddings")
+    p.add_argument("--arch", default="llama", choices=ARCHS,
+                   help="llama (dense), moe (top-k MoE FFNs) or moepp (MoE++: MoE plus zero/copy/constant experts)")
+    g = p.add_argument_group("MoE (--arch moe|moepp; --intermediate-size is per expert)")
+    g.add_argument("--experts", type=int, help="FFN experts per layer (default 8)")
+    g.add_argument("--top-k", type=int, help="experts per token (default 2)")
+    g.add_argument("--zc", help="zero-computation experts of moepp: zero=N,copy=N,const=N "
+                                "(default zero=1,copy=1,const=2)")
+    g.add_argument("--tau", type=float,
+                   help="moepp: load-balance weight of ZC experts relative to FFN experts; sets the FFN share of "
+                        "routed slots to tau*experts/(tau*experts + ZC experts) (default 0.75)")
+    g.add_argument("--lb-coef", type=float, help="weight of the load-balance loss, mean over layers (default 0.01)")
+    g.add_argument("--gating-residual", choices=["on", "off"],
+                   help="add each layer's router logits, mapped, to the next layer's "
+                        "(default: on for moepp, off for moe)")
+    g.add_argument("--renorm-mode", choices=RENORM_MODES,
+                   help="top-k gate weights: released (zero-expert gates dropped, the rest summing to 1; default), "
+                        "paper (raw softmax probabilities) or mixtral (softmax over the top-k logits)")
     g = p.add_argument_group("training")
     g.add_argument("--pretrain-steps", type=int, default=3000)
     g.add_argument("--chat-steps", type=int, default=1000)
@@ -213,6 +300,7 @@ def _check_args(args):
     if args.stop_at is not None and not 0 < args.stop_at < total:
         raise UserError(f"--stop-at must be between 1 and {total - 1} (the run has {total} steps)")
     check_out_dir(args.out, CHECKPOINT, args.resume, finished="config.json")
+    _resolve_moe_args(args)
 
 
 def run(args):
@@ -244,10 +332,13 @@ class Trainer(TrainingLoop):
         self.val = self._val_data()
 
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-        model = LlamaForCausalLM(config).to(device)
+        model = (LlamaForCausalLM if args.arch == "llama" else MoEPPForCausalLM)(config).to(device)
         self.model = model
         if dist_info.world_size > 1:
-            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # MoE: layer 0's gate_map never gets a gradient (it has no previous layer), nor does a layer's
+            # expert stack in a step that routes all of its tokens to ZC experts
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                 find_unused_parameters=args.arch != "llama")
         self.optimizer = make_optimizer(model, args.lr, args.weight_decay)
         schedule = partial(lr_multiplier, pretrain_steps=args.pretrain_steps, chat_steps=args.chat_steps,
                            warmup=args.warmup, chat_scale=args.chat_lr / args.lr)
@@ -303,6 +394,10 @@ class Trainer(TrainingLoop):
         losses = mean_losses(self.model, self.val, self.device, self.autocast, self.dist)
         self.history.append({"step": self.step, "val_loss": losses})
         self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
+        if self.args.arch != "llama":
+            routing = routing_stats(self.model, self.val, self.device, self.autocast, self.dist)
+            self.history[-1]["routing"] = routing
+            self._log(f"step {self.step}: {summary(routing)}")
         return losses
 
     def _start(self):
@@ -312,7 +407,8 @@ class Trainer(TrainingLoop):
         phase = self._phase(self.step)
         batch = {k: v.to(self.device) for k, v in self._batch(phase).items()}
         with self.autocast():
-            loss = self.model(**batch).loss
+            out = self.model(**batch)
+        loss = out.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
         self.optimizer.step()
@@ -325,7 +421,11 @@ class Trainer(TrainingLoop):
         self.tokens += int(tokens)
         prev = self.loss_ema.get(phase)
         self.loss_ema[phase] = loss_value if prev is None else 0.9 * prev + 0.1 * loss_value
-        return {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+        postfix = {"phase": phase, "loss": f"{self.loss_ema[phase]:.3f}",
+                   "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+        if getattr(out, "aux_loss", None) is not None:  # MoE: this rank's load-balance loss (part of loss)
+            postfix["aux"] = f"{out.aux_loss.item():.3f}"
+        return postfix
 
     # ---- checkpoints
 
@@ -355,15 +455,18 @@ class Trainer(TrainingLoop):
                          pad_token_id=self.tokenizer.pad_token_id, do_sample=True, temperature=0.6,
                          top_p=0.9).save_pretrained(self.out)
         train_rows = ", ".join(f"{d} {s['train']['num_rows']}" for d, s in self.manifest["splits"].items())
+        routing = {"routing": self.history[-1]["routing"]} if args.arch != "llama" else {}
+        # MoE++ is an architecture (config.json's model_type), not a serving-time method: "dense"
         save_model_info(self.out, ModelInfo(
             kind="llm", method="dense",
-            settings={"architecture": "LlamaForCausalLM", "preset": args.preset, "num_params": num_params,
-                      "save_dtype": save_dtype, "mix": self.mix, "world_size": self.dist.world_size},
+            settings={"architecture": type(model).__name__, "arch": args.arch, "preset": args.preset,
+                      "num_params": num_params, "save_dtype": save_dtype, "mix": self.mix,
+                      "world_size": self.dist.world_size},
             recipe=self._recipe(),
             data={"description": f"leanserve data build (seed {self.manifest.get('seed')}); train rows: {train_rows}",
                   "sha256": self.manifest["sha256"]},
             metrics={"val_loss": val_loss, "val_ppl": {d: math.exp(v) for d, v in val_loss.items()},
                      "train_loss": self.loss_ema, "train_tokens": self.tokens,
                      "steps": {"pretrain": args.pretrain_steps, "chat": args.chat_steps},
-                     "val_history": self.history}))
+                     "val_history": self.history, **routing}))
         self._log(f"wrote {self.out} ({num_params / 1e6:.2f}M params, {save_dtype})")
