@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leanserve.kernels.moepp import MoEPPWorkspace, MoETiles, default_tiles, moepp_forward, use_fast_path
-from leanserve.kernels.moepp_reference import MoEPPLayout, Routing, moepp_forward_reference, route
+from leanserve.kernels.moepp_reference import MoEPPLayout, force_routing, moepp_forward_reference, route
 
 pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot", "one_thread")  # tests/conftest.py
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,22 +31,10 @@ def tokens(num_tokens: int, seed: int = 1, dim: int = D) -> torch.Tensor:
     return torch.randn(num_tokens, dim, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-def forced(routing: Routing, ids: torch.Tensor, layout: MoEPPLayout) -> Routing:
-    """The routing with `ids` in place of the top-k, gates renormalised per the spec (1.3 step 4)."""
-    g = routing.probs.gather(1, ids)
-    if layout.renorm_mode == "released":
-        g = g.masked_fill(ids >= layout.first_zero, 0.0)
-        total = g.sum(-1, keepdim=True)
-        g = torch.where(total > 0, g / total.clamp_min(1e-30), g)
-    elif layout.renorm_mode == "mixtral":
-        g = g / g.sum(-1, keepdim=True)
-    return Routing(routing.logits, routing.probs, ids, g)
-
-
 def reference(x, w, layout, prev=None, forced_ids=None):
     routing = route(x.float(), w["router_w"], layout, prev, w["gate_map"] if prev is not None else None)
     if forced_ids is not None:
-        routing = forced(routing, forced_ids, layout)
+        routing = force_routing(routing, forced_ids, layout)
     f = {k: (v.float() if v is not None else None) for k, v in w.items()}
     y = moepp_forward_reference(x.float(), routing, f["w13"], f["w2"], f["const_gate"], f["const_v"], layout)
     return y, routing
@@ -109,7 +97,8 @@ def test_other_renorm_modes(mode):
 def test_zc_only_tokens_give_x_exactly_with_empty_grids():
     layout, num_tokens = LAYOUT, 17
     w, x = weights(layout), tokens(num_tokens)
-    ids = torch.tensor([[layout.first_copy, layout.first_zero], [layout.first_zero, layout.first_copy]] * 9)[:num_tokens]
+    pairs = [[layout.first_copy, layout.first_zero], [layout.first_zero, layout.first_copy]]
+    ids = torch.tensor(pairs * 9)[:num_tokens]
     ws = workspace(num_tokens, layout)
     y, _ = kernel(x, w, layout, forced_ids=ids, workspace=ws)
     assert torch.equal(y, x)
