@@ -31,7 +31,8 @@ def random_weights(config: dict, seed: int = 0, std: float = 0.2) -> dict[str, t
     repeating one token; the routers at std 1 spread tokens over all experts)."""
     g = torch.Generator().manual_seed(seed)
     d, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    nq, nkv, e, c = config["num_attention_heads"], config["num_key_value_heads"], config["n_ffn_experts"], config["n_const"]
+    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    e, c = config["n_ffn_experts"], config["n_const"]
     n = e + c + config["n_copy"] + config["n_zero"]
 
     def rnd(*shape, scale=std):

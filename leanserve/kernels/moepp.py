@@ -1,14 +1,18 @@
 """Fused MoE++ layer forward in Triton (serving and benchmarks); moepp_reference.py is its oracle.
 
-Five launches, no host sync, every buffer sized from T alone, so the whole layer is CUDA-graph
-capturable (a graph captured with one routing replays correctly with any other, all-ZC included):
+Six launches (five for decode), no host sync, every buffer sized from T alone, so the whole layer is
+CUDA-graph capturable (a graph captured with one routing replays correctly with any other, all-ZC
+included):
 
+- K0 router GEMM (`_router_gemm_kernel`): x W_r^T and the constant experts' W_c x in one pass over x
+  (read in its own dtype; no fp32 copy), split over D when there are few token blocks (decode: one
+  program would read the whole router alone). fp32-exact products: bf16 x times the fp32 weight
+  split into three bf16 parts (tensor cores); fp32 x: IEEE fp32 dots.
 - K1 route (`_route_kernel`, one program per BLOCK_T tokens; N <= 64 so a row fits in registers):
-  the router GEMM x W_r^T and the constant experts' W_c x (x read once, in its own dtype, products
-  in fp32), + prev_logits W_g^T (gating residual), writes logits; std-normalise, softmax, top-k,
-  renormalise; writes ids [T, k], gates [T, k], the ZC rank update's s [T] and b [T, n_const], and
-  for the alignment each block's FFN-expert counts and each slot's rank among its block's slots of
-  the same expert. (The spec's K0 router GEMM is fused in here: no fp32 copy of x, one launch less.)
+  sums K0's partials in split order, + prev_logits W_g^T (gating residual), writes logits;
+  std-normalise, softmax, top-k, renormalise; writes ids [T, k], gates [T, k], the ZC rank
+  update's s [T] and b [T, n_const], and for the alignment each block's FFN-expert counts and each
+  slot's rank among its block's slots of the same expert.
 - K2 align (`_align_kernel`, FFN slots only; ZC slots are neither counted nor sorted): every
   program sums the per-block counts (total and before its block), so offsets need no separate
   scan launch; each expert's rows are padded to BLOCK_M; slots are scattered to
@@ -27,7 +31,7 @@ capturable (a graph captured with one routing replays correctly with any other, 
   out_slot + s[t] x[t] + sum_c b[t, c] v_c; ZC slots' out_slot rows are never read (they are
   never written). Plain MoE is the same kernel with no ZC experts.
 
-Bounds (H200: ~4.3 TB/s measured device copy, ~790 TFLOP/s dense bf16; the paper's 7B layer
+Bounds (H200: ~4.25 TB/s measured device copy, ~790 TFLOP/s dense bf16; the paper's 7B layer
 D 1536, I 4096, 16 FFN experts, top-2; one expert = 3*D*I*2 B = 37.7 MB bf16):
 - decode is weight-bandwidth bound: time >= distinct experts touched * 37.7 MB / bandwidth, with
   E*(1 - (1 - p/E)^(T*k)) experts touched for uniform routing and FFN-slot share p. T = 1, p = 1:
@@ -36,7 +40,10 @@ D 1536, I 4096, 16 FFN experts, top-2; one expert = 3*D*I*2 B = 37.7 MB bf16):
 - prefill is compute bound: 2*3*D*I = 37.7 MFLOP per FFN slot, so T*k*p*37.7 MFLOP / 790 TFLOP/s:
   T = 2048, p = 1: 155 GFLOP -> 196 us; T = 32768: 2.47 TFLOP -> 3.1 ms. The ridge (weights read
   once = compute) is at T*p ~ 1500 tokens. h's round trip (T*k*p*I*2 B written and read) adds
-  ~8% at large T; routing + align are the fixed cost that does not shrink with p.
+  ~8% at large T; routing + align + combine are the fixed cost that does not shrink with p.
+Measured there (kernel time, default tiles, p = 1): T = 1: 45 us (GEMMs 35 us = 2.2 TB/s; routing
+8.5 us); T = 64: 169 us (GEMMs 154 us = 3.9 TB/s); T = 32768: 4.75 ms (GEMMs 4.42 ms = 70% of the
+bf16 peak; routing + align + combine 0.35 ms at any p).
 """
 from __future__ import annotations
 
@@ -51,18 +58,71 @@ from leanserve.kernels.moepp_reference import MoEPPLayout
 RENORM_CODES = {"released": 0, "paper": 1, "mixtral": 2}
 MAX_EXPERTS = 64  # a router row lives in registers
 BLOCK_T = 32      # tokens per route / align / combine program
+ROUTE_BLOCK_D = 64
+# the router GEMM's products: "ieee" = exact fp32 (the reference's routing, near-ties included)
+ROUTE_PRECISION = "ieee"
 
 
-# ---- K1 route ---------------------------------------------------------------------------------------
+# ---- K0 router GEMM, K1 route ------------------------------------------------------------------------
+
+@triton.jit
+def _split_dot(x, w, acc, SPLIT_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ w for fp32 w with fp32-exact products. bf16 x: w = hi + mid + lo in bf16 (24 mantissa
+    bits, as fp32 has), three tensor-core dots whose bf16 x bf16 products are exact in fp32; fp32 x:
+    one dot at PRECISION."""
+    if SPLIT_BF16:
+        hi = w.to(tl.bfloat16)
+        rest = w - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(x, lo, acc)
+        acc = tl.dot(x, mid, acc)
+        return tl.dot(x, hi, acc)
+    return tl.dot(x.to(tl.float32), w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _router_gemm_kernel(
+    x_ptr, router_ptr, cgate_ptr, part_ptr, cpart_ptr, num_tokens, dim, stride_x, dim_per_split,
+    N: tl.constexpr, N_CONST: tl.constexpr, NP: tl.constexpr, CP: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (i, s): x W_r^T and x W_c^T of tokens block i over D-split s (decode has one token
+    block: splitting D keeps the router read off one SM), fp32 partials [split, T, NP | CP]."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < num_tokens
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, NP)
+    ccols = tl.arange(0, CP)
+    acc = tl.zeros((BLOCK_T, NP), tl.float32)
+    cacc = tl.zeros((BLOCK_T, CP), tl.float32)
+    d_end = tl.minimum(dim, (split + 1) * dim_per_split)
+    for d0 in range(split * dim_per_split, d_end, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < d_end
+        xt = tl.load(x_ptr + rows64[:, None] * stride_x + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        w = tl.load(router_ptr + cols[None, :] * dim + d[:, None], mask=(cols < N)[None, :] & dmask[:, None],
+                    other=0.0).to(tl.float32)
+        acc = _split_dot(xt, w, acc, SPLIT_BF16, PRECISION)
+        if N_CONST > 0:
+            wc = tl.load(cgate_ptr + ccols[None, :] * dim + d[:, None],
+                         mask=(ccols < 2 * N_CONST)[None, :] & dmask[:, None], other=0.0).to(tl.float32)
+            cacc = _split_dot(xt, wc, cacc, SPLIT_BF16, PRECISION)
+    out = (split * num_tokens + rows64)[:, None]
+    tl.store(part_ptr + out * NP + cols[None, :], acc, mask=rmask[:, None])
+    if N_CONST > 0:
+        tl.store(cpart_ptr + out * CP + ccols[None, :], cacc, mask=rmask[:, None])
+
 
 @triton.jit
 def _route_kernel(
-    x_ptr, router_ptr, cgate_ptr, prev_ptr, gmap_ptr, forced_ptr,
+    part_ptr, cpart_ptr, prev_ptr, gmap_ptr, forced_ptr,
     logits_ptr, ids_ptr, gates_ptr, s_ptr, b_ptr, rank_ptr, counts_ptr,
-    num_tokens, dim, stride_x, norm_std, eps,
+    num_tokens, norm_std, eps,
     N: tl.constexpr, N_FFN: tl.constexpr, N_CONST: tl.constexpr, FIRST_COPY: tl.constexpr,
     FIRST_ZERO: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, CP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PREV: tl.constexpr, NORM: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, HAS_PREV: tl.constexpr, NORM: tl.constexpr,
     RENORM: tl.constexpr, FORCED: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -74,21 +134,14 @@ def _route_kernel(
     ccols = tl.arange(0, CP)
     kcols = tl.arange(0, KP)
 
-    # router logits and W_c x: one pass over x
+    # K0's D-split partials, summed in split order (deterministic); unrolled, so the loads overlap
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
     cacc = tl.zeros((BLOCK_T, CP), tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = d < dim
-        xt = tl.load(x_ptr + rows64[:, None] * stride_x + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        w = tl.load(router_ptr + cols[None, :] * dim + d[:, None], mask=cmask[None, :] & dmask[:, None],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(xt, w, acc, input_precision=PRECISION)
+    for split in tl.static_range(SPLITS):
+        out = (split * num_tokens + rows64)[:, None]
+        acc += tl.load(part_ptr + out * NP + cols[None, :], mask=rmask[:, None], other=0.0)
         if N_CONST > 0:
-            wc = tl.load(cgate_ptr + ccols[None, :] * dim + d[:, None],
-                         mask=(ccols < 2 * N_CONST)[None, :] & dmask[:, None], other=0.0).to(tl.float32)
-            cacc = tl.dot(xt, wc, cacc, input_precision=PRECISION)
+            cacc += tl.load(cpart_ptr + out * CP + ccols[None, :], mask=rmask[:, None], other=0.0)
     if HAS_PREV:  # + prev_logits @ gate_map^T
         kk = tl.arange(0, NP)
         prev = tl.load(prev_ptr + rows64[:, None] * N + kk[None, :], mask=rmask[:, None] & (kk < N)[None, :],
@@ -129,12 +182,13 @@ def _route_kernel(
     if RENORM == 0:  # released: zero experts' gates dropped, the rest sum to 1 (all zero: stays 0)
         g = tl.where(kmask & (sel_ids < FIRST_ZERO), sel_p, 0.0)
         total = tl.sum(g, axis=1)
-        g = g / tl.where(total > 0, total, 1.0)[:, None]
+        # correctly rounded: (FFN, zero) and (copy, zero) get exactly 1.0 (approximate division gives 1 + ulp)
+        g = tl.math.div_rn(g, tl.where(total > 0, total, 1.0)[:, None])
     elif RENORM == 1:  # paper: raw probabilities
         g = tl.where(kmask, sel_p, 0.0)
     else:  # mixtral: softmax over the k selected logits == p / sum of the selected p
         g = tl.where(kmask, sel_p, 0.0)
-        g = g / tl.sum(g, axis=1)[:, None]
+        g = tl.math.div_rn(g, tl.sum(g, axis=1)[:, None])
     slot_off = rows64[:, None] * TOP_K + kcols[None, :]
     smask = rmask[:, None] & kmask
     tl.store(ids_ptr + slot_off, sel_ids, mask=smask)
@@ -355,12 +409,15 @@ def use_fast_path(num_slots: int, n_ffn: int) -> bool:
 
 
 def default_tiles(num_slots: int, n_ffn: int) -> MoETiles:
-    """vLLM's untuned defaults: small tiles while slots are few per expert, 64-row blocks after."""
-    if num_slots <= 4 * n_ffn:
-        small = GemmTiles(block_n=32, block_k=64, group_m=1, num_warps=4, num_stages=3)
-        return MoETiles(16, small, small)
-    big = GemmTiles(block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
-    return MoETiles(64, big, big)
+    """Measured on an H200 at the 7B layer (D 1536, I 4096, 16 experts; bench_moepp_gpu.py --sweep):
+    up to 16 slots per expert (decode, weight-bandwidth bound) 16-row blocks, GEMM1 wide and GEMM2
+    narrow (more programs over D); past that, 128x128 tiles with 8 warps (vLLM's untuned 64x64x32
+    defaults ran 1.4-1.9x slower there)."""
+    if num_slots <= 16 * n_ffn:
+        return MoETiles(16, GemmTiles(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4),
+                        GemmTiles(block_n=32, block_k=128, group_m=1, num_warps=4, num_stages=4))
+    big = GemmTiles(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    return MoETiles(128, big, big)
 
 
 @dataclass
@@ -368,6 +425,8 @@ class MoEPPWorkspace:
     """The layer's scratch for T tokens: shapes depend on T (and the layout, tiles) only, never on
     the routing. Callers may pass one (tests poison it; a graph may keep one); otherwise each call
     allocates its own (inside a CUDA graph's pool when captured)."""
+    router_part: torch.Tensor  # [K0 splits, T, NP] fp32 partial router logits
+    const_part: torch.Tensor   # [K0 splits, T, CP] fp32 partial W_c x
     logits: torch.Tensor  # [T, N] fp32
     ids: torch.Tensor     # [T, k] int32
     gates: torch.Tensor   # [T, k] fp32
@@ -388,13 +447,26 @@ class MoEPPWorkspace:
 
         def empty(*shape, dt=torch.float32):
             return torch.empty(shape, dtype=dt, device=device)
-        return cls(logits=empty(num_tokens, n), ids=empty(num_tokens, k, dt=torch.int32),
+        splits, _ = router_splits(num_tokens, dim, torch.device(device))
+        return cls(router_part=empty(splits, num_tokens, np_),
+                   const_part=empty(splits, num_tokens, _pow2(2 * layout.n_const)),
+                   logits=empty(num_tokens, n), ids=empty(num_tokens, k, dt=torch.int32),
                    gates=empty(num_tokens, k), s=empty(num_tokens), b=empty(num_tokens, max(layout.n_const, 1)),
                    rank=empty(num_tokens, k, dt=torch.int32),
                    counts=empty(triton.cdiv(num_tokens, BLOCK_T), np_, dt=torch.int32),
                    sorted_slots=empty(num_slots + layout.n_ffn * (tiles.block_m - 1), dt=torch.int32),
                    expert_ends=empty(np_, dt=torch.int32),
                    h=empty(num_slots, inter, dt=dtype), out_slot=empty(num_slots, dim, dt=dtype))
+
+
+def router_splits(num_tokens: int, dim: int, device: torch.device) -> tuple[int, int]:
+    """(D-splits of K0, D columns per split): about two programs per SM, whole BLOCK_D chunks each."""
+    from leanserve.kernels import num_sms
+
+    chunks = triton.cdiv(dim, ROUTE_BLOCK_D)
+    wanted = max(1, min(chunks, triton.cdiv(2 * num_sms(device), triton.cdiv(num_tokens, BLOCK_T))))
+    per_split = triton.cdiv(chunks, wanted)
+    return triton.cdiv(chunks, per_split), per_split * ROUTE_BLOCK_D
 
 
 def _pow2(n: int) -> int:
@@ -446,20 +518,24 @@ def moepp_forward(x: torch.Tensor, router_w: torch.Tensor, const_gate: torch.Ten
     if num_tokens == 0:
         return y, ws.logits
     np_ = _pow2(layout.n_experts)
-    # fp32 operands: exact products (tf32 would move near-tied routing); half operands ignore it
-    precision = "ieee"
     route_blocks = triton.cdiv(num_tokens, BLOCK_T)
     dummy = ws.s  # stands in for absent optional operands (never read)
+    splits, dim_per_split = router_splits(num_tokens, dim, x.device)
+    cp = _pow2(2 * layout.n_const)
+    _router_gemm_kernel[(route_blocks, splits)](
+        x, router_w, const_gate if layout.n_const else dummy, ws.router_part, ws.const_part, num_tokens, dim,
+        x.stride(0), dim_per_split, N=layout.n_experts, N_CONST=layout.n_const, NP=np_, CP=cp, BLOCK_T=BLOCK_T,
+        BLOCK_D=ROUTE_BLOCK_D, SPLIT_BF16=x.dtype == torch.bfloat16, PRECISION=ROUTE_PRECISION, num_warps=4)
     _route_kernel[(route_blocks,)](
-        x, router_w, const_gate if layout.n_const else dummy, prev_logits if prev_logits is not None else dummy,
+        ws.router_part, ws.const_part, prev_logits if prev_logits is not None else dummy,
         gate_map if prev_logits is not None else dummy, forced_ids if forced_ids is not None else dummy,
         ws.logits, ws.ids, ws.gates, ws.s, ws.b, ws.rank, ws.counts,
-        num_tokens, dim, x.stride(0), float(layout.logit_norm_std or 1.0), layout.eps,
+        num_tokens, float(layout.logit_norm_std or 1.0), layout.eps,
         N=layout.n_experts, N_FFN=layout.n_ffn, N_CONST=layout.n_const, FIRST_COPY=layout.first_copy,
-        FIRST_ZERO=layout.first_zero, TOP_K=k, KP=triton.next_power_of_2(k), NP=np_,
-        CP=_pow2(2 * layout.n_const), BLOCK_T=BLOCK_T, BLOCK_D=64, HAS_PREV=prev_logits is not None,
-        NORM=layout.logit_norm_std is not None, RENORM=RENORM_CODES[layout.renorm_mode],
-        FORCED=forced_ids is not None, COUNT=not fast, PRECISION=precision, num_warps=4)
+        FIRST_ZERO=layout.first_zero, TOP_K=k, KP=triton.next_power_of_2(k), NP=np_, CP=cp, SPLITS=splits,
+        BLOCK_T=BLOCK_T, HAS_PREV=prev_logits is not None, NORM=layout.logit_norm_std is not None,
+        RENORM=RENORM_CODES[layout.renorm_mode], FORCED=forced_ids is not None, COUNT=not fast,
+        PRECISION=ROUTE_PRECISION, num_warps=4)
     if fast:
         num_pid_m = num_slots
     else:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanserve.kernels.moepp import MoEPPWorkspace, MoETiles, default_tiles, moepp_forward, use_fast_path
+from leanserve.kernels import moepp
+from leanserve.kernels.moepp import GemmTiles, MoEPPWorkspace, MoETiles, default_tiles, moepp_forward, use_fast_path
 from leanserve.kernels.moepp_reference import MoEPPLayout, force_routing, moepp_forward_reference, route
 
 pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot", "one_thread")  # tests/conftest.py
@@ -68,7 +69,9 @@ def assert_close_rel(y, ref, tol=1e-2):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 17])
-def test_matches_reference_with_gating_residual(num_tokens):
+def test_matches_reference_with_gating_residual(num_tokens, monkeypatch):
+    monkeypatch.setattr(moepp, "ROUTE_BLOCK_D", 16)  # the router GEMM in 3 D-splits, the last one ragged
+    assert moepp.router_splits(num_tokens, D, torch.device(DEVICE)) == (3, 16)
     w, x = weights(LAYOUT), tokens(num_tokens)
     prev = torch.randn(num_tokens, LAYOUT.n_experts, generator=torch.Generator().manual_seed(2))
     assert use_fast_path(num_tokens * 2, LAYOUT.n_ffn) == (num_tokens == 1)  # T = 1 takes the decode path
@@ -134,8 +137,7 @@ def test_empty_experts_and_one_hot_expert():
     w, x = weights(layout, seed=7), tokens(num_tokens, seed=8)
     second = torch.tensor([6 if t % 3 == 0 else layout.first_copy + (t % 2) for t in range(num_tokens)])
     ids = torch.stack([torch.full((num_tokens,), 3), second], dim=1)
-    small = default_tiles(1, layout.n_ffn)
-    tiles = MoETiles(16, small.gemm1, small.gemm2)
+    tiles = default_tiles(1, layout.n_ffn)  # 16-row blocks
     ws = workspace(num_tokens, layout, tiles=tiles)
     y, _ = kernel(x, w, layout, forced_ids=ids, workspace=ws, tiles=tiles)
     ref_y, _ = reference(x, w, layout, forced_ids=ids)
@@ -150,18 +152,23 @@ def test_empty_experts_and_one_hot_expert():
     assert rows[2 * bm:] == six + [sentinel] * (bm - len(six))
 
 
-def test_poisoned_scratch_and_determinism():
+# the default small tiles, and 32-row blocks in groups of 4 (several row blocks per expert and group)
+TILES = [None, MoETiles(32, GemmTiles(32, 32, 4, 4, 2), GemmTiles(16, 32, 4, 4, 2))]
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=["default", "grouped"])
+def test_poisoned_scratch_and_determinism(tiles):
     """h, out_slot and the routing outputs start as NaN, the sorted slots as 0 (slot 0's rows read in
     the wrong place would show): y has no NaN and is bitwise the same on a second run."""
-    layout, num_tokens = LAYOUT, 17
+    layout, num_tokens = LAYOUT, 40
     w, x = weights(layout, seed=9), tokens(num_tokens, seed=10)
     ids = torch.tensor([[t % 8, layout.first_zero if t % 2 else layout.n_ffn] for t in range(num_tokens)])
-    first, _ = kernel(x, w, layout, forced_ids=ids, workspace=workspace(num_tokens, layout))
-    again, _ = kernel(x, w, layout, forced_ids=ids, workspace=workspace(num_tokens, layout))
+    first, _ = kernel(x, w, layout, forced_ids=ids, workspace=workspace(num_tokens, layout, tiles=tiles), tiles=tiles)
+    again, _ = kernel(x, w, layout, forced_ids=ids, workspace=workspace(num_tokens, layout, tiles=tiles), tiles=tiles)
     assert not first.isnan().any() and torch.equal(first, again)
     assert_close_rel(first, reference(x, w, layout, forced_ids=ids)[0])
-    y1, l1 = kernel(x, w, layout)
-    y2, l2 = kernel(x, w, layout)
+    y1, l1 = kernel(x, w, layout, tiles=tiles)
+    y2, l2 = kernel(x, w, layout, tiles=tiles)
     assert torch.equal(y1, y2) and torch.equal(l1, l2)
 
 

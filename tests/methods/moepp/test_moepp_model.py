@@ -34,7 +34,7 @@ def model_dir(request, tiny_llm_dir, tmp_path_factory):
 
 def engine_config(model_dir, **overrides) -> EngineConfig:
     # small blocks and step budget: prompts are prefilled in chunks next to other sequences' decode
-    kwargs = dict(model=str(model_dir), block_size=4, num_kv_blocks=128, max_model_len=64,
+    kwargs = dict(model=str(model_dir), device="cpu", block_size=4, num_kv_blocks=128, max_model_len=64,
                   max_num_batched_tokens=8, max_num_seqs=4, enable_prefix_caching=False)
     return EngineConfig(**(kwargs | overrides))
 

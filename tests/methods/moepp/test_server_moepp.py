@@ -38,8 +38,9 @@ def test_completion_is_the_oracle_greedy_continuation(http, model_dir):
 
 
 def test_chat_completion(http):
-    r = http.post("/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "What is 1 + 2?"}],
-                                             "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    messages = [{"role": "user", "content": "What is 1 + 2?"}]
+    r = http.post("/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 5, "temperature": 0,
+                                             "ignore_eos": True})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["completion_tokens"] == 5 and isinstance(body["choices"][0]["message"]["content"], str)
