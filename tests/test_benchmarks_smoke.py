@@ -154,3 +154,34 @@ def test_moepp_experiment_smoke(tmp_path):
     assert arms["moepp_tau0.75"]["val_loss"]["mean"] == sum(
         r["val_loss"] for r in result["rows"] if r["arm"] == "moepp") / 2
     assert result["budget"]["tokens_per_run"] == 4 * 4 * 64
+
+
+def test_moepp_benchmark_smoke(tmp_path, tiny_llm_dir):
+    """bench_moepp_gpu.py --smoke: forced routing at toy sizes through the Triton interpreter, and (b) with
+    two tiny directories (MoE++ and plain MoE) as the trained routers."""
+    from moepp_builders import write_moepp_dir
+    routers = tmp_path / "routers"
+    write_moepp_dir(routers / "moepp", tiny_llm_dir)
+    write_moepp_dir(routers / "moe", tiny_llm_dir, n_const=0, n_copy=0, n_zero=0, gating_residual=False)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moepp_gpu.py"), "--smoke", "--routers",
+                           str(routers), "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(next(tmp_path.glob("moepp_gpu_smoke-*.json")).read_text())["results"]
+    assert r["check_rel_error"] <= 1e-2
+    rows = r["forced"]["rows"]
+    arms = {(row["arm"], row["tokens"], row["tau_or_p"]) for row in rows}
+    assert arms == {(f"{arch}_{impl}", t, p) for t in (1, 64) for impl in ("fused", "eager")
+                    for arch, p in [("moe", 1.0)] + [("moepp", p) for p in (0.0, 0.5, 1.0)]}
+    for row in rows:
+        assert row["layer_ms"] > 0 and "gbs" in row
+        assert row["distinct_experts"] == 0 if row["tau_or_p"] == 0 else row["distinct_experts"] > 0
+        if row["arm"].startswith("moe_"):
+            assert row["speedup_vs_moe"] == 1.0 and row["ideal"] == 1.0
+    assert set(r["forced"]["fit_a_plus_b_p"]) == {"1", "64"}
+    trained = r["trained_routers"]
+    assert trained["models"]["moe"]["is_moe"] and not trained["models"]["moepp"]["is_moe"]
+    shares = {(row["arm"], row["tokens"]): row["ffn_share"] for row in trained["rows"]}
+    assert all(shares[("moe_fused", t)] == 1.0 for t in (1, 64))
+    assert 0 < shares[("moepp_fused", 64)] < 1  # random routers pick ZC experts too

@@ -130,3 +130,17 @@ def moepp_forward_reference(x: torch.Tensor, routing: Routing, w13: torch.Tensor
     if layout.n_const:
         y = y + b @ const_v.float()
     return y.to(x.dtype)
+
+
+def force_routing(routing: Routing, ids: torch.Tensor, layout: MoEPPLayout) -> Routing:
+    """`routing` with `ids` [T, k] in place of its top-k (benchmarks' and tests' forced routing; the
+    fused kernel's `forced_ids`): gates from the same probabilities and renorm_mode (mixtral's softmax
+    over the k selected logits equals p / sum of the selected p)."""
+    gates = routing.probs.gather(1, ids)
+    if layout.renorm_mode == "released":
+        gates = gates.masked_fill(ids >= layout.first_zero, 0.0)
+        total = gates.sum(dim=-1, keepdim=True)
+        gates = torch.where(total > 0, gates / total.clamp_min(torch.finfo(gates.dtype).tiny), gates)
+    elif layout.renorm_mode == "mixtral":
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return Routing(routing.logits, routing.probs, ids, gates)

@@ -69,22 +69,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, sliding_window: int | None):
+    """Pre-norm attention then MLP. `mlp` replaces the dense SwiGLU (MoE++ passes its MoE layer)."""
+
+    def __init__(self, config, sliding_window: int | None, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config, sliding_window)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp if mlp is not None else GatedMLP(config.hidden_size, config.intermediate_size,
+                                                        bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                rotary_emb: RotaryEmbedding, kv_cache: KVCache, meta: AttentionMetadata
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_block(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                        rotary_emb: RotaryEmbedding, kv_cache: KVCache, meta: AttentionMetadata
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the MLP's input: post-attention-normed hidden, the residual stream)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, rotary_emb, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.post_attention_layernorm(hidden, residual)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                rotary_emb: RotaryEmbedding, kv_cache: KVCache, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.attention_block(positions, hidden, residual, rotary_emb, kv_cache, meta)
         return self.mlp(hidden), residual
 
 
@@ -92,11 +101,16 @@ class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, w) for w in sliding_windows(config))
+        self.layers = nn.ModuleList(self.decoder_layer(config, i, window)
+                                    for i, window in enumerate(sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # one table shared by all layers
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                           rope_parameters(config))
+
+    def decoder_layer(self, config, layer_idx: int, sliding_window: int | None) -> nn.Module:
+        """Layer `layer_idx`; architectures with another MLP (MoE++) override this."""
+        return LlamaDecoderLayer(config, sliding_window)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -114,12 +128,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
+    base_model_class = LlamaModel  # the decoder stack (MoE++ swaps in its own)
+
     def __init__(self, config):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (Llama family uses silu)")
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.base_model_class(config)
         # tied: the same module, not a shared Parameter, so the tie survives meta -> device
         # materialisation (to_empty re-creates parameters per module)
         self.lm_head = (self.model.embed_tokens if getattr(config, "tie_word_embeddings", False)

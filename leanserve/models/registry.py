@@ -5,11 +5,13 @@ from torch import nn
 
 from leanserve.errors import UserError
 from leanserve.models.llama import LlamaForCausalLM
+from leanserve.models.moepp import MoEPPForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "leanserve_moepp": MoEPPForCausalLM,
 }
 
 
