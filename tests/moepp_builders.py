@@ -21,7 +21,7 @@ def moepp_config(vocab_size: int, **overrides) -> dict:
                   hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
                   max_position_embeddings=128, tie_word_embeddings=False, n_ffn_experts=4, n_zero=1, n_copy=1,
-                  n_const=2, top_k=2, tau=0.75, router_logit_norm=True, router_norm_std=1.0, gating_residual=True,
+                  n_const=2, num_experts_per_tok=2, tau=0.75, router_logit_norm=True, router_norm_std=1.0, gating_residual=True,
                   renorm_mode="released", bos_token_id=0, eos_token_id=[2, 1], pad_token_id=3)
     return config | overrides
 
@@ -96,7 +96,7 @@ class EagerMoEPP:
         self.c = json.loads((Path(model_dir) / "config.json").read_text())
         self.w = load_file(Path(model_dir) / "model.safetensors")
         self.layout = MoEPPLayout(n_ffn=self.c["n_ffn_experts"], n_const=self.c["n_const"], n_copy=self.c["n_copy"],
-                                  n_zero=self.c["n_zero"], top_k=self.c["top_k"], renorm_mode=self.c["renorm_mode"],
+                                  n_zero=self.c["n_zero"], top_k=self.c["num_experts_per_tok"], renorm_mode=self.c["renorm_mode"],
                                   logit_norm_std=self.c["router_norm_std"] if self.c["router_logit_norm"] else None)
 
     @torch.no_grad()

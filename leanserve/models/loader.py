@@ -29,6 +29,8 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     `leanserve.json` method's convert step (models/methods.py) is applied last, with its settings
     updated by `settings_overrides` (`leanserve serve --model-setting KEY=VALUE`); a directory
     without one is dense."""
+    from transformers import AutoConfig
+
     path = Path(model_dir)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -40,7 +42,7 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     if info is not None and info.kind != "llm":
         raise UserError(f"{model_dir} is an {info.kind} model (leanserve.json kind), not an LLM")
     convert = get_method(info.method if info is not None else "dense")
-    hf_config = read_config(path)
+    hf_config = AutoConfig.from_pretrained(path)
     if random_weights:
         model = build_model(hf_config, device, dtype, random_weights=True)
     else:
@@ -50,20 +52,6 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     # the method's step runs on the loaded dense model, so its extra weights may be deltas over it
     model = convert(model, hf_config, settings, model_dir=path, random_weights=random_weights)
     return model, hf_config
-
-
-def read_config(model_dir: Path):
-    """transformers' config class for the directory's model_type; for an architecture of leanserve's
-    own that transformers does not know in this process (its config class is only registered where the
-    training code is imported), config.json's fields as a plain PretrainedConfig: the leanserve model
-    reads them with its own defaults."""
-    from transformers import AutoConfig, PretrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    fields = json.loads((model_dir / "config.json").read_text())
-    if fields.get("model_type") in CONFIG_MAPPING:
-        return AutoConfig.from_pretrained(model_dir)
-    return PretrainedConfig(**fields)
 
 
 def build_model(hf_config, device: torch.device | str, dtype: torch.dtype, *,

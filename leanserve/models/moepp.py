@@ -23,15 +23,8 @@ from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.layers import RotaryEmbedding
 from leanserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-
-
-def moepp_layout(config) -> MoEPPLayout:
-    """The expert layout of a leanserve_moepp config (defaults: the spec's MoEPPConfig)."""
-    norm = getattr(config, "router_logit_norm", True)
-    return MoEPPLayout(n_ffn=config.n_ffn_experts, n_const=getattr(config, "n_const", 2),
-                       n_copy=getattr(config, "n_copy", 1), n_zero=getattr(config, "n_zero", 1),
-                       top_k=getattr(config, "top_k", 2), renorm_mode=getattr(config, "renorm_mode", "released"),
-                       logit_norm_std=getattr(config, "router_norm_std", 1.0) if norm else None)
+# the training model's config class, registered with AutoConfig on import: the loader reads it
+from leanserve.models.moepp_hf import MoEPPConfig
 
 
 class FP32Linear(nn.Linear):
@@ -49,12 +42,12 @@ class FP32Linear(nn.Linear):
 
 
 class MoEPPMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: MoEPPConfig):
         super().__init__()
-        self.layout = layout = moepp_layout(config)
+        self.layout = layout = config.layout
         dim, inter, n = config.hidden_size, config.intermediate_size, layout.n_experts
         self.router = FP32Linear(dim, n)
-        self.gate_map = FP32Linear(n, n) if getattr(config, "gating_residual", True) else None
+        self.gate_map = FP32Linear(n, n) if config.gating_residual else None
         self.w13 = nn.Parameter(torch.empty(layout.n_ffn, 2 * inter, dim))
         self.w2 = nn.Parameter(torch.empty(layout.n_ffn, dim, inter))
         if layout.n_const:

@@ -11,7 +11,9 @@ import torch
 from moepp_builders import EagerMoEPP, write_moepp_dir
 from safetensors.torch import load_file
 
-from leanserve.models.loader import build_model, load_model, read_config
+from transformers import AutoConfig
+
+from leanserve.models.loader import build_model, load_model
 from leanserve.models.moepp import MoEPPForCausalLM
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
@@ -62,11 +64,11 @@ def test_router_stays_fp32_in_a_bf16_model(model_dir):
     assert torch.equal(mlp.router.weight, ckpt["model.layers.1.mlp.router.weight"])  # not rounded through bf16
     if config.gating_residual:
         assert mlp.gate_map.weight.dtype == torch.float32
-    assert config.model_type == "leanserve_moepp" and read_config(model_dir).n_ffn_experts == 4
+    assert config.model_type == "leanserve_moepp" and AutoConfig.from_pretrained(model_dir).n_ffn_experts == 4
 
 
 def test_dummy_weights_are_random_and_finite(model_dir):
-    model = build_model(read_config(model_dir), "cpu", torch.float32, random_weights=True)
+    model = build_model(AutoConfig.from_pretrained(model_dir), "cpu", torch.float32, random_weights=True)
     mlp = model.model.layers[0].mlp
     for p in (mlp.w13, mlp.w2, mlp.router.weight):
         assert torch.isfinite(p).all() and 0.01 < p.std() < 0.03
