@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/leanserve serve --host $(HOST) --port $(PORT) --jobs-dir jobs
 
+# two workers, a test file each at a time: most of the suite waits on servers and subprocesses
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 data: install
 	$(VENV)/bin/leanserve data build --out data

@@ -263,6 +263,7 @@ def aggregate(args, per_seed: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)  # --data and --tokenizer given: nothing else creates it
     data, tok = prepare(args)
     if args.only_seed is not None:
         run_seed(args, args.only_seed, data, tok)
