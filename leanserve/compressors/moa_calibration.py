@@ -85,12 +85,13 @@ def build_items(model, tokenizer, corpus: Corpus, length: int, n_min: int, count
     stops = stop_ids(model, tokenizer)
     items = []
     for index, total in enumerate(target_lengths(length, n_min, count)):
-        if total - max_new_tokens < 16:
-            raise UserError(f"{name} items of {total} tokens leave no room for a prompt beside "
-                            f"--max-new-tokens {max_new_tokens}")
         kind = LONG_KINDS[index % len(LONG_KINDS)]
         rng = random.Random(derive_seed(seed, "moa", name, str(length), str(index)))
-        task = long_task(kind, rng, corpus, total - max_new_tokens, lambda text: len(encode(text)))
+        try:
+            task = long_task(kind, rng, corpus, total - max_new_tokens, lambda text: len(encode(text)))
+        except ValueError as e:
+            raise UserError(f"{name} item of {total} tokens ({kind}): {e}; use longer lengths or a smaller "
+                            "--max-new-tokens") from None
         prompt_ids = encode(task.prompt)
         if targets == "model":
             response = dense_response(model, prompt_ids, max_new_tokens, stops)

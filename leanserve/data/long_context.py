@@ -1,9 +1,10 @@
 """Long-context tasks whose answer depends on far context, built from the stdlib corpus to a target
 token length: MoA's calibration and validation items, and long-range retrieval tests.
 
-Every kind puts what the question needs in the first 5-40% of the prompt and asks at the end, so
-the answer sits more than half the context away from the question: a uniform sink + window that
-keeps half the tokens (or fewer) cannot see it, and only heads with long spans can.
+Every kind puts what the question needs in the first 5-35% of the corpus lines (under half of the
+prompt, records included) and asks at the end, so the answer sits more than half the context away
+from the question: a uniform sink + window that keeps half the tokens (or fewer) cannot see it, and
+only heads with long spans can.
 
 - retrieval: "line <id>: REGISTER_CONTENT is <n>" records scattered through stdlib source; asks one id.
 - passkey: "The pass key of <word> is <n>." sentences scattered through stdlib docs; asks one word.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from leanserve.data.corpus import code_document, docs_document, module_docs, std
 from leanserve.data.tasks import WORDS, Task
 
 LONG_KINDS = ("retrieval", "passkey", "copy", "functions")
-FAR = (0.05, 0.4)  # where in the prompt the needed context goes (fraction of its lines)
+FAR = (0.05, 0.35)  # where the needed context goes (fraction of the corpus lines)
 _TOP_LEVEL_DEF = re.compile(r"^(?:async\s+)?def\s+(\w+)", re.M)
 
 
@@ -38,7 +40,8 @@ class Corpus:
     @classmethod
     def load(cls, held_out: bool, max_files: int = 64) -> Corpus:
         """`held_out`: the val and test modules of `leanserve data build` (validation items);
-        else its train modules (calibration)."""
+        else its train modules (calibration). The first `max_files` of them, and more until one has
+        module docs."""
         code, docs_lines = [], []
         for f in stdlib_files():
             if (split_of(f.module) != "train") != held_out:
@@ -46,22 +49,32 @@ class Corpus:
             code.append(code_document(f)["text"])
             docs = module_docs(f)
             if docs is not None:
-                docs_lines += docs_document(docs)["text"].splitlines()
-            if len(code) == max_files:
+                docs_lines += _short_lines(docs_document(docs)["text"])
+            if len(code) >= max_files and docs_lines:
                 break
         return cls(code, docs_lines)
 
     def code_lines(self) -> list[str]:
-        return [line for text in self.code for line in text.splitlines()]
+        return [line for text in self.code for line in _short_lines(text)]
+
+
+def _short_lines(text: str, width: int = 80) -> list[str]:
+    """Lines of at most `width` characters (longer ones wrapped), so that lengths fit finely."""
+    return [part for line in text.splitlines() for part in (textwrap.wrap(line, width) if len(line) > width
+                                                           else [line])]
 
 
 def _fit_lines(build: Callable[[int], str], target_tokens: int, count_tokens: Callable[[str], int],
                max_lines: int) -> int:
-    """The most lines (<= max_lines) whose prompt stays within target_tokens (at least 1)."""
+    """The most lines (<= max_lines) whose prompt stays within target_tokens; ValueError if even the
+    prompt without corpus lines does not."""
     def fits(n: int) -> bool:
         return count_tokens(build(n)) <= target_tokens
 
-    lo, hi = 1, 2
+    if not fits(0):
+        raise ValueError(f"{target_tokens} tokens cannot hold this task's prompt ({count_tokens(build(0))} "
+                         "tokens without any corpus text)")
+    lo, hi = 0, 1
     while hi <= max_lines and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, max_lines + 1)
@@ -86,7 +99,7 @@ def _scattered(lines: list[str], inserts: list[tuple[float, str]]) -> str:
 
 
 def _num_records(target_tokens: int) -> int:
-    return max(2, target_tokens // 200)
+    return max(1, target_tokens // 200)
 
 
 def _records(rng: random.Random, pool: list[str], target_tokens: int, count_tokens, keys: list, record: Callable,
@@ -141,11 +154,12 @@ def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_toke
     lines = text[_TOP_LEVEL_DEF.search(text).start():].splitlines()
     question = "List the functions defined at the top level of this module, in order."
 
-    def build(n: int) -> str:
-        return "\n".join(lines[:n]) + f"\n{question}"
+    def build(n: int) -> str:  # n lines after the first function's
+        return "\n".join(lines[:n + 1]) + f"\n{question}"
 
-    n = _fit_lines(build, target_tokens, count_tokens, len(lines))
-    return Task("functions", build(n), ", ".join(_TOP_LEVEL_DEF.findall("\n".join(lines[:n]))), {"lines": n})
+    n = _fit_lines(build, target_tokens, count_tokens, len(lines) - 1)
+    names = _TOP_LEVEL_DEF.findall("\n".join(lines[:n + 1]))
+    return Task("functions", build(n), ", ".join(names), {"lines": n + 1})
 
 
 BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions}

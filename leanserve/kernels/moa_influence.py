@@ -37,26 +37,31 @@ def num_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
+def influence_entries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+                      sm_scale: float, rows: torch.Tensor) -> torch.Tensor:
+    """E [Hq, len(rows), N] (signed, fp32, zero above the diagonal) of the query positions `rows`."""
+    group = q.shape[0] // k.shape[0]
+    kf, vf = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
+    causal = torch.arange(q.shape[1], device=q.device)[None, :] <= rows[:, None]
+    s = (q[:, rows].float() @ kf.transpose(1, 2) * sm_scale).masked_fill(~causal, float("-inf"))
+    a = torch.softmax(s, dim=-1)
+    d = (do[:, rows].float() * o[:, rows].float()).sum(-1, keepdim=True)
+    return a * (d - do[:, rows].float() @ vf.transpose(1, 2)) / (1 - a).clamp_min(EPS)
+
+
 def influence_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
                   sm_scale: float, block_size: int, *, rows: int | None = None) -> torch.Tensor:
-    """Reference: I [Hq, nb, nb] from the dense [Hq, rows, N] attention of `rows` queries at a time."""
+    """Reference: I [Hq, nb, nb] from the dense [Hq, rows, N] entries of `rows` queries at a time."""
     _check(q, k, v, o, do, block_size)
     hq, n, _ = q.shape
-    group = hq // k.shape[0]
     nb = num_blocks(n, block_size)
-    kf, vf = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
     out = torch.zeros(hq, nb * nb, dtype=torch.float32, device=q.device)
     rows = rows or max(1, REF_ELEMENTS // (hq * n))
     j = torch.arange(n, device=q.device)
     for start in range(0, n, rows):
         i = torch.arange(start, min(start + rows, n), device=q.device)
-        causal = j[None, :] <= i[:, None]
-        s = (q[:, i].float() @ kf.transpose(1, 2) * sm_scale).masked_fill(~causal, float("-inf"))
-        a = torch.softmax(s, dim=-1)
-        d = (do[:, i].float() * o[:, i].float()).sum(-1, keepdim=True)
-        e = a * (d - do[:, i].float() @ vf.transpose(1, 2)) / (1 - a).clamp_min(EPS)
-        e = e.abs() * (causal & (j[None, :] >= block_size))
-        bucket = (i[:, None] - j[None, :]).clamp_min(0) // block_size
+        e = influence_entries(q, k, v, o, do, sm_scale, i).abs() * (j[None, :] >= block_size)
+        bucket = (i[:, None] - j[None, :]).clamp_min(0) // block_size  # above the diagonal e is 0
         index = (i[:, None] // block_size) * nb + bucket
         out.scatter_add_(1, index.flatten().expand(hq, -1), e.flatten(1))
     return out.view(hq, nb, nb)
