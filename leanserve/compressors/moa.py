@@ -13,6 +13,7 @@ atomically) until the model directory is written; --resume continues at the firs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import time
@@ -172,9 +173,9 @@ def run(args):
     model, tokenizer = _load_model(model_dir, device, resolve_dtype(args.dtype, device))
 
     n_min = args.profile_lengths[0]
-    corpus = Corpus.load(held_out=False)
+    corpus = functools.cache(lambda: Corpus.load(held_out=False))  # read only when items are built
     items = {length: _items(work, f"calibration_{length}", lambda length=length: calib.build_items(
-        model, tokenizer, corpus, length, n_min, args.items, max_new_tokens=args.max_new_tokens,
+        model, tokenizer, corpus(), length, n_min, args.items, max_new_tokens=args.max_new_tokens,
         targets=args.targets, seed=args.seed, name="calibration")) for length in args.profile_lengths}
     held_out = _items(work, "validation", lambda: calib.build_items(
         model, tokenizer, Corpus.load(held_out=True), args.validation_length, n_min, args.validation_items,
@@ -227,7 +228,8 @@ def _optimise(args, config, rules: list, hists: dict) -> list:
     num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     constrained = sorted({*args.profile_lengths, args.extend_length})
     problem = Problem(
-        losses={length: loss_table(h, rules, args.block_size, num_kv, args.group_reduce) for length, h in hists.items()},
+        losses={length: loss_table(h, rules, args.block_size, num_kv, args.group_reduce)
+                for length, h in hists.items()},
         slots={n: slots_table(rules, n, args.block_size) for n in constrained},
         layer_of=np.repeat(np.arange(config.num_hidden_layers), num_kv), density={n: args.density for n in constrained},
         lower_ratio=args.density_lower, cap=args.rule_cap or None)
@@ -257,7 +259,8 @@ def _select(args, config, model, held_out: list, rules: list, candidates: list) 
         model={"name": Path(args.model).name, "num_layers": num_layers, "num_q_heads": config.num_attention_heads,
                "num_kv_heads": num_kv, "head_dim": getattr(config, "head_dim", None) or
                config.hidden_size // config.num_attention_heads},
-        alphas=[[float(a) for a, _ in layer] for layer in chosen], betas=[[float(b) for _, b in layer] for layer in chosen],
+        alphas=[[float(a) for a, _ in layer] for layer in chosen],
+        betas=[[float(b) for _, b in layer] for layer in chosen],
         profile_lengths=args.profile_lengths, extend_length=args.extend_length,
         validation_length=args.validation_length, density_target=args.density, block_size=B,
         rule_cap_per_layer=args.rule_cap or None,

@@ -72,7 +72,7 @@ def _influence_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, out_ptr,
     n, head_dim, group, nb, sm_scale,
     s_qh, s_qn, s_kh, s_kn, s_vh, s_vn, s_oh, s_on, s_dh, s_dn,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CLAMP: tl.constexpr,
 ):
     """Program (p, h): query block m = nb - 1 - p (longest rows first) of query head h. Pass 1 finds
     each row's log-sum-exp over its causal keys; pass 2 walks the key blocks past the sink. A B x B
@@ -119,7 +119,7 @@ def _influence_kernel(
         valid = (cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None]
         a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         t = tl.dot(do, vt, input_precision=PRECISION)
-        e = tl.abs(a * (row_d[:, None] - t) / tl.maximum(1.0 - a, EPS))
+        e = tl.abs(a * (row_d[:, None] - t) / tl.maximum(1.0 - a, CLAMP))
         e = tl.where(valid, e, 0.0)
         upper = (rows[:, None] - cols[None, :]) >= (m - kb) * BLOCK
         hi = tl.sum(tl.sum(tl.where(upper, e, 0.0), axis=1), axis=0)
@@ -149,7 +149,7 @@ def influence_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision,
-        num_warps=num_warps,
+        CLAMP=EPS, num_warps=num_warps,
     )
     return out
 
