@@ -1,0 +1,172 @@
+"""Long-context tasks whose answer depends on far context, built from the stdlib corpus to a target
+token length: MoA's calibration and validation items, and long-range retrieval tests.
+
+Every kind puts what the question needs in the first 5-35% of the corpus lines (under half of the
+prompt, records included) and asks at the end, so the answer sits more than half the context away
+from the question: a uniform sink + window that keeps half the tokens (or fewer) cannot see it, and
+only heads with long spans can.
+
+- retrieval: "line <id>: REGISTER_CONTENT is <n>" records scattered through stdlib source; asks one id.
+- passkey: "The pass key of <word> is <n>." sentences scattered through stdlib docs; asks one word.
+- copy: a BEGIN COPY ... END COPY block of words inside stdlib source; asks to repeat it.
+- functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
+
+Lengths are fitted with the caller's `count_tokens` (e.g. the chat-template encoding of the prompt),
+by doubling then bisecting the number of corpus lines, as data/tasks.py fits retrieval prompts.
+"""
+from __future__ import annotations
+
+import random
+import re
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from leanserve.data.build import split_of
+from leanserve.data.corpus import code_document, docs_document, module_docs, stdlib_files
+from leanserve.data.tasks import WORDS, Task
+
+LONG_KINDS = ("retrieval", "passkey", "copy", "functions")
+FAR = (0.05, 0.35)  # where the needed context goes (fraction of the corpus lines)
+_TOP_LEVEL_DEF = re.compile(r"^(?:async\s+)?def\s+(\w+)", re.M)
+
+
+@dataclass
+class Corpus:
+    """Stdlib source and docs texts of one side of the data split, as lines."""
+    code: list[str]        # whole source files
+    docs_lines: list[str]  # every line of the module docs, in order
+
+    @classmethod
+    def load(cls, held_out: bool, max_files: int = 64) -> Corpus:
+        """`held_out`: the val and test modules of `leanserve data build` (validation items);
+        else its train modules (calibration). The first `max_files` of them, and more until one has
+        module docs."""
+        code, docs_lines = [], []
+        for f in stdlib_files():
+            if (split_of(f.module) != "train") != held_out:
+                continue
+            code.append(code_document(f)["text"])
+            docs = module_docs(f)
+            if docs is not None:
+                docs_lines += _short_lines(docs_document(docs)["text"])
+            if len(code) >= max_files and docs_lines:
+                break
+        return cls(code, docs_lines)
+
+    def code_lines(self) -> list[str]:
+        return [line for text in self.code for line in _short_lines(text)]
+
+
+def _short_lines(text: str, width: int = 80) -> list[str]:
+    """Lines of at most `width` characters (longer ones wrapped), so that lengths fit finely."""
+    return [part for line in text.splitlines() for part in (textwrap.wrap(line, width) if len(line) > width
+                                                           else [line])]
+
+
+def _fit_lines(build: Callable[[int], str], target_tokens: int, count_tokens: Callable[[str], int],
+               max_lines: int) -> int:
+    """The most lines (<= max_lines) whose prompt stays within target_tokens; ValueError if even the
+    prompt without corpus lines does not."""
+    def fits(n: int) -> bool:
+        return count_tokens(build(n)) <= target_tokens
+
+    if not fits(0):
+        raise ValueError(f"{target_tokens} tokens cannot hold this task's prompt ({count_tokens(build(0))} "
+                         "tokens without any corpus text)")
+    lo, hi = 0, 1
+    while hi <= max_lines and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, max_lines + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _window(pool: list[str], rng: random.Random) -> Callable[[int], list[str]]:
+    """n consecutive lines of `pool` from a random start (wrapping around)."""
+    start = rng.randrange(len(pool))
+    return lambda n: [pool[(start + i) % len(pool)] for i in range(n)]
+
+
+def _scattered(lines: list[str], inserts: list[tuple[float, str]]) -> str:
+    """`lines` with each (fraction, text) inserted at that fraction of them."""
+    out = list(lines)
+    for frac, text in sorted(inserts, reverse=True):
+        out.insert(int(frac * len(lines)), text)
+    return "\n".join(out)
+
+
+def _num_records(target_tokens: int) -> int:
+    return max(1, target_tokens // 200)
+
+
+def _records(rng: random.Random, pool: list[str], target_tokens: int, count_tokens, keys: list, record: Callable,
+             header: str, question: Callable, kind: str) -> Task:
+    """Records (key, random value) scattered through corpus lines; the asked one, keys[0], in the
+    FAR part of the prompt."""
+    values = [rng.randint(1000, 99999) for _ in keys]
+    fracs = [rng.uniform(*FAR)] + [rng.random() for _ in keys[1:]]
+    lines = _window(pool, rng)
+    inserts = [(f, record(k, v)) for f, k, v in zip(fracs, keys, values)]
+
+    def build(n: int) -> str:
+        return f"{header}\n{_scattered(lines(n), inserts)}\n{question(keys[0])}"
+
+    n = _fit_lines(build, target_tokens, count_tokens, len(pool))
+    return Task(kind, build(n), str(values[0]), {"lines": n, "position": fracs[0], "records": len(keys)})
+
+
+def retrieval(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+    keys = rng.sample(range(100_000, 1_000_000), _num_records(target_tokens))
+    return _records(rng, corpus.code_lines(), target_tokens, count_tokens, keys,
+                    lambda k, v: f"line {k}: REGISTER_CONTENT is {v}", "Remember the REGISTER_CONTENT of every line.",
+                    lambda k: f"What is the REGISTER_CONTENT in line {k}?", "retrieval")
+
+
+def passkey(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+    keys = rng.sample(WORDS, min(_num_records(target_tokens), len(WORDS)))
+    return _records(rng, corpus.docs_lines, target_tokens, count_tokens, keys,
+                    lambda k, v: f"The pass key of {k} is {v}. Remember it.", "Remember every pass key.",
+                    lambda k: f"What is the pass key of {k}?", "passkey")
+
+
+def copy(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+    pool = corpus.code_lines()
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
+    frac = rng.uniform(*FAR)
+    lines = _window(pool, rng)
+
+    def build(n: int) -> str:
+        body = _scattered(lines(n), [(frac, f"BEGIN COPY\n{words}\nEND COPY")])
+        return f"{body}\nRepeat the words between BEGIN COPY and END COPY."
+
+    n = _fit_lines(build, target_tokens, count_tokens, len(pool))
+    return Task("copy", build(n), words, {"lines": n, "position": frac})
+
+
+def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+    """A module's source from its first top-level function on, cut to the target length; the answer
+    lists the top-level functions in the cut."""
+    modules = [text for text in corpus.code if len(_TOP_LEVEL_DEF.findall(text)) >= 3]
+    text = rng.choice(modules)
+    lines = text[_TOP_LEVEL_DEF.search(text).start():].splitlines()
+    question = "List the functions defined at the top level of this module, in order."
+
+    def build(n: int) -> str:  # n lines after the first function's
+        return "\n".join(lines[:n + 1]) + f"\n{question}"
+
+    n = _fit_lines(build, target_tokens, count_tokens, len(lines) - 1)
+    names = _TOP_LEVEL_DEF.findall("\n".join(lines[:n + 1]))
+    return Task("functions", build(n), ", ".join(names), {"lines": n + 1})
+
+
+BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions}
+
+
+def long_task(kind: str, rng: random.Random, corpus: Corpus, target_tokens: int,
+              count_tokens: Callable[[str], int]) -> Task:
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown long-context kind {kind!r}; known: {', '.join(LONG_KINDS)}")
+    return BUILDERS[kind](rng, corpus, target_tokens, count_tokens)

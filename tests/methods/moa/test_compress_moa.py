@@ -1,0 +1,76 @@
+"""`leanserve compress moa` end to end on a tiny Llama (CPU, seconds): a model directory that loads as
+the input did, a valid plan within its density budget, and --stop-at / --resume giving the same plan."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leanserve.cli import main
+from leanserve.models.model_dir import file_sha256, load_model_info, weights_sha256
+from leanserve.models.moa_plan import PLAN_FILE, load_plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LENGTHS = (192, 256, 320)
+
+
+def _args(model, out, *extra):
+    return ["compress", "moa", "--model", str(model), "--out", str(out), "--density", "0.5",
+            "--profile-lengths", ",".join(map(str, LENGTHS)), "--block-size", "16", "--items", "2",
+            "--max-new-tokens", "4", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moa") / "out"
+    assert main(_args(tiny_llm_dir, out)) == 0
+    return out
+
+
+def test_output_is_the_input_model_with_a_valid_plan(tiny_llm_dir, compressed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert file_sha256(compressed / "model.safetensors") == file_sha256(tiny_llm_dir / "model.safetensors")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (compressed / name).read_bytes() == (tiny_llm_dir / name).read_bytes()
+    assert not (compressed / "moa_work").exists()
+    AutoModelForCausalLM.from_pretrained(compressed)  # loads anywhere the input did
+
+    plan = load_plan(compressed / PLAN_FILE, AutoConfig.from_pretrained(compressed))
+    assert plan.unit == "kv_head" and plan.block_size == 16 and plan.rule_cap_per_layer == 2
+    assert plan.profile_lengths == list(LENGTHS) and plan.extend_length == 640 and plan.validation_length == 480
+    for n in plan.lengths():
+        assert 0.9 * 0.5 - 1e-9 <= plan.density(n) <= 0.5 + 1e-9
+        assert plan.density_at[str(n)] == pytest.approx(plan.density(n))
+
+    info = load_model_info(compressed)
+    assert info.kind == "llm" and info.method == "moa"
+    assert info.settings["plan"] == PLAN_FILE and info.settings["density_at"] == plan.density_at
+    assert info.base["sha256"] == weights_sha256(tiny_llm_dir)
+    ce = info.metrics["validation_ce"]
+    assert set(ce) == {"dense", "uniform", "moa"} and ce["moa"] == plan.validation_ce
+    assert ce["moa"] == min(p["validation_ce"] for p in info.metrics["pareto"])
+    assert "--profile-lengths 192,256,320" in info.recipe["command"]
+    assert json.loads((compressed / "progress.json").read_text())["done"]
+
+
+def test_stop_and_resume_give_the_same_plan(tiny_llm_dir, compressed, tmp_path):
+    out = tmp_path / "out"
+    assert main(_args(tiny_llm_dir, out, "--stop-at", "2")) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["checkpoint_step"] == 2 and not progress["done"]
+    assert not (out / "leanserve.json").exists()
+    assert main(_args(tiny_llm_dir, out)) == 2  # an unfinished run there: --resume or another --out
+    assert main(_args(tiny_llm_dir, out, "--resume", "--seed", "3")) == 2  # options that change the plan
+    assert main(_args(tiny_llm_dir, out, "--resume")) == 0
+    straight, resumed = (json.loads((d / PLAN_FILE).read_text()) for d in (compressed, out))
+    assert resumed == straight
+
+
+def test_refuses_what_it_cannot_compress(tiny_llm_dir, compressed, tmp_path):
+    assert main(_args(tiny_llm_dir, compressed)) == 2  # already holds a model
+    assert main(_args(compressed, tmp_path / "again")) == 2  # not a dense model
+    assert main(_args(tiny_llm_dir, tmp_path / "x", "--block-size", "24")) == 2
+    too_long = _args(tiny_llm_dir, tmp_path / "y")
+    too_long[too_long.index("--profile-lengths") + 1] = "256,512"  # validation at 768 > 512 positions
+    assert main(too_long) == 2
