@@ -23,38 +23,13 @@ from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.layers import RotaryEmbedding
 from leanserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-# the training model's config class, registered with AutoConfig on import: the loader reads it
-from leanserve.models.moepp_hf import MoEPPConfig
+# the training model's block; importing it registers MoEPPConfig with AutoConfig, which the loader reads
+from leanserve.models.moepp_hf import MoEPPBlock
 
 
-class FP32Linear(nn.Linear):
-    """A bias-free linear that stays fp32 when the model is cast to bf16 (the router chain is fp32):
-    dtype casts pass it by, device moves and materialisation still apply."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False, dtype=torch.float32)
-
-    def _apply(self, fn, recurse=True):
-        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(out.device)
-        return super()._apply(keep_dtype, recurse)
-
-
-class MoEPPMLP(nn.Module):
-    def __init__(self, config: MoEPPConfig):
-        super().__init__()
-        self.layout = layout = config.layout
-        dim, inter, n = config.hidden_size, config.intermediate_size, layout.n_experts
-        self.router = FP32Linear(dim, n)
-        self.gate_map = FP32Linear(n, n) if config.gating_residual else None
-        self.w13 = nn.Parameter(torch.empty(layout.n_ffn, 2 * inter, dim))
-        self.w2 = nn.Parameter(torch.empty(layout.n_ffn, dim, inter))
-        if layout.n_const:
-            self.const_gate = nn.Linear(dim, 2 * layout.n_const, bias=False)
-            self.const_v = nn.Parameter(torch.empty(layout.n_const, dim))
-        else:
-            self.const_gate = self.const_v = None
+class MoEPPMLP(MoEPPBlock):
+    """The training block's parameters (same names, fp32 router chain), with a serving forward: the fused
+    kernel on CUDA, the reference elsewhere, the router logits passed explicitly."""
 
     def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] post-norm hidden, prev_logits [T, N] (the previous layer's; None in layer 0 or
