@@ -100,7 +100,7 @@ def floor_mixture(p: torch.Tensor, p_min: float) -> torch.Tensor:
     floored = torch.zeros_like(p, dtype=torch.bool)
     while True:
         free = p.masked_fill(floored, 0)
-        scaled = torch.where(floored, p_min, free * (1 - p_min * floored.sum()) / free.sum())
+        scaled = torch.where(floored, p_min, free * (1 - p_min * int(floored.sum())) / free.sum())
         below = (scaled < p_min) & ~floored
         if not below.any():
             return scaled
