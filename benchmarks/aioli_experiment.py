@@ -25,6 +25,13 @@ runs and resumes interrupted ones, so it can be time-boxed (--budget-min) and si
     python benchmarks/aioli_experiment.py --work build/aioli --budget-min 9     # GPU; repeat until complete
     python benchmarks/aioli_experiment.py --work build/aioli --plan             # the run list and its FLOPs
     python benchmarks/aioli_experiment.py --smoke --work /tmp/aioli-smoke --out /tmp/aioli-smoke/eval.json  # CPU
+
+Cost (--plan): 108 runs, 3.5B tokens, ~305 PFLOP of training. On a 2-thread CPU this model trains at
+~750 tokens/s, so the sweep is GPU-only. On one H200 (~790 TFLOP/s bf16 dense) it takes ~16 minutes at
+40% of peak and ~32 at 20%; how much of the peak 12 eager processes of a d-384 model reach is not
+measured yet (the printed ETA says so after the first wave). --steps 2000 halves everything. A run's
+eval.json is all the report needs: `tar czf runs.tgz build/aioli/runs/*/*/*/eval.json` keeps finished
+runs across machines (unpacked into a new --work, they are skipped).
 """
 from __future__ import annotations
 
@@ -260,7 +267,7 @@ def run_all(exp: Experiment, parallel: int, threads: int, budget_s: float) -> tu
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
     jobs, done = ctx.Queue(), ctx.Queue()
     workers = [ctx.Process(target=worker, args=(exp, jobs, done, threads), daemon=True) for _ in range(parallel)]
-    outstanding, total = 0, len(pending) + sum(exp.scale.seeds[len(exp.names(s))] - 1 for s in sweeps_left)
+    outstanding, trained, total = 0, 0, len(pending) + sum(exp.scale.seeds[len(exp.names(s))] - 1 for s in sweeps_left)
     started = time.perf_counter()
 
     def finished(key: str, result: dict):
@@ -300,9 +307,12 @@ def run_all(exp: Experiment, parallel: int, threads: int, budget_s: float) -> tu
                 print(f"FAILED {key}:\n{error}")
                 continue
             finished(key, result)
+            trained += 1
             elapsed = time.perf_counter() - started
+            eta = elapsed / trained * (total - len(results))  # rough until the first wave of runs is done
             print(f"[{len(results)}/{total}] {key}: test ppl mean {summarise(result)['test_ppl_mean']:.3f} "
-                  f"({result['train_seconds']:.0f} s; {elapsed / 60:.1f} min elapsed)", flush=True)
+                  f"({result['train_seconds']:.0f} s; {elapsed / 60:.1f} min elapsed, ~{eta / 60:.1f} min to go)",
+                  flush=True)
         for _ in workers:
             jobs.put(None)
         for w in workers:
@@ -345,7 +355,7 @@ def report(exp: Experiment, results: dict[str, dict], failures: list[str], compl
     for setting in exp.settings:
         mine = [r for r in rows if r["setting"] == setting]
         per_setting[setting] = {
-            arm: {"test_ppl_mean": paired(mine, arm, "test_ppl_mean"), "test_ce_mean": paired(mine, arm, "test_ce_mean")}
+            arm: {metric: paired(mine, arm, metric) for metric in ("test_ppl_mean", "test_ce_mean")}
             for arm in exp.arms if arm != "stratified"}
         per_setting[setting]["stratified_test_ppl_mean"] = statistics.fmean(
             [r["test_ppl_mean"] for r in mine if r["arm"] == "stratified"] or [math.nan])
@@ -393,8 +403,8 @@ def plan(exp: Experiment):
     flops_per_token = 6 * params + 6 * preset.num_layers * s.seq_len * preset.hidden_size
     tokens = runs * s.steps * s.batch_size * s.seq_len
     print(f"{runs} runs x {s.steps} steps x {s.batch_size} x {s.seq_len} tokens = {tokens / 1e9:.2f}B tokens; "
-          f"{params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token -> {tokens * flops_per_token / 1e15:.0f} "
-          "PFLOP of training")
+          f"{params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token -> "
+          f"{tokens * flops_per_token / 1e15:.0f} PFLOP of training")
 
 
 def main():

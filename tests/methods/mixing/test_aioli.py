@@ -117,7 +117,8 @@ def test_aioli_moves_toward_the_largest_column_sum():
     # every round: one evaluation before LearnParams and one after each of its k m intervals
     assert len(aioli.rounds) == 20 and model.evaluations == 20 * (2 * 3 + 1)
     for record in aioli.rounds:
-        assert torch.allclose(torch.tensor(record["A_hat"], dtype=torch.float64), A * 1e-3 * config.lp_steps, atol=1e-12)
+        A_hat = torch.tensor(record["A_hat"], dtype=torch.float64)
+        assert torch.allclose(A_hat, A * 1e-3 * config.lp_steps, atol=1e-12)
     shares = torch.stack([torch.tensor(r["p"]) for r in aioli.rounds])
     assert (shares[1:, 2] > shares[:-1, 2]).all() and shares[-1].argmax() == 2 and shares[-1, 2] > 0.8
     # LearnParams steps train on the smoothed one-hot mixtures, the rest of the round on p^t
