@@ -123,7 +123,8 @@ def plan_mixture(args, manifest: dict) -> MixturePlan:
 
 class PretrainData:
     """This rank's train streams of the groups, the sampler, the mixture schedule and the fixed
-    per-group validation batches."""
+    per-group validation batches. Built from the `train lm` Trainer: its args, data, tokenizer, local
+    batch, rank shard, autocast and log."""
 
     def __init__(self, trainer, plan: MixturePlan):
         args, self.dist, self.device, self.autocast = trainer.args, trainer.dist, trainer.device, trainer.autocast
