@@ -164,3 +164,30 @@ def test_moepp_benchmark_smoke(tmp_path, tiny_llm_dir):
     shares = {(row["arm"], row["tokens"]): row["ffn_share"] for row in trained["rows"]}
     assert all(shares[("moe_fused", t)] == 1.0 for t in (1, 64))
     assert 0 < shares[("moepp_fused", 64)] < 1  # random routers pick ZC experts too
+
+
+def test_aioli_experiment_smoke(tmp_path):
+    """benchmarks/aioli_experiment.py --smoke on one setting: worker processes train every arm, the best
+    static mixture of the sweep is rerun at the other seed, and the paired deltas are written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "aioli_eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aioli_experiment.py"), "--smoke", "--work",
+                           str(tmp_path / "work"), "--settings", "code+arith", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and not result["failed_runs"]
+    runs = {(r["arm"], r["seed"]) for r in result["rows"]}
+    assert runs == {(arm, seed) for arm in ("stratified", "aioli", "aioli_static", "best_static")
+                    for seed in (0, 1)} | {("static_sweep", 0)}
+    for row in result["rows"]:
+        assert set(row["test_ppl_by_group"]) == {"code", "arith"}
+        assert row["test_ppl_mean"] == sum(row["test_ppl_by_group"].values()) / 2
+        assert row["aioli_rounds"] == {"aioli": 2, "aioli_static": 1}.get(row["arm"], 0)  # 24 steps, R 12
+    best = [r for r in result["rows"] if r["arm"] == "best_static"]
+    assert best[0]["static_p"] == best[1]["static_p"]  # the sweep's winner, rerun at seed 1
+    paired = result["paired"]["code+arith"]
+    for arm in ("aioli", "aioli_static", "best_static"):
+        stats = paired[arm]["test_ppl_mean"]
+        assert stats["n"] == 2 and stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
+    assert (tmp_path / "work" / "runs" / "code+arith" / "aioli" / "seed0" / "mixture.png").is_file()

@@ -1,7 +1,7 @@
 """Token data of the language models, read from a `leanserve data build` directory: splits, the chat
 tokenizer, packed document streams and their windows, labelled chat examples, padded batches and the
-batch samplers of `train lm`'s two phases. What `train lm` trains on and `eval lm` scores, read alike,
-so that train-time validation losses and test losses are comparable.
+chat phase's batch sampler (pretraining batches: data/mixture.py). What `train lm` trains on and
+`eval lm` scores, read alike, so that train-time validation losses and test losses are comparable.
 """
 from __future__ import annotations
 
@@ -117,26 +117,6 @@ def stream_windows(stream, seq_len: int, max_windows: int | None = None) -> list
     """Consecutive non-overlapping windows of a packed stream, as (ids, labels) examples."""
     chunks = stream.split(seq_len)[:max_windows]
     return [(c.tolist(), c.tolist()) for c in chunks if len(c) > 1]
-
-
-@dataclass
-class PackedMixture:
-    """Random windows of per-domain token streams, each row's domain drawn from `weights`.
-
-    Offsets wrap around the stream, so a small domain is simply repeated (more epochs).
-    """
-    streams: list  # 1-D LongTensor per domain
-    weights: list[float]
-
-    def sample(self, batch_size: int, seq_len: int, generator) -> dict:
-        domains = torch.multinomial(torch.tensor(self.weights), batch_size, replacement=True, generator=generator)
-        rows = []
-        for d in domains.tolist():
-            stream = self.streams[d]
-            start = torch.randint(len(stream), (1,), generator=generator).item()
-            rows.append(stream[(start + torch.arange(seq_len)) % len(stream)])
-        input_ids = torch.stack(rows)
-        return {"input_ids": input_ids, "labels": input_ids}
 
 
 @dataclass

@@ -6,7 +6,8 @@ heterogeneous load-balance loss. Their validations also record how tokens are ro
 (eval/moepp_routing.py).
 
 Phase 1 (pretrain) reads random windows of packed token streams (`<bos> doc <end_of_text> ...`),
-one stream per domain, drawing each row's domain from the mixture. Phase 2 (chat) trains on
+one stream per data group, each batch split over the groups by the mixture (natural, stratified,
+static or Aioli's, re-estimated online: trainers/lm_mixture.py). Phase 2 (chat) trains on
 chat pairs rendered through the tokenizer's chat template with the loss on assistant tokens
 only (each reply and its end-of-turn token). One AdamW and one LR schedule span both phases:
 linear warm-up then cosine decay, restarted at the phase boundary.
@@ -32,7 +33,6 @@ from leanserve.data.build import load_manifest
 from leanserve.data.lm_data import (
     IGNORE,
     ChatExamples,
-    PackedMixture,
     batched,
     chat_examples,
     encode_documents,
@@ -48,7 +48,9 @@ from leanserve.kernels.moepp_reference import RENORM_MODES
 from leanserve.models.model_dir import ModelInfo, save_model_info
 from leanserve.models.moepp_hf import MoEPPConfig, MoEPPForCausalLM
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
+from leanserve.trainers import lm_mixture
 from leanserve.trainers.checkpoint import check_out_dir, unwrap
+from leanserve.trainers.lm_mixture import PRETRAIN_DOMAINS, MixturePlan, PretrainData, plan_mixture
 from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast, local_batch_size
 from leanserve.trainers.optim import make_optimizer, warmup_cosine
 from leanserve.trainers.presets import PRESETS
@@ -57,35 +59,12 @@ ARCHS = ("llama", "moe", "moepp")
 # the MoE options (None unless given; _resolve_moe_args fills them in for --arch moe|moepp)
 MOE_OPTIONS = ("experts", "top_k", "zc", "tau", "lb_coef", "gating_residual", "renorm_mode")
 ZC_KINDS = ("zero", "copy", "const")
-PRETRAIN_DOMAINS = ("code", "docs", "tasks")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
 # options that may differ between a run and its resume without changing the result
 RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
 
 
 # --------------------------------------------------------------------------- data mixture
-
-def parse_mix(text: str) -> dict[str, float] | None:
-    """`DOMAIN=WEIGHT,...` normalised to sum 1 (zero weights dropped); None for "natural"."""
-    if text == "natural":
-        return None
-    mix = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in PRETRAIN_DOMAINS:
-            raise UserError(f"--mix: unknown domain {name!r} (choose from {', '.join(PRETRAIN_DOMAINS)})")
-        try:
-            mix[name] = float(value)
-        except ValueError:
-            raise UserError(f"--mix: {part!r} is not DOMAIN=WEIGHT") from None
-        if not math.isfinite(mix[name]) or mix[name] < 0:
-            raise UserError(f"--mix: weight of {name} must be a finite number >= 0")
-    total = sum(mix.values())
-    if total <= 0:
-        raise UserError("--mix: at least one weight must be positive")
-    return {k: v / total for k, v in mix.items() if v > 0}
-
 
 def mix_domains(manifest: dict, mix: dict[str, float] | None) -> list[str]:
     """The domains a mixture trains on: its own, or for natural every pretraining domain with train rows."""
@@ -253,7 +232,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--chat-steps", type=int, default=1000)
     g.add_argument("--mix", default="natural",
                    help="pretraining mixture: DOMAIN=WEIGHT,... (e.g. code=2,docs=1,tasks=1) or natural: "
-                        "in proportion to each domain's train tokens (default)")
+                        "in proportion to each domain's train tokens (default); the older form of --groups/--mixture")
+    lm_mixture.add_arguments(p, g)
     g.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, over all ranks")
     g.add_argument("--seq-len", type=int, help="training sequence length (default: the model's max length)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak LR of the pretraining phase")
@@ -283,7 +263,7 @@ def _check_args(args):
     for name in ("pretrain_steps", "chat_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("batch_size", "eval_every", "eval_batches", "save_every"):
+    for name in ("batch_size", "eval_every", "eval_batches", "save_every", "group_eval_seqs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0")
     for name in ("seq_len", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_len"):
@@ -305,21 +285,21 @@ def _check_args(args):
 
 def run(args):
     _check_args(args)
-    mix = parse_mix(args.mix)
     tokenizer = load_tokenizer(args.tokenizer)
     config = model_config(args, tokenizer)
     # resolved here so that the recipe and a resume see the length actually used
     args.seq_len = args.seq_len or config.max_position_embeddings
     manifest = load_manifest(args.data)
+    plan = plan_mixture(args, manifest)
     with distributed(args.device) as (dist_info, device):
-        return Trainer(args, manifest, mix, tokenizer, config, dist_info, device).train()
+        return Trainer(args, manifest, plan, tokenizer, config, dist_info, device).train()
 
 
 class Trainer(TrainingLoop):
     command = "train lm"
     resume_free = RESUME_FREE
 
-    def __init__(self, args, manifest: dict, mix: dict[str, float] | None, tokenizer, config,
+    def __init__(self, args, manifest: dict, plan: MixturePlan, tokenizer, config,
                  dist_info: DistInfo, device):
         super().__init__(args, dist_info, device, total_steps=args.pretrain_steps + args.chat_steps)
         self.tokenizer, self.config = tokenizer, config
@@ -327,8 +307,8 @@ class Trainer(TrainingLoop):
         self.manifest = manifest
         self.local_batch = local_batch_size(args.batch_size, dist_info)
         self.autocast = bf16_autocast(args.bf16, device)
-        self.mix = mix  # resolved by _train_data when "natural"
-        self.pretrain, self.chat = self._train_data(mix)
+        self.pretrain, self.chat = self._train_data(plan)
+        self.group_loss: dict[str, float] = {}
         self.val = self._val_data()
 
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -353,18 +333,10 @@ class Trainer(TrainingLoop):
     def _shard(self, rows: list) -> list:
         return rows[self.dist.rank::self.dist.world_size]
 
-    def _train_data(self, mix: dict[str, float] | None) -> tuple[PackedMixture | None, ChatExamples | None]:
+    def _train_data(self, plan: MixturePlan) -> tuple[PretrainData | None, ChatExamples | None]:
         pretrain = chat = None
         if self.args.pretrain_steps:
-            domains = mix_domains(self.manifest, mix)
-            streams = train_streams(self.data, self.manifest, self.tokenizer, domains, self._shard)
-            if mix is None:  # natural: each domain in proportion to its tokens over all ranks
-                counts = all_reduce_sum([float(len(s)) for s in streams], self.dist, self.device)
-                mix = {d: c / sum(counts) for d, c in zip(domains, counts)}
-            self.mix = mix
-            pretrain = PackedMixture(streams, list(mix.values()))
-            self._log("pretrain (this rank): " + ", ".join(f"{d} {len(s):,} tokens ({mix[d]:.0%} of rows)"
-                                                           for d, s in zip(domains, streams)))
+            pretrain = PretrainData(self, plan)
         if self.args.chat_steps:
             rows = self._shard(read_split(self.data, self.manifest, "chat", "train"))
             examples = labelled_chats(self.tokenizer, rows, self.args.seq_len, "train", self._log)
@@ -387,12 +359,14 @@ class Trainer(TrainingLoop):
 
     def _batch(self, phase: str) -> dict:
         if phase == "pretrain":
-            return self.pretrain.sample(self.local_batch, self.args.seq_len, self.generator)
+            return self.pretrain.sample(self.step, self.local_batch, self.args.seq_len, self.generator, self.model)
         return self.chat.sample(self.local_batch, self.generator)
 
     def _evaluate(self) -> dict[str, float]:
         losses = mean_losses(self.model, self.val, self.device, self.autocast, self.dist)
-        self.history.append({"step": self.step, "val_loss": losses})
+        if self.pretrain is not None:
+            self.group_loss = self.pretrain.group_losses(self.model)
+        self.history.append({"step": self.step, "val_loss": losses, "group_val_loss": self.group_loss})
         self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
         if self.args.arch != "llama":
             routing = routing_stats(self.model, self.val, self.device, self.autocast, self.dist)
@@ -433,13 +407,16 @@ class Trainer(TrainingLoop):
         return self.model, self.optimizer, self.scheduler
 
     def _checkpoint_state(self) -> tuple[dict, dict]:
-        return ({"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema, "history": self.history},
+        return ({"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema, "history": self.history,
+                 "mixture": self.pretrain.state_dict() if self.pretrain is not None else None},
                 {"generator": self.generator.get_state()})
 
     def _restore(self, state: dict, rank_state: dict):
         self.generator.set_state(rank_state["generator"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.loss_ema, self.history = state["loss_ema"], state["history"]
+        if self.pretrain is not None:
+            self.pretrain.load_state_dict(state["mixture"])
 
     # ---- output
 
@@ -460,13 +437,17 @@ class Trainer(TrainingLoop):
         save_model_info(self.out, ModelInfo(
             kind="llm", method="dense",
             settings={"architecture": type(model).__name__, "arch": args.arch, "preset": args.preset,
-                      "num_params": num_params, "save_dtype": save_dtype, "mix": self.mix,
-                      "world_size": self.dist.world_size},
+                      "num_params": num_params, "save_dtype": save_dtype, "world_size": self.dist.world_size,
+                      "mix": self.pretrain.mix if self.pretrain else None,
+                      "mixture": self.pretrain.settings() if self.pretrain else None},
             recipe=self._recipe(),
             data={"description": f"leanserve data build (seed {self.manifest.get('seed')}); train rows: {train_rows}",
                   "sha256": self.manifest["sha256"]},
             metrics={"val_loss": val_loss, "val_ppl": {d: math.exp(v) for d, v in val_loss.items()},
                      "train_loss": self.loss_ema, "train_tokens": self.tokens,
                      "steps": {"pretrain": args.pretrain_steps, "chat": args.chat_steps},
-                     "val_history": self.history, **routing}))
+                     "val_history": self.history, **routing,
+                     "mixture": self.pretrain.metrics(self.group_loss) if self.pretrain else None}))
+        if self.pretrain is not None and self.pretrain.plot(self.out, args.pretrain_steps):
+            self._log(f"wrote {self.out / lm_mixture.PLOT} (the mixture over pretraining)")
         self._log(f"wrote {self.out} ({num_params / 1e6:.2f}M params, {save_dtype})")

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from leanserve.data.build import load_manifest
-from leanserve.data.lm_data import PackedMixture, batched, load_tokenizer
+from leanserve.data.lm_data import batched, load_tokenizer
+from leanserve.data.mixture import MixtureSampler
 from leanserve.errors import UserError
 from leanserve.eval.token_loss import labelled, mean_losses
 from leanserve.models.ensemble_dir import MEMBERS_FILE, METHOD, member_param_names, parse_scope, write_members
@@ -46,7 +47,8 @@ from leanserve.models.model_dir import (
 )
 from leanserve.runtime import DistInfo, resolve_device
 from leanserve.trainers.checkpoint import check_out_dir
-from leanserve.trainers.lm import mix_domains, parse_mix, train_streams, validation_examples
+from leanserve.trainers.lm import mix_domains, train_streams, validation_examples
+from leanserve.trainers.lm_mixture import parse_mix
 from leanserve.trainers.loop import CHECKPOINT, TrainingLoop, bf16_autocast
 from leanserve.trainers.progress import PROGRESS
 from leanserve.trainers.sgld_optim import SGLD, cyclical_scale, in_exploration, polynomial_scale
@@ -232,7 +234,7 @@ class Trainer(TrainingLoop):
         if mix is None:  # natural: each domain in proportion to its tokens
             mix = {d: len(s) / tokens for d, s in zip(domains, streams)}
         self.mix = mix
-        self.train_data = PackedMixture(streams, list(mix.values()))
+        self.train_data = MixtureSampler(streams, list(mix.values()))
         if args.n_data is None:
             args.n_data = tokens
         self.plan = SamplingPlan.make(args)
