@@ -57,3 +57,13 @@ def train_texts(data: Path) -> list[str]:
     for line in open(data / "chat" / "train.jsonl"):
         texts += [m["content"] for m in json.loads(line)["messages"]]
     return texts
+
+
+def write_corpus(root: Path) -> Path:
+    """A data build under root/data and a 400-token tokenizer trained on it under root/tok: the inputs
+    of a tiny `train lm` run."""
+    from leanserve.data.tokenizer import train_tokenizer
+
+    data = write_data(root / "data")
+    train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
+    return root

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_builders import TASK_KINDS, train_texts, write_data
+from lm_builders import TASK_KINDS, write_corpus
 
 from leanserve.cli import main
 
@@ -19,12 +19,7 @@ TRAIN_FLAGS = ["--device", "cpu", "--preset", "tiny", "--batch-size", "8", "--se
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from leanserve.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("lm")
-    data = write_data(root / "data")
-    train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
-    return root
+    return write_corpus(tmp_path_factory.mktemp("lm"))
 
 
 def train(corpus: Path, out: Path, *flags: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_builders import train_texts, write_data
+from lm_builders import write_corpus
 from torch_threads import single_thread
 
 from leanserve.cli import main
@@ -23,12 +23,7 @@ AIOLI = [*GROUPS, "--mixture", "aioli", "--pretrain-steps", "24", "--aioli-round
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from leanserve.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("mixing")
-    data = write_data(root / "data")
-    train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
-    return root
+    return write_corpus(tmp_path_factory.mktemp("mixing"))
 
 
 def train(corpus: Path, out: Path, *flags: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_builders import train_texts, write_data
+from lm_builders import write_corpus
 
 from leanserve.cli import main
 
@@ -26,12 +26,7 @@ RUN = ["--experts", "4", "--intermediate-size", "64", "--pretrain-steps", "4", "
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from leanserve.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("moepp-lm")
-    data = write_data(root / "data")
-    train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
-    return root
+    return write_corpus(tmp_path_factory.mktemp("moepp-lm"))
 
 
 def train(corpus: Path, out: Path, *flags: str) -> int:
