@@ -16,6 +16,7 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     PAD_BLOCK,
     PAD_POSITION,
+    PAD_PLANNED_LEN,
     PAD_SEQ_LEN,
     PAD_SLOT,
     PAD_TOKEN,
@@ -77,7 +78,7 @@ def test_select_bucket_and_check_batch_sizes():
 
 def test_pad_decode_inputs():
     inputs = DecodeInputs(input_ids=[5, 6, 7], positions=[0, 5, 2], slot_mapping=[40, 49, 54], seq_lens=[1, 6, 3],
-                          block_tables=[[10], [11, 12], [13]])
+                          block_tables=[[10], [11, 12], [13]], planned_lens=[9, 8, 7])
     padded = pad_decode_inputs(inputs, 5)
     assert padded.num_seqs == 5 and inputs.num_seqs == 3  # the input is left alone
     assert padded.input_ids == [5, 6, 7, PAD_TOKEN, PAD_TOKEN]
@@ -87,12 +88,13 @@ def test_pad_decode_inputs():
     # rectangular; a padding row's only read (seq_len 1) is block 0, which always exists
     assert padded.block_tables == [[10, -1], [11, 12], [13, -1], [PAD_BLOCK, -1], [PAD_BLOCK, -1]]
     assert PAD_BLOCK == 0 and PAD_SEQ_LEN == 1
+    assert padded.planned_lens == [9, 8, 7, PAD_PLANNED_LEN, PAD_PLANNED_LEN] and PAD_PLANNED_LEN == 1
     assert pad_decode_inputs(inputs, 3) == DecodeInputs([5, 6, 7], [0, 5, 2], [40, 49, 54], [1, 6, 3],
-                                                        [[10, -1], [11, 12], [13, -1]])
+                                                        [[10, -1], [11, 12], [13, -1]], [9, 8, 7])
     with pytest.raises(ValueError):
         pad_decode_inputs(inputs, 2)
     assert padded.variants is None  # a one-variant model's steps carry no variant ids
-    with_variants = pad_decode_inputs(DecodeInputs([5], [0], [40], [1], [[10]], variants=[2]), 3)
+    with_variants = pad_decode_inputs(DecodeInputs([5], [0], [40], [1], [[10]], [4], variants=[2]), 3)
     assert with_variants.variants == [2, PAD_VARIANT, PAD_VARIANT] and PAD_VARIANT == 0
 
 
@@ -150,7 +152,7 @@ def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine)
 
     bs = mr.block_size  # 4: seq 1 decodes position 5 in its second block
     inputs = DecodeInputs(input_ids=[5, 6, 7], positions=[0, 5, 2], slot_mapping=[10 * bs, 12 * bs + 1, 13 * bs + 2],
-                          seq_lens=[1, 6, 3], block_tables=[[10], [11, 12], [13]])
+                          seq_lens=[1, 6, 3], block_tables=[[10], [11, 12], [13]], planned_lens=[4, 9, 5])
     hidden = runner.run(inputs).clone()
     assert runner.replays == Counter({4: 1}) and hidden.shape[0] == 3
     for (k, v), kb in zip(mr.kv_caches, k_before):
@@ -202,7 +204,8 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     every setting issue no host sync: only reading the sampled ids does."""
     engine = LLMEngine(engine_config(tiny_llm_dir, device="cuda", dtype="float32", block_size=16))
     mr = engine.model_runner
-    inputs = DecodeInputs([5, 6, 7], [0, 17, 2], [10 * 16, 12 * 16 + 1, 13 * 16 + 2], [1, 18, 3], [[10], [11, 12], [13]])
+    inputs = DecodeInputs([5, 6, 7], [0, 17, 2], [10 * 16, 12 * 16 + 1, 13 * 16 + 2], [1, 18, 3], [[10], [11, 12], [13]],
+                          [4, 20, 5])
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3,
                                                             repetition_penalty=1.2, presence_penalty=0.5,
                                                             frequency_penalty=0.3, logit_bias={4: 2.0},

@@ -214,7 +214,7 @@ def test_kv_cache_spec():
     assert caches[0][0].untyped_storage().data_ptr() == caches[1][1].untyped_storage().data_ptr()
     assert [spec.blocks_for(n) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
     assert spec.block_table_width(9) == 3
-    assert spec.blocks_at_admission(5, max_tokens=100) == 2
+    assert spec.blocks_at_admission(5, planned_len=105) == 2
     table = [7, 2, 5]  # blocks in token order, not in id order
     assert [spec.slot(table, p) for p in (0, 3, 4, 9)] == [28, 31, 8, 21]
     assert spec.slots(table, 2, 6) == [30, 31, 8, 9]

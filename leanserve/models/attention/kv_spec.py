@@ -20,13 +20,14 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (k_cache, v_cache)
 class KVCacheSpec(Protocol):
     """All the engine reads from a spec (PagedKVSpec below says what each answer means)."""
     block_size: int  # tokens per block: also the prefix cache's unit and the slot mapping's
+    prefix_caching: bool  # whether a block's K/V is a function of its token prefix (shareable)
 
     @property
     def bytes_per_block(self) -> int: ...
     def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]: ...
     def blocks_for(self, num_tokens: int) -> int: ...
     def block_table_width(self, max_model_len: int) -> int: ...
-    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int: ...
+    def blocks_at_admission(self, num_tokens: int, planned_len: int) -> int: ...
     def slot(self, block_table: list[int], position: int) -> int: ...
     def slots(self, block_table: list[int], start: int, end: int) -> list[int]: ...
     def prepare_step(self, meta: AttentionMetadata, device: torch.device) -> None: ...
@@ -43,6 +44,7 @@ class PagedKVSpec:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    prefix_caching = True  # a full block holds the K/V of its block of tokens, for good
 
     @property
     def bytes_per_block(self) -> int:
@@ -65,11 +67,11 @@ class PagedKVSpec:
         """Columns of the block-table buffer that CUDA graphs capture: the table of a max_model_len sequence."""
         return self.blocks_for(max_model_len)
 
-    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int:
+    def blocks_at_admission(self, num_tokens: int, planned_len: int) -> int:
         """Blocks the scheduler reserves when it admits a request whose first step leaves num_tokens
-        tokens in the cache (prefix-cache hits + first chunk) and that may then generate up to
-        max_tokens more. Dense: those num_tokens' blocks only; later tokens take blocks as they
-        come (blocks_for), so max_tokens does not matter here."""
+        tokens in the cache (prefix-cache hits + first chunk) and that may grow to planned_len
+        tokens (prompt + max_tokens). Dense: those num_tokens' blocks only; later tokens take blocks
+        as they come (blocks_for), so planned_len does not matter here."""
         return self.blocks_for(num_tokens)
 
     def slot(self, block_table: list[int], position: int) -> int:
@@ -103,6 +105,7 @@ class LayerGroupsKVSpec:
     layers keep different numbers of KV heads (an ensemble's member layers keep S caches side by
     side as S x the heads of its shared trunk)."""
     groups: tuple[PagedKVSpec, ...]
+    prefix_caching = True
 
     def __post_init__(self):
         if not self.groups or len({(g.block_size, g.head_dim, g.dtype) for g in self.groups}) != 1:
@@ -126,8 +129,8 @@ class LayerGroupsKVSpec:
     def block_table_width(self, max_model_len: int) -> int:
         return self.groups[0].block_table_width(max_model_len)
 
-    def blocks_at_admission(self, num_tokens: int, max_tokens: int) -> int:
-        return self.groups[0].blocks_at_admission(num_tokens, max_tokens)
+    def blocks_at_admission(self, num_tokens: int, planned_len: int) -> int:
+        return self.groups[0].blocks_at_admission(num_tokens, planned_len)
 
     def slot(self, block_table: list[int], position: int) -> int:
         return self.groups[0].slot(block_table, position)

@@ -22,6 +22,10 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # [B] int32: each sequence's planned length, prompt + max_tokens (Sequence.planned_len); a cache
+    # sized once per request (MoA's sink + ring pages) derives its layout from it. None where a
+    # caller builds a step for a dense cache only
+    planned_lens: torch.Tensor | None = None
     # host copies, so the CPU path loops over sequences without device syncs
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None

@@ -97,7 +97,7 @@ class BlockManager:
         admission = seq.num_computed_tokens == 0  # fresh or after preemption
         num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
         num_tokens = num_computed + num_new_tokens
-        num_required = (self.kv_spec.blocks_at_admission(num_tokens, seq.params.max_tokens) if admission
+        num_required = (self.kv_spec.blocks_at_admission(num_tokens, seq.planned_len) if admission
                         else self.kv_spec.blocks_for(num_tokens))
         num_new_blocks = num_required - len(seq.block_table) - len(computed_blocks)
         # cache hits sitting in the free queue leave it when touched, so they count against it too

@@ -104,17 +104,21 @@ class EngineCore:
             if num_blocks > usable:
                 logger.info("KV cache: capping %d blocks to %d (max_num_seqs x max_model_len)", num_blocks, usable)
                 num_blocks = usable
-        num_kv_tokens = num_blocks * config.block_size
         if num_blocks < max_seq_blocks:
             raise UserError(
-                f"the KV cache holds {num_kv_tokens} tokens ({num_blocks} blocks of {config.block_size}), less than "
-                f"one max_model_len={self.max_model_len} sequence; lower max_model_len or give the cache more "
-                f"memory (gpu_memory_utilization / cpu_kv_cache_gib / num_kv_blocks)")
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, less than one "
+                f"max_model_len={self.max_model_len} sequence ({max_seq_blocks} blocks); lower max_model_len or give "
+                f"the cache more memory (gpu_memory_utilization / cpu_kv_cache_gib / num_kv_blocks)")
         self.model_runner.allocate_kv_cache(num_blocks)
-        logger.info("KV cache: %d tokens; max concurrency at %d tokens: %.2fx",
-                    num_kv_tokens, self.max_model_len, num_kv_tokens / self.max_model_len)
+        # in blocks, not tokens: a spec's block need not hold block_size tokens of every layer and head
+        logger.info("KV cache: %d blocks (%.2f GiB); max concurrency at %d tokens: %.2fx", num_blocks,
+                    num_blocks * kv_spec.bytes_per_block / 2**30, self.max_model_len, num_blocks / max_seq_blocks)
 
-        self.block_manager = BlockManager(num_blocks, kv_spec, config.enable_prefix_caching)
+        prefix_caching = config.enable_prefix_caching and kv_spec.prefix_caching
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching off: this model's KV cache blocks are not shareable prefixes (%s)",
+                        type(kv_spec).__name__)
+        self.block_manager = BlockManager(num_blocks, kv_spec, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.requests: dict[str, Sequence] = {}

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 # a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0. Block 0 always
 # exists and holds finite values (the cache is zero-initialised), so any decode attention
-# implementation stays finite on it, whatever the batch's real sequences hold.
+# implementation stays finite on it, whatever the batch's real sequences hold. Its planned length
+# is its one token (a cache sized per request sizes it smallest).
 PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_BLOCK, PAD_VARIANT = 0, 0, -1, 1, 0, 0
+PAD_PLANNED_LEN = PAD_SEQ_LEN
 
 
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -68,6 +70,7 @@ class DecodeInputs:
     slot_mapping: list[int]
     seq_lens: list[int]
     block_tables: list[list[int]]  # ragged: each sequence's own table
+    planned_lens: list[int]  # each sequence's prompt + max_tokens (AttentionMetadata.planned_lens)
     variants: list[int] | None = None  # each sequence's Sequence.variant; None for a one-variant model
 
     @property
@@ -91,7 +94,7 @@ def pad_decode_inputs(inputs: DecodeInputs, bucket: int) -> DecodeInputs:
     variants = None if inputs.variants is None else inputs.variants + [PAD_VARIANT] * pad
     return DecodeInputs(inputs.input_ids + [PAD_TOKEN] * pad, inputs.positions + [PAD_POSITION] * pad,
                         inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad, tables,
-                        variants)
+                        inputs.planned_lens + [PAD_PLANNED_LEN] * pad, variants)
 
 
 class CUDAGraphRunner:
@@ -112,7 +115,8 @@ class CUDAGraphRunner:
         # [bs:2bs], [2bs:3bs] (and [3bs:4bs]) of one buffer, so a step fills them all with one copy
         self.id_rows = 4 if self.with_variants else 3
         self.ids = torch.zeros(self.id_rows * max_bs, dtype=torch.int64, device=device)
-        self.seq_lens = torch.full((max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
+        # seq_lens and planned_lens of a bs-row bucket: the views [0:bs], [bs:2bs] of one buffer
+        self.lens = torch.full((2 * max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_bs, self.max_blocks), PAD_BLOCK, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.hidden: torch.Tensor | None = None  # [max_bs, hidden_size]: the graphs write their output here
@@ -120,15 +124,16 @@ class CUDAGraphRunner:
 
     def _inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slot_mapping, *variants = self.ids[:self.id_rows * bs].view(self.id_rows, bs)
+        seq_lens, planned_lens = self.lens[:2 * bs].view(2, bs)
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=self.query_start_loc[:bs + 1],
-                                 seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+                                 seq_lens=seq_lens, block_tables=self.block_tables[:bs],
                                  max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size,
-                                 variants=variants[0] if variants else None)
+                                 planned_lens=planned_lens, variants=variants[0] if variants else None)
         return input_ids, positions, meta
 
     def _fill_padding(self, bs: int) -> None:
         """Make all bs rows padding: warm-up and capture run the model without touching the KV cache."""
-        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], [], [] if self.with_variants else None), bs))
+        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], [], [], [] if self.with_variants else None), bs))
 
     def _forward(self, bs: int) -> None:
         input_ids, positions, meta = self._inputs(bs)
@@ -171,7 +176,7 @@ class CUDAGraphRunner:
 
         copy(self.ids[:self.id_rows * bs],
              padded.input_ids + padded.positions + padded.slot_mapping + (padded.variants or []), torch.int64)
-        copy(self.seq_lens[:bs], padded.seq_lens, torch.int32)
+        copy(self.lens[:2 * bs], padded.seq_lens + padded.planned_lens, torch.int32)
         copy(self.block_tables[:bs, :width], padded.block_tables, torch.int32)
 
     @torch.inference_mode()

@@ -76,14 +76,13 @@ class ModelRunner:
         c, spec = self.config, self.kv_spec
         total = c.max_num_batched_tokens
         lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
-        num_blocks = sum(spec.blocks_for(n) for n in lens)
-        self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         seqs, next_block = [], 0
         for n in lens:
-            seq = Sequence("profile", [0] * n, SamplingParams(temperature=0), 0.0, [])
-            seq.block_table = list(range(next_block, next_block + spec.blocks_for(n)))
+            seq = Sequence("profile", [0] * n, SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+            seq.block_table = list(range(next_block, next_block + spec.blocks_at_admission(n, seq.planned_len)))
             next_block += len(seq.block_table)
             seqs.append((seq, n))
+        self.kv_caches = self.kv_spec.allocate(next_block, self.device)
         input_ids, positions, meta, _ = self._prepare(seqs)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
@@ -112,7 +111,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         variants: list[int] = []
-        query_start_loc, seq_lens, sample_rows = [0], [], []
+        query_start_loc, seq_lens, planned_lens, sample_rows = [0], [], [], []
         for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids += seq.token_ids[start:end]
@@ -122,6 +121,7 @@ class ModelRunner:
                 variants += [seq.variant] * n
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
+            planned_lens.append(seq.planned_len)
             if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
                 sample_rows.append(query_start_loc[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in scheduled)
@@ -129,12 +129,13 @@ class ModelRunner:
         num_seqs, num_tokens = len(scheduled), len(input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
         ids = to_device(input_ids + positions + slots + variants, torch.int64, self.device).view(-1, num_tokens)
-        ints = to_device(query_start_loc + seq_lens + tables, torch.int32, self.device)
+        ints = to_device(query_start_loc + seq_lens + planned_lens + tables, torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=ids[2],
             query_start_loc=ints[:num_seqs + 1],
             seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
-            block_tables=ints[2 * num_seqs + 1:].view(num_seqs, width),
+            planned_lens=ints[2 * num_seqs + 1:3 * num_seqs + 1],
+            block_tables=ints[3 * num_seqs + 1:].view(num_seqs, width),
             max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
             block_size=self.block_size,
@@ -148,7 +149,7 @@ class ModelRunner:
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
         """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
-        inputs = DecodeInputs([], [], [], [], [], [] if self.num_variants > 1 else None)
+        inputs = DecodeInputs([], [], [], [], [], [], [] if self.num_variants > 1 else None)
         for seq, _ in scheduled:
             pos = seq.num_computed_tokens
             inputs.input_ids.append(seq.token_ids[pos])
@@ -156,6 +157,7 @@ class ModelRunner:
             inputs.slot_mapping.append(self.kv_spec.slot(seq.block_table, pos))
             inputs.seq_lens.append(pos + 1)
             inputs.block_tables.append(seq.block_table)
+            inputs.planned_lens.append(seq.planned_len)
             if inputs.variants is not None:
                 inputs.variants.append(seq.variant)
         return inputs

@@ -52,6 +52,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def planned_len(self) -> int:
+        """The most tokens this request can reach, prompt + max_tokens (validation keeps it within
+        max_model_len): what a KV cache sized once per request at admission is sized for."""
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[:self.num_prompt_tokens]
 
