@@ -32,7 +32,8 @@ def dense(model: nn.Module, hf_config, settings: dict, *, model_dir: Path, rando
 
 
 # method name -> convert function, or "module:function" imported on first use
-METHODS: dict[str, Convert | str] = {"dense": dense, "ensemble": "leanserve.models.ensemble:convert"}
+METHODS: dict[str, Convert | str] = {"dense": dense, "ensemble": "leanserve.models.ensemble:convert",
+                                     "moa": "leanserve.models.moa:convert"}
 
 
 def register_method(name: str, convert: Convert | str) -> None:

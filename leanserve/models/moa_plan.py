@@ -36,6 +36,15 @@ def kv_slots(alpha: float, beta: float, n: int, block_size: int) -> int:
     return math.ceil(span / block_size) * block_size
 
 
+def kv_slots_tensor(alphas: torch.Tensor, betas: torch.Tensor, n: torch.Tensor, block_size: int) -> torch.Tensor:
+    """kv_slots for many units and lengths at once, as int64 (alphas, betas float64 and n
+    broadcast). The same float64 operations in the same order as kv_slots, so every answer equals
+    kv_slots' exactly; the serving cache sizes pages with it on the host and on the device."""
+    n = n.to(torch.float64)
+    span = torch.minimum(n, alphas + betas * n).clamp_min(2 * block_size)
+    return (torch.ceil(span / block_size) * block_size).long()
+
+
 def kv_blocks(alpha: float, beta: float, n: int, block_size: int) -> int:
     """The same in blocks (pages of `block_size` tokens)."""
     return kv_slots(alpha, beta, n, block_size) // block_size

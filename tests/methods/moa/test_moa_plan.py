@@ -25,6 +25,16 @@ def test_kv_slots(alpha, beta, n, block, expected):
     assert mp.kv_blocks(alpha, beta, n, block) * block == expected
 
 
+def test_kv_slots_tensor_is_kv_slots():
+    gen = torch.Generator().manual_seed(0)
+    alphas = (torch.randint(-8, 33, (40,), generator=gen) * 32.0).double()
+    betas = (torch.randint(0, 9, (40,), generator=gen) / 8).double()
+    n = torch.arange(1, 1500, 7)
+    got = mp.kv_slots_tensor(alphas[:, None], betas[:, None], n[None, :], 32)
+    want = [[mp.kv_slots(a, b, m, 32) for m in n.tolist()] for a, b in zip(alphas.tolist(), betas.tolist())]
+    assert got.tolist() == want
+
+
 def test_span_mask_keeps_the_sink_and_the_last_ring_keys():
     n, sink, ring = 20, 4, 6
     mask = mp.span_mask(n, sink, ring)
