@@ -80,11 +80,12 @@ def moa_decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     num_seqs, num_units = valid_lens.shape
     page_size, head_dim = k_pool.shape[1], k_pool.shape[2]
     slots = torch.arange(max_valid, device=q.device)
+    mask = slots < valid_lens[..., None]  # [B, U, n]
     seq = torch.arange(num_seqs, device=q.device)[:, None, None]
-    rows = page_rows(block_tables, seq, page_offsets[..., None], slots, page_size).flatten()  # [B * U * n]
+    # masked slots read slot 0 (always written): an empty one may hold NaN, and 0 * NaN survives the mask
+    rows = page_rows(block_tables, seq, page_offsets[..., None], torch.where(mask, slots, 0), page_size).flatten()
     k = k_pool.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_units, max_valid, head_dim)
     v = v_pool.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_units, max_valid, head_dim)
-    mask = slots < valid_lens[..., None]  # [B, U, n]
     # a KV head's group of query heads rides SDPA's query axis: K/V need no GQA expansion
     o = F.scaled_dot_product_attention(q.unflatten(1, (num_units, -1)), k, v, attn_mask=mask[:, :, None], scale=scale)
     return o.flatten(1, 2)
@@ -109,11 +110,14 @@ def moa_prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cached = seq_len - (end - start)  # positions already in the cache
         sink, ring = sink_lens[b][:, None].long(), ring_lens[b][:, None].long()  # [U, 1]
         slots = torch.arange(min(cached, int((sink + ring).max())), device=q.device)[None, :]
-        rows = page_rows(block_tables, torch.tensor(b, device=q.device), page_offsets[b][:, None], slots, page_size)
+        cached_pos = slot_position(slots, sink, ring, cached)  # [U, m]
+        # empty slots read slot 0 (written): they may hold NaN, and 0 * NaN survives the mask
+        rows = page_rows(block_tables, torch.tensor(b, device=q.device), page_offsets[b][:, None],
+                         torch.where(cached_pos >= 0, slots, 0), page_size)
         keys = torch.cat([k_pool.view(-1, head_dim)[rows], k[start:end].transpose(0, 1)], 1)  # [U, m + n, D]
         values = torch.cat([v_pool.view(-1, head_dim)[rows], v[start:end].transpose(0, 1)], 1)
         new_pos = torch.arange(cached, seq_len, device=q.device)
-        key_pos = torch.cat([slot_position(slots, sink, ring, cached), new_pos.expand(num_units, -1)], 1)[:, None]
+        key_pos = torch.cat([cached_pos, new_pos.expand(num_units, -1)], 1)[:, None]
         q_pos = new_pos[None, :, None]
         visible = (key_pos >= 0) & (key_pos <= q_pos) & ((key_pos < sink[..., None]) | (key_pos > q_pos - ring[..., None]))
         qb = q[start:end].unflatten(1, (num_units, -1)).permute(1, 2, 0, 3)  # [U, G, n, D]
