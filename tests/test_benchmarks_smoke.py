@@ -191,3 +191,20 @@ def test_aioli_experiment_smoke(tmp_path):
         stats = paired[arm]["test_ppl_mean"]
         assert stats["n"] == 2 and stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
     assert (tmp_path / "work" / "runs" / "code+arith" / "aioli" / "seed0" / "mixture.png").is_file()
+
+
+def test_moa_benchmark_smoke(tmp_path):
+    """bench_moa_gpu.py: dense, uniform, MoA at dense's batch and at the batch its smaller cache holds
+    (a synthetic plan from the MILP), on the tiny shape through the engine's CPU paths."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moa_gpu.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench_moa_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    r = json.loads(next(tmp_path.glob("moa_gpu_smoke-*.json")).read_text())["results"]
+    rows = {(row["arm"], row["context"]): row for row in r["rows"]}
+    assert set(rows) == {(arm, c) for arm in ("dense", "uniform", "moa", "moa_max") for c in (64, 128)}
+    for c in (64, 128):
+        dense, moa, most = rows["dense", c], rows["moa", c], rows["moa_max", c]
+        assert moa["batch"] == dense["batch"] < most["batch"] and all(row["tok_s"] > 0 for row in (dense, moa, most))
+        assert moa["kv_gb_per_request"] < dense["kv_gb_per_request"]
+        assert set(r["summary"][str(c)]) >= {"moa_max_over_dense_tok_s", "kv_per_request_dense_over_moa"}

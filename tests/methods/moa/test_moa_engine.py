@@ -113,3 +113,15 @@ def test_graph_runner_decode_equals_eager(short_dir, short_engine):
     ids = prompts(graphed)
     assert greedy(graphed, ids[:3]) == greedy(short_engine, ids[:3])
     assert runner.replays[4] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_and_triton_kernels_give_the_reference_tokens(short_dir, short_engine):
+    """fp32 on CUDA (head_dim 16, pages of 16: the Triton prefill and decode kernels): captured decode
+    graphs and eager steps give the CPU reference engine's greedy tokens."""
+    ids = prompts(short_engine)
+    want = greedy(short_engine, ids)
+    graphed = LLMEngine(engine_config(short_dir, device="cuda"))
+    eager = LLMEngine(engine_config(short_dir, device="cuda", enforce_eager=True))
+    assert graphed.model_runner.graph_runner is not None and eager.model_runner.graph_runner is None
+    assert greedy(graphed, ids) == want and greedy(eager, ids) == want

@@ -1,0 +1,231 @@
+"""GPU: MoA serving vs dense paged leanserve on a Llama-3-8B-shaped model with random bf16 weights
+(spec §12). Plans are synthetic: the MoA optimiser (HiGHS MILP, KV-head units, rule cap 2) run on
+random influence tables, since random weights have no attention structure to profile.
+
+    python benchmarks/bench_moa_gpu.py [--contexts 4096 8192 16384 32768] [--density 0.5] [--decode-steps 256]
+    python benchmarks/bench_moa_gpu.py --smoke     # CPU, tiny model: the same code paths
+
+Arms, per context (prompt length; every request generates --decode-steps tokens), all in one run:
+  dense        leanserve dense paged attention, the largest batch the KV memory holds (B1)
+  uniform      sink + window at the plan's density through the MoA kernels, at dense's batch (B2)
+  moa          the MoA plan at dense's batch (B3)
+  moa_max      the MoA plan at the largest batch the same KV memory holds (B4)
+  hf_generate  transformers generate with its dynamic cache at dense's batch (B0; first context only)
+Each row: tok/s (decode), batch, peak memory, KV GB per request; on GPU also attention µs per
+layer-step (the decode kernels alone over the arm's real layout) and the KV GB/s they reach, vs
+the measured copy bandwidth. Goals (issue 15): moa_max >= 1.8x dense decode tok/s at 16k with
+density 0.5, and >= 1.4x less KV memory per request.
+Results: benchmarks/results/moa_gpu-<gpu>.json, {"rows": [{arm, context, batch, tok_s, peak_mem_gb, ...}]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_decode_gpu import LLAMA3_8B, hf_generate, model_dir
+from common import copy_bandwidth_gbs, free_device_memory, peak_memory_gib, time_calls, write_result
+from engine_timing import time_engine
+
+from leanserve.compressors.moa_milp import Problem, solve
+from leanserve.compressors.moa_rules import default_extend_length, default_validation_length, rule_grid, slots_table
+from leanserve.models.model_dir import ModelInfo, save_model_info
+from leanserve.models.moa_plan import PLAN_FILE, MoAPlan, save_plan
+from leanserve.server.engine.config import EngineConfig
+from leanserve.server.engine.llm_engine import LLMEngine
+
+TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, torch_dtype="float32")
+
+
+def synthetic_plan(config: dict, density: float, profile_lengths: list[int], block: int, seed: int = 0) -> MoAPlan:
+    """The optimiser on random influence: unit u loses w_u * (share of context dropped)^p_u under a
+    rule, so units differ in how much a short span costs them."""
+    layers, kv_heads = config["num_hidden_layers"], config["num_key_value_heads"]
+    extend = default_extend_length(profile_lengths)
+    rules = rule_grid(profile_lengths, extend)
+    rng = np.random.default_rng(seed)
+    weight, power = rng.lognormal(0, 1, (layers * kv_heads, 1)), rng.uniform(0.3, 3, (layers * kv_heads, 1))
+    lengths = sorted({*profile_lengths, extend})
+    slots = {n: slots_table(rules, n, block) for n in lengths}
+    losses = {n: weight * (1 - slots[n][None, :] / n) ** power for n in profile_lengths}
+    problem = Problem(losses=losses, slots=slots, layer_of=np.repeat(np.arange(layers), kv_heads),
+                      density={n: density for n in lengths})
+    best = solve(problem, max(profile_lengths), time_limit=60)
+    if best is None:
+        raise RuntimeError(f"no synthetic plan at density {density}")
+    chosen = [rules[r] for r in best.choice]
+    return plan_of(config, [[float(a) for a, _ in chosen[i * kv_heads:(i + 1) * kv_heads]] for i in range(layers)],
+                   [[float(b) for _, b in chosen[i * kv_heads:(i + 1) * kv_heads]] for i in range(layers)],
+                   density, profile_lengths, block, rule_cap=2)
+
+
+def plan_of(config: dict, alphas, betas, density: float, profile_lengths: list[int], block: int,
+            rule_cap: int | None) -> MoAPlan:
+    plan = MoAPlan(model={"name": "llama3-8b-shape", "num_layers": config["num_hidden_layers"],
+                          "num_q_heads": config["num_attention_heads"], "num_kv_heads": config["num_key_value_heads"],
+                          "head_dim": config["hidden_size"] // config["num_attention_heads"]},
+                   alphas=alphas, betas=betas, profile_lengths=profile_lengths,
+                   extend_length=default_extend_length(profile_lengths),
+                   validation_length=default_validation_length(profile_lengths), density_target=density,
+                   block_size=block, rule_cap_per_layer=rule_cap)
+    plan.density_at = {str(n): plan.density(n) for n in plan.lengths()}
+    return plan
+
+
+def uniform_plan(config: dict, density: float, profile_lengths: list[int], block: int) -> MoAPlan:
+    """Sink + window at the same density for every unit: (alpha 0, beta density), StreamingLLM-like."""
+    shape = (config["num_hidden_layers"], config["num_key_value_heads"])
+    return plan_of(config, np.zeros(shape).tolist(), np.full(shape, density).tolist(), density, profile_lengths, block, 1)
+
+
+def moa_dir(base: Path, plan: MoAPlan) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="moa-shape-"))
+    for f in base.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    save_plan(d / PLAN_FILE, plan)
+    save_model_info(d, ModelInfo(kind="llm", method="moa", settings={"plan": PLAN_FILE}))
+    return d
+
+
+def attention_us(engine: LLMEngine, batch: int, n: int, device: str) -> tuple[float, float] | None:
+    """(µs per layer-step, KV GB/s) of the arm's decode attention kernel alone: all layers over a cache
+    as the engine lays it out for `batch` requests of n tokens (CUDA only)."""
+    if device != "cuda":
+        return None
+    mr = engine.model_runner
+    spec, model = mr.kv_spec, mr.model
+    blocks = spec.blocks_for(n)
+    pool_k, pool_v = mr.kv_caches[0]
+    if blocks * batch > pool_k.shape[0] - 1:
+        return None
+    tables = torch.arange(blocks * batch, dtype=torch.int32, device=device).view(batch, blocks)
+    heads, hd = model.config.num_attention_heads, spec.head_dim
+    q = torch.randn(batch, heads, hd, dtype=pool_k.dtype, device=device)
+    lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+    if hasattr(spec, "plan_block_size"):  # MoA: every layer's units at their own valid lengths
+        from leanserve.kernels.moa_decode import moa_decode_attention
+        from leanserve.models.moa_plan import kv_slots_tensor
+        cap = kv_slots_tensor(spec.alphas, spec.betas, torch.tensor(n), spec.plan_block_size)  # [L, U]
+        pages = -(-cap // spec.block_size)
+        offsets = (pages.flatten().cumsum(0) - pages.flatten()).view_as(cap).int().to(device)
+        valid = cap.clamp_max(n).int().to(device)
+        bound = int(valid.max())
+        calls = [lambda i=i: moa_decode_attention(q, pool_k, pool_v, tables, offsets[i].expand(batch, -1),
+                                                  valid[i].expand(batch, -1), hd ** -0.5, bound)
+                 for i in range(spec.num_layers)]
+        kv_bytes = int(valid.sum()) * batch * 2 * hd * pool_k.element_size()
+    else:
+        from leanserve.kernels.paged_attention import paged_decode_attention
+        calls = [lambda i=i: paged_decode_attention(q, *mr.kv_caches[i], tables, lens, hd ** -0.5, n)
+                 for i in range(spec.num_layers)]
+        kv_bytes = batch * n * spec.num_layers * 2 * spec.num_kv_heads * hd * pool_k.element_size()
+    seconds = float(np.median(time_calls(lambda: [c() for c in calls], device, 20, warmup=3)))
+    return seconds / spec.num_layers * 1e6, kv_bytes / seconds / 1e9
+
+
+def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, args, device: str) -> dict:
+    """One engine for one arm at one context; batch None = the largest the KV memory holds."""
+    n = context + steps
+    cap = batch or args.max_batch
+    config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype, max_model_len=n,
+                          max_num_seqs=cap, max_num_batched_tokens=max(args.prefill_tokens, n),
+                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+                          block_size=args.block_size, enable_prefix_caching=False)
+    free_device_memory(device)
+    engine = LLMEngine(config)
+    spec, bm = engine.model_runner.kv_spec, engine.core.block_manager
+    per_request = spec.blocks_for(n)
+    fits = bm.num_blocks // per_request
+    batch = min(cap, fits) if batch is None else batch
+    if batch > fits:
+        raise RuntimeError(f"{arm}: batch {batch} does not fit {bm.num_blocks} blocks ({per_request} per request)")
+    rng = random.Random(context)
+    prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(batch)]
+    timing = time_engine(engine, prompts, steps)
+    row = {"arm": arm, "context": context, "batch": batch, "tok_s": timing["decode_tok_s"],
+           "prefill_s": timing["prefill_s"], "peak_mem_gb": peak_memory_gib(device),
+           "kv_gb_per_request": per_request * spec.bytes_per_block / 1e9, "kv_blocks_total": bm.num_blocks}
+    attn = attention_us(engine, batch, n, device)
+    if attn is not None:
+        row["attention_us_per_layer_step"], row["attention_kv_gbs"] = attn
+    del engine
+    free_device_memory(device)
+    print(json.dumps(row))
+    return row
+
+
+TOKENS = 512  # prompt token ids below the smallest vocabulary here
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--decode-steps", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=256, help="cap of the memory-fitting batches")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--prefill-tokens", type=int, default=16384, help="token budget of an engine step")
+    ap.add_argument("--block-size", type=int, default=64,
+                    help="the plan's block (sink) size and the engine's block = MoA page size (spec §9.4: 64)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate row")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, contexts 64 and 128, 8 steps")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config, device = LLAMA3_8B, "cuda"
+    args.dtype, args.cpu_kv_cache_gib = "bfloat16", 1.0
+    if args.smoke:
+        config, device = TINY, "cpu"
+        args.contexts, args.decode_steps, args.max_batch, args.prefill_tokens = [64, 128], 8, 8, 256
+        args.block_size, args.dtype, args.cpu_kv_cache_gib = 16, "float32", 2 * 2 * 2 * 16 * 16 * 4 * 24 / 2**30
+    longest = max(args.contexts) + args.decode_steps
+    config = dict(config, max_position_embeddings=max(config["max_position_embeddings"], longest))
+    base = model_dir(config)
+    # the optimiser's lengths, as MoA profiles at N1, 2N1, 4N1: from half the shortest context, but
+    # long enough that the 2-block minimum span stays within the density budget at N1
+    n1 = max(int(4 * args.block_size / args.density), min(args.contexts) // 2)
+    profile = [n1, 2 * n1, 4 * n1]
+    plans = {"moa": synthetic_plan(config, args.density, profile, args.block_size),
+             "uniform": uniform_plan(config, args.density, profile, args.block_size)}
+    dirs = {name: moa_dir(base, plan) for name, plan in plans.items()}
+    bw = copy_bandwidth_gbs() if device == "cuda" else None
+    rows = []
+    for context in args.contexts:
+        dense = run_arm(base, "dense", context, args.decode_steps, None, args, device)
+        rows.append(dense)
+        rows.append(run_arm(dirs["uniform"], "uniform", context, args.decode_steps, dense["batch"], args, device))
+        rows.append(run_arm(dirs["moa"], "moa", context, args.decode_steps, dense["batch"], args, device))
+        rows.append(run_arm(dirs["moa"], "moa_max", context, args.decode_steps, None, args, device))
+        if context == args.contexts[0] and not args.no_hf and device == "cuda":
+            rng = random.Random(context)
+            prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(dense["batch"])]
+            free_device_memory(device)
+            hf = hf_generate(base, prompts, args.decode_steps)
+            rows.append({"arm": "hf_generate", "context": context, "batch": dense["batch"], "tok_s": hf["decode_tok_s"],
+                         "peak_mem_gb": peak_memory_gib(device)})
+    summary = {}
+    for context in args.contexts:
+        by_arm = {r["arm"]: r for r in rows if r["context"] == context}
+        summary[str(context)] = {
+            "moa_max_over_dense_tok_s": by_arm["moa_max"]["tok_s"] / by_arm["dense"]["tok_s"],
+            "moa_over_dense_tok_s_same_batch": by_arm["moa"]["tok_s"] / by_arm["dense"]["tok_s"],
+            "moa_over_uniform_tok_s": by_arm["moa"]["tok_s"] / by_arm["uniform"]["tok_s"],
+            "kv_per_request_dense_over_moa": by_arm["dense"]["kv_gb_per_request"] / by_arm["moa"]["kv_gb_per_request"]}
+    results = {"model": "tiny (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",
+               "density": args.density, "plan_density_at": plans["moa"].density_at, "copy_bandwidth_gbs": bw,
+               "decode_steps": args.decode_steps, "rows": rows, "summary": summary,
+               "goals": "moa_max >= 1.8x dense decode tok/s at 16k (density 0.5); >= 1.4x less KV per request"}
+    out = write_result("moa_gpu_smoke" if args.smoke else "moa_gpu", results,
+                       **({"out_dir": args.out_dir} if args.out_dir else {}))
+    print(json.dumps(summary, indent=2))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
