@@ -162,6 +162,8 @@ class MoAAttention(nn.Module):
             return out.flatten(1)
         if triton:
             from leanserve.kernels.moa_prefill import moa_prefill_attention
+            # the kernel takes one stride set for k and v: rotary gives k its own buffer, v is a qkv view
+            k, v = k.contiguous(), v.contiguous()
             out = moa_prefill_attention(q, k, v, k_pool, v_pool, meta.query_start_loc, meta.seq_lens,
                                         meta.block_tables, offsets, sink, ring, self.scale, out=torch.zeros_like(q))
         else:
