@@ -103,14 +103,16 @@ async def _drive(spec: dict) -> list[dict]:
     lo, hi = spec.get("token_range", (0, 1))
     budget = iter(range(spec["requests"]))  # shared by this process's streams: each takes the next request
 
-    def prompt() -> list[int]:
+    def prompt(i: int) -> list[int]:
+        if spec.get("prompt_pool"):  # given prompts, one per request (no two requests share a prefix)
+            return spec["prompt_pool"][i]
         return [rng.randrange(lo, hi) for _ in range(spec["prompt_len"])]
 
     async def one(client: httpx.AsyncClient, i: int) -> dict:
         if spec["kind"] == "image":
             return await generate_image(client, spec["model"], f"shape {spec['seed']}-{i}", spec["size"],
                                         spec["steps"])
-        return await stream_completion(client, spec["model"], prompt(), spec["max_tokens"])
+        return await stream_completion(client, spec["model"], prompt(i), spec["max_tokens"])
 
     async def closed_loop_stream() -> list[dict]:
         out = []
@@ -156,6 +158,7 @@ class Load:
         n = max(1, min(self.procs, streams))
         specs = [{**spec, "seed": spec["seed"] * 1000 + k, "streams": len(range(k, streams, n)),
                   "requests": len(range(k, spec["requests"], n)),
+                  **({"prompt_pool": spec["prompt_pool"][k::n]} if spec.get("prompt_pool") else {}),
                   **({"rate": spec["rate"] / n} if spec.get("rate") else {})} for k in range(n)]
         if n == 1:
             return drive(specs[0])
@@ -221,8 +224,12 @@ class Bench:
             return None
         return left
 
-    def text_rows(self, url: str, model: str, token_range: tuple[int, int], bound) -> None:
+    def text_rows(self, url: str, model: str, token_range: tuple[int, int], bound,
+                  prompt_pool: list[list[int]] | None = None) -> None:
+        """One row per concurrency; prompts are random ids in token_range, or the next unused entries of
+        prompt_pool (it must hold every row's requests)."""
         a = self.args
+        used = 0
         for c in a.concurrency:
             if (left := self.phase_budget(f"concurrency {c}")) is None:
                 continue
@@ -231,6 +238,10 @@ class Bench:
             spec = {"kind": "text", "url": url, "model": model, "requests": requests, "seed": c,
                     "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "token_range": token_range,
                     "stop_at": time.monotonic() + left - PHASE_MIN_S}
+            if prompt_pool is not None:
+                if used + requests > len(prompt_pool):
+                    raise ValueError(f"prompt_pool holds {len(prompt_pool)} prompts, the rows need more")
+                spec["prompt_pool"], used = prompt_pool[used:used + requests], used + requests
             row = {"concurrency": c}
             try:
                 records = self.load.run(spec, c)

@@ -208,3 +208,21 @@ def test_moa_benchmark_smoke(tmp_path):
         assert moa["batch"] == dense["batch"] < most["batch"] and all(row["tok_s"] > 0 for row in (dense, moa, most))
         assert moa["kv_gb_per_request"] < dense["kv_gb_per_request"]
         assert set(r["summary"][str(c)]) >= {"moa_max_over_dense_tok_s", "kv_per_request_dense_over_moa"}
+
+
+def test_moepp_serve_benchmark_smoke(tmp_path, tiny_llm_dir):
+    """bench_moepp_serve_gpu.py --smoke: a real server for a tiny MoE++ model driven with real-text prompts,
+    one row per concurrency. One arm only: a second server would add its start-up (the longest part on
+    CPU) and test the same loop again."""
+    from moepp_builders import write_moepp_dir
+    write_moepp_dir(tmp_path / "moepp", tiny_llm_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moepp_serve_gpu.py"), "--smoke",
+                           "--models", f"moepp={tmp_path / 'moepp'}", "--out-dir", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(next(tmp_path.glob("moepp_serve_smoke-*.json")).read_text())["results"]
+    assert [(row["arm"], row["concurrency"]) for row in r["rows"]] == [("moepp", 1), ("moepp", 2)]
+    for row in r["rows"]:
+        assert row["output_tokens"] == row["requests"] * 8 and row["out_tok_s"] > 0 and not row["truncated"]
+        assert row["speedup_vs_moepp"] == 1.0
