@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from image_builders import v_pipeline_like
 
 from leanserve.errors import UserError
 from leanserve.models.image_pipeline import (
@@ -227,21 +228,9 @@ def v_pipe(pipe, rescale_betas_zero_snr: bool = False) -> PixelDiffusionPipeline
 def test_a_v_unet_that_agrees_with_an_eps_unet_makes_the_same_images(pipe, sampler):
     """Every sampler converts v as it converts ε: a v-prediction UNet built to denoise exactly like the
     ε UNet (v = (ε − s·x_t) / a) gives the same images, guidance included."""
-    eps_unet = pipe.unet
-    alphas_cumprod = teacher_scheduler().alphas_cumprod
-
-    def v_forward(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
-        eps = eps_unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-        ab = alphas_cumprod[torch.as_tensor(timestep).long()]
-        return ((eps - (1 - ab).sqrt() * sample) / ab.sqrt(),)
-
     eps_pipe = PixelDiffusionPipeline(**pipe.components)
     eps_pipe.set_progress_bar_config(disable=True)
-    v_unet = copy.deepcopy(eps_unet)
-    v_unet.forward = v_forward
-    v = PixelDiffusionPipeline(unet=v_unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                               scheduler=teacher_scheduler("v_prediction"))
-    v.set_progress_bar_config(disable=True)
+    v = v_pipeline_like(pipe, teacher_scheduler().alphas_cumprod)
     for p in (eps_pipe, v):
         set_sampler(p, sampler)
     assert v.scheduler.config.prediction_type == "v_prediction"
