@@ -26,8 +26,11 @@ device, checkpointed with the model, EMA and optimizer: `--resume` continues exa
 
 Recommended GPU run (one H100; the zoo teacher, 6.8M params):
 
-    leanserve train diffusion --out zoo/shapes-teacher --preset shapes-tiny --steps 15000 --batch-size 256 \
+    leanserve train diffusion --out runs/shapes-teacher-v --preset shapes-tiny --steps 15000 --batch-size 256 \
         --prediction-type v_prediction --rescale-betas-zero-snr
+
+(zoo/shapes-sid's text encoder and scheduler are symlinks into zoo/shapes-teacher: a new teacher
+replaces the zoo's only together with a SiD generator distilled from it.)
 
 bf16 autocast is on by default on CUDA; DataLoader workers default to up to 14 per GPU. Not yet
 measured on a GPU: compare it/s over the first few hundred steps with and without
@@ -448,9 +451,9 @@ class Trainer(TrainingLoop):
         return all_reduce_sum([total], self.dist, self.device)[0] / self.args.val_size
 
     def _evaluate(self) -> dict[str, float]:
-        """Validation MSE (of ε or v, as trained) of the EMA and raw weights, and of the EMA weights with every caption
-        replaced by the empty prompt: the gap to it is what the captions are worth to the model
-        (text conditioning is learnt well after the unconditional image statistics)."""
+        """Validation MSE (of ε or v, as trained) of the EMA and raw weights, and of the EMA weights with
+        every caption replaced by the empty prompt: the gap to it is what the captions are worth to the
+        model (text conditioning is learnt well after the unconditional image statistics)."""
         losses = {"val_loss": self._val_loss(self.ema), "val_loss_raw": self._val_loss(self.bare),
                   "val_loss_uncond": self._val_loss(self.ema, empty_prompts=True)}
         self.history.append({"step": self.step, **losses})
