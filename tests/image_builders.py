@@ -97,6 +97,30 @@ def build_tiny_pixel_pipeline(out_dir, seed: int = 0):
     return out_dir
 
 
+def v_pipeline_like(pipe, alphas_cumprod):
+    """A PixelDiffusionPipeline whose UNet predicts v and denoises exactly like `pipe`'s ε UNet
+    (v = (ε − s·x_t) / a at the schedule's ᾱ_t): whatever reads a teacher must give the same images."""
+    import copy
+
+    import torch
+
+    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, teacher_scheduler
+
+    eps_unet = pipe.unet
+
+    def v_forward(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        eps = eps_unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        ab = alphas_cumprod[torch.as_tensor(timestep).long()]
+        return ((eps - (1 - ab).sqrt() * sample) / ab.sqrt(),)
+
+    v_unet = copy.deepcopy(eps_unet)
+    v_unet.forward = v_forward
+    v = PixelDiffusionPipeline(unet=v_unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                               scheduler=teacher_scheduler("v_prediction"))
+    v.set_progress_bar_config(disable=True)
+    return v
+
+
 def decode(item: dict, fmt: str = "PNG") -> np.ndarray:
     image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
     assert image.format == fmt and image.mode == "RGB"

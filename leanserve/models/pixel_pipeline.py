@@ -1,18 +1,26 @@
 """PixelDiffusionPipeline: text-to-image diffusion straight in pixel space (no VAE).
 
-Components: `unet` (UNet2DConditionModel, ε-prediction, in/out channels 3), `text_encoder` (a
-CLIPTextModel; the UNet cross-attends to its last hidden state at every position, padding
-included, as in Stable Diffusion), `tokenizer` (any transformers tokenizer with a pad token; prompts
-are padded to its `model_max_length`) and `scheduler`. Images are x in [-1, 1]; the output is
-clamp((x + 1) / 2).
+Components: `unet` (UNet2DConditionModel, in/out channels 3; it predicts what the scheduler
+config's `prediction_type` says, ε or v), `text_encoder` (a CLIPTextModel; the UNet cross-attends to
+its last hidden state at every position, padding included, as in Stable Diffusion), `tokenizer` (any
+transformers tokenizer with a pad token; prompts are padded to its `model_max_length`) and
+`scheduler`. Images are x in [-1, 1]; the output is clamp((x + 1) / 2).
 
 The teacher's noise schedule, shared with SiD and DPM-OT (see `teacher_scheduler`): DDPM betas
 `scaled_linear` 0.00085 -> 0.012 over 1000 steps (SD's, so SD constants such as SiD's t_init carry
-over), ε-prediction, `clip_sample=False` (x0 is never clipped: clipping is not part of the model
-and would bias few-step samplers) and "trailing" timestep spacing: the first step of every grid
-is t = 999, where x_T ~ N(0, I) matches what the model was trained on; SD's "leading" spacing
-starts at t = 981 for 50 steps and at t = 1 for one step (Lin et al. 2023, "Common diffusion
-noise schedules and sample steps are flawed").
+over), `clip_sample=False` (x0 is never clipped: clipping is not part of the model and would bias
+few-step samplers) and "trailing" timestep spacing: the first step of every grid is t = 999, where
+x_T ~ N(0, I) matches what the model was trained on; SD's "leading" spacing starts at t = 981 for 50
+steps and at t = 1 for one step (Lin et al. 2023, "Common diffusion noise schedules and sample steps
+are flawed"). Two variants of it: ε-prediction on SD's betas (the first zoo teacher), whose x_999
+still holds √ᾱ = 0.068 of the image, enough for a denoiser to read the background and the object's
+position off its input instead of the prompt (`leanserve eval leakage` measures it), so that
+sampling from pure noise ignores those words; and, from the same paper, the betas rescaled to zero
+terminal SNR (diffusers' `rescale_betas_zero_snr`: ᾱ_999 = 0, x_999 is pure noise) with
+v-prediction (ε is not learnable at SNR 0: x_999 = ε). Every sampler reads both settings from the
+saved scheduler config. Guidance is applied to the model output whatever it predicts (ε and v are
+affine in each other at a fixed x_t, so guiding one is guiding the other); `guidance_rescale` is the
+paper's CFG rescale (diffusers' `rescale_noise_cfg`).
 
 Self-contained on purpose: this file imports only torch, transformers and diffusers, because
 `save_pretrained` copies it into the model directory as `pixel_pipeline.py` and names it in
@@ -45,6 +53,7 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
     retrieve_timesteps,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -56,11 +65,24 @@ MODULE_NAME = "pixel_pipeline"  # the file name save_pretrained gives its copy o
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
-def teacher_scheduler() -> DDIMScheduler:
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a teacher's UNet may predict
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def teacher_scheduler(prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False) -> DDIMScheduler:
     """The scheduler a new teacher is trained with and saved with (see the module docstring)."""
+    check_prediction_type(prediction_type)
+    if rescale_betas_zero_snr and prediction_type == "epsilon":
+        # at ᾱ_T = 0, x_T = ε: predicting ε is trivial there and x0 = (x_T - ε) / 0 is undefined
+        raise ValueError("zero terminal SNR needs prediction_type v_prediction (ε gives no x0 at t = T)")
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
+        prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr, clip_sample=False,
+        timestep_spacing="trailing",
         # unused by trailing spacing; 1 is what StableDiffusionPipeline insists on (latent teachers)
         steps_offset=1,
         # pixel space: the last step lands on the clean image (alpha_bar = 1), not on t = 0's tiny noise
@@ -175,7 +197,8 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         return kwargs
 
     def check_inputs(self, prompt: list[str], negative_prompt: list[str] | None, height: int, width: int,
-                     batch_size: int, generator, latents, output_type: str, callback_on_step_end_tensor_inputs):
+                     batch_size: int, generator, latents, output_type: str, callback_on_step_end_tensor_inputs,
+                     guidance_rescale: float = 0.0):
         if not prompt:
             raise ValueError("no prompt")
         if negative_prompt is not None and len(negative_prompt) != len(prompt):
@@ -189,6 +212,8 @@ class PixelDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {(batch_size, 3, height, width)}, got {tuple(latents.shape)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
@@ -202,6 +227,7 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         timesteps: list[int] | None = None,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -216,9 +242,11 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         """Generate images; diffusers' text-to-image call convention.
 
         guidance_scale > 1 runs classifier-free guidance (conditional and unconditional in one UNet
-        batch); <= 1 runs the conditional branch only. `generator` may be a list with one generator
-        per image: each image's noise (initial and per step) then comes from its own generator, so
-        an image does not depend on the batch it is generated in. `latents` replaces the initial
+        batch); <= 1 runs the conditional branch only. `guidance_rescale` in [0, 1] mixes in the guided
+        output rescaled to the conditional one's std (Lin et al. 2023, §3.4; 0 is plain CFG).
+        `generator` may be a list with one generator per image: each image's noise (initial and per
+        step) then comes from its own generator, so an image does not depend on the batch it is
+        generated in. `latents` replaces the initial
         noise x_T ([N, 3, H, W], before scaling by the scheduler's init_noise_sigma); `timesteps` is a
         custom descending grid (schedulers whose set_timesteps accepts one). output_type "latent"
         returns the final x in [-1, 1] space, unclamped.
@@ -230,7 +258,7 @@ class PixelDiffusionPipeline(DiffusionPipeline):
             negative_prompt = [negative_prompt] * len(prompt)
         batch_size = len(prompt) * num_images_per_prompt
         self.check_inputs(prompt, negative_prompt, height, width, batch_size, generator, latents, output_type,
-                          callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs, guidance_rescale)
         self._interrupt = False
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
@@ -261,6 +289,8 @@ class PixelDiffusionPipeline(DiffusionPipeline):
                 if do_cfg:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_cond, guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {"latents": latents})

@@ -6,7 +6,8 @@ few-step SiD paper's multistep generation) rather than a scheduler loop: start f
 predict x0 in one UNet call, re-noise it with fresh noise to the next of the K timesteps
 t_k = floor(t_init·(1 − (k−1)/K)), predict again. No classifier-free guidance (the guidance was
 distilled in), one UNet call per step. The generator was trained on a uniform mixture of 1..K
-steps, so any step count in 1..`num_steps` is valid.
+steps, so any step count in 1..`num_steps` is valid. Like its teacher's UNet, of which it is a copy,
+the generator outputs ε or v as the scheduler config's `prediction_type` says.
 
 The chain math lives here (models/) and the trainer imports it, so training and serving unroll
 the generator with the same code. model_index.json carries `t_init` and `num_steps`. Plain diffusers
@@ -25,7 +26,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from leanserve.models.image_params import ImageParamError, ImageParams
-from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
+from leanserve.models.pixel_pipeline import PixelDiffusionPipeline, check_prediction_type
 
 MODULE_NAME = "sid_pipeline"
 
@@ -48,21 +49,46 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumpr
     return a * x0 + s * eps
 
 
-def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """(x_t − s_t·ε̂) / a_t in fp32 with per-sample t; never clipped, whatever the scheduler config says
-    (clip_sample would clamp x0 to [-1, 1] and cut the gradient SiD sends through it)."""
+def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   prediction_type: str) -> torch.Tensor:
+    """x̂0 from a UNet's output in fp32 with per-sample t: (x_t − s·ε̂) / a, or a·x_t − s·v̂ for v = a·ε − s·x0
+    (finite at a = 0, zero terminal SNR, where ε gives no x0). Never clipped, whatever the scheduler
+    config says (clip_sample would clamp x0 to [-1, 1] and cut the gradient SiD sends through it)."""
+    check_prediction_type(prediction_type)
     a, s = noise_coefs(alphas_cumprod, t)
-    return (x_t.float() - s * eps.float()) / a
+    if prediction_type == "epsilon":
+        return (x_t.float() - s * output.float()) / a
+    return a * x_t.float() - s * output.float()
 
 
-# eps_fn(x_t, t [B], embeds) -> ε̂ [B, C, H, W]
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def x0_per_output(alphas_cumprod: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """∂x̂0/∂output per sample [B, 1, 1, 1]: −s/a (ε) or −s (v). x̂0 is affine in the output at a fixed x_t,
+    so a difference of two x̂0s is this times the difference of the outputs, and guidance (a linear mix
+    of outputs) is the same mix of x̂0s whatever the UNet predicts."""
+    check_prediction_type(prediction_type)
+    a, s = noise_coefs(alphas_cumprod, t)
+    return -s / a if prediction_type == "epsilon" else -s
 
 
-def generator_chain(eps_fn: EpsFn, z: torch.Tensor, timesteps: list[int], cond: torch.Tensor, alphas_cumprod,
-                    noise: Callable[[], torch.Tensor] | None = None, grad: bool = False) -> torch.Tensor:
+def denoising_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """What a UNet predicting `prediction_type` is trained to output at x_t = a·x0 + s·ε: ε, or v = a·ε − s·x0."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    a, s = noise_coefs(alphas_cumprod, t)
+    return a * eps - s * x0
+
+
+# model_fn(x_t, t [B], embeds) -> the UNet's output [B, C, H, W]: ε̂ or v̂, as its prediction_type says
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def generator_chain(model_fn: ModelFn, z: torch.Tensor, timesteps: list[int], cond: torch.Tensor, alphas_cumprod,
+                    prediction_type: str, noise: Callable[[], torch.Tensor] | None = None,
+                    grad: bool = False) -> torch.Tensor:
     """The generator's k-step unroll ("fresh" noise): x̂ = 0; for each t_k, x_k = a·x̂ + s·ε_k
-    (ε_1 = z, later ε_k = noise()), x̂ = x0(ε̂_θ(x_k)). Returns x̂ in fp32.
+    (ε_1 = z, later ε_k = noise()), x̂ = x0(θ(x_k)). Returns x̂ in fp32.
 
     With grad=True only the last call records a graph: steps 1..k−1 run under no_grad, so θ's
     gradient comes from the last call alone (no backpropagation through time, spec §4)."""
@@ -73,7 +99,7 @@ def generator_chain(eps_fn: EpsFn, z: torch.Tensor, timesteps: list[int], cond: 
         eps_k = z if i == 0 else noise()
         with torch.set_grad_enabled(grad and i == len(timesteps) - 1):
             x_k = add_noise(x0, eps_k, t, alphas_cumprod)
-            x0 = x0_from_eps(eps_fn(x_k, t, cond), x_k, t, alphas_cumprod)
+            x0 = x0_from_output(model_fn(x_k, t, cond), x_k, t, alphas_cumprod, prediction_type)
     return x0
 
 
@@ -162,12 +188,13 @@ class SiDPipeline(PixelDiffusionPipeline):
         z = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) if latents is None \
             else latents.to(device=device, dtype=torch.float32)
 
-        def eps(x, t, c):
+        def model_fn(x, t, c):
             return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=c, return_dict=False)[0]
 
-        x0 = generator_chain(eps, z, chain_timesteps(steps, self.config.t_init), embeds,
-                            self.scheduler.alphas_cumprod,
-                            noise=lambda: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32))
+        # the generator is a copy of its teacher's UNet: it predicts what the teacher's scheduler config says
+        x0 = generator_chain(model_fn, z, chain_timesteps(steps, self.config.t_init), embeds,
+                             self.scheduler.alphas_cumprod, self.scheduler.config.prediction_type,
+                             noise=lambda: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32))
         image = self.image_processor.postprocess(x0, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)

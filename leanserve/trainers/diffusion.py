@@ -1,8 +1,14 @@
 """`leanserve train diffusion`: train a text-to-image diffusion teacher on the shapes set.
 
 The UNet (diffusers UNet2DConditionModel) and a small CLIP text encoder are trained together
-from scratch with the ε-prediction MSE at uniformly drawn timesteps of the teacher schedule
-(pixel_pipeline.teacher_scheduler: scaled_linear betas 0.00085 -> 0.012, T = 1000). A fraction of
+from scratch with the MSE of the UNet's prediction (`--prediction-type`: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0)
+at uniformly drawn timesteps t in [0, 999] of the teacher schedule (pixel_pipeline.teacher_scheduler:
+scaled_linear betas 0.00085 -> 0.012, T = 1000; with `--rescale-betas-zero-snr` rescaled to zero SNR
+at t = 999, which needs v-prediction). Both settings are saved in the scheduler config, so every
+sampler and loader of the directory reads them. Why the zero-SNR v teacher: on SD's betas x_999
+still holds 6.8% of the image, from which the denoiser learns to read the background and the
+object's position instead of the prompt, and at sampling time pure noise carries neither
+(`leanserve eval leakage`; docs/teacher_schedule.md). A fraction of
 captions (`--cond-dropout`) is replaced by the empty prompt, so the same network is also the
 unconditional model that classifier-free guidance needs. The weights written are an EMA of
 the trained ones. AdamW, linear warm-up then cosine decay.
@@ -20,7 +26,11 @@ device, checkpointed with the model, EMA and optimizer: `--resume` continues exa
 
 Recommended GPU run (one H100; the zoo teacher, 6.8M params):
 
-    leanserve train diffusion --out zoo/shapes-teacher --preset shapes-tiny --steps 15000 --batch-size 256
+    leanserve train diffusion --out runs/shapes-teacher-v --preset shapes-tiny --steps 15000 --batch-size 256 \
+        --prediction-type v_prediction --rescale-betas-zero-snr
+
+(zoo/shapes-sid's text encoder and scheduler are symlinks into zoo/shapes-teacher: a new teacher
+replaces the zoo's only together with a SiD generator distilled from it.)
 
 bf16 autocast is on by default on CUDA; DataLoader workers default to up to 14 per GPU. Not yet
 measured on a GPU: compare it/s over the first few hundred steps with and without
@@ -194,6 +204,8 @@ def data_fingerprint(data_seed: int, resolution: int) -> str:
 # --------------------------------------------------------------------------- the command
 
 def add_arguments(p: argparse.ArgumentParser):
+    from leanserve.models.pixel_pipeline import PREDICTION_TYPES
+
     p.add_argument("--out", required=True, help="pipeline directory to write (diffusers layout + leanserve.json)")
     p.add_argument("--preset", default="shapes-tiny", choices=sorted(PRESETS), help="model shape (default shapes-tiny)")
     p.add_argument("--resolution", type=int, default=32, choices=[32, 64], help="shapes image size")
@@ -210,6 +222,11 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights written (warmed up from 0)")
     g.add_argument("--cond-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by the empty prompt (classifier-free guidance)")
+    g.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
+                   help="what the UNet predicts: epsilon (the noise) or v_prediction (v = a*eps - s*x0)")
+    g.add_argument("--rescale-betas-zero-snr", action="store_true",
+                   help="rescale the betas to zero terminal SNR (x_999 is pure noise, nothing of the image "
+                        "leaks through it); needs --prediction-type v_prediction")
     g.add_argument("--seed", type=int, default=0, help="initialisation, noise, timesteps, caption dropout")
     g.add_argument("--data-seed", type=int, default=0, help="the shapes stream (leanserve.data.shapes seed)")
     g.add_argument("--val-size", type=int, default=512, help="validation examples (fixed noise and timesteps)")
@@ -246,6 +263,9 @@ def _check_args(args):
         raise UserError("--cond-dropout must be in [0, 1)")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be >= 0")
+    if args.rescale_betas_zero_snr and args.prediction_type == "epsilon":
+        raise UserError("--rescale-betas-zero-snr needs --prediction-type v_prediction (at zero SNR x_T is the "
+                        "noise itself: ε-prediction gives no image there)")
     if args.stop_at is not None and not 0 < args.stop_at < args.steps:
         raise UserError(f"--stop-at must be between 1 and {args.steps - 1} (the run has {args.steps} steps)")
     for name in ("tokenizer", "vae"):
@@ -279,7 +299,6 @@ class Trainer(TrainingLoop):
 
     def __init__(self, args, dist_info: DistInfo, device: torch.device):
         from leanserve.data.shapes import ShapesDataset
-        from leanserve.models.pixel_pipeline import teacher_scheduler
 
         super().__init__(args, dist_info, device, total_steps=args.steps)
         self.preset = PRESETS[args.preset]
@@ -304,7 +323,7 @@ class Trainer(TrainingLoop):
         if sample_size % multiple:
             raise UserError(f"the UNet input ({sample_size}x{sample_size}) must be a multiple of {multiple} "
                             f"for preset {args.preset}")
-        self.noise_scheduler = teacher_scheduler()
+        self.noise_scheduler = self._scheduler()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
         self.train_set = ShapesDataset(args.data_seed, args.steps * args.batch_size, args.resolution, split="train")
         self.val = self._val_data()
@@ -331,6 +350,10 @@ class Trainer(TrainingLoop):
         self.train_loss: float | None = None
 
     # ---- setup
+
+    def _scheduler(self):
+        from leanserve.models.pixel_pipeline import teacher_scheduler
+        return teacher_scheduler(self.args.prediction_type, self.args.rescale_betas_zero_snr)
 
     def _tokenizer(self):
         if self.args.tokenizer:
@@ -384,11 +407,12 @@ class Trainer(TrainingLoop):
     # ---- steps
 
     def _loss(self, model, x0, ids, t, noise) -> torch.Tensor:
-        """Mean ε-prediction MSE per example."""
+        """Mean MSE per example of the prediction (ε or v) against its target."""
         xt = self.noise_scheduler.add_noise(x0, noise, t).contiguous(memory_format=self.memory_format)
+        target = noise if self.args.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         with self.autocast():
-            eps = model(xt, t, ids)
-        return (eps.float() - noise).square().mean(dim=(1, 2, 3))
+            prediction = model(xt, t, ids)
+        return (prediction.float() - target).square().mean(dim=(1, 2, 3))
 
     def _train_step(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -427,9 +451,9 @@ class Trainer(TrainingLoop):
         return all_reduce_sum([total], self.dist, self.device)[0] / self.args.val_size
 
     def _evaluate(self) -> dict[str, float]:
-        """Validation ε-MSE of the EMA and raw weights, and of the EMA weights with every caption
-        replaced by the empty prompt: the gap to it is what the captions are worth to the model
-        (text conditioning is learnt well after the unconditional image statistics)."""
+        """Validation MSE (of ε or v, as trained) of the EMA and raw weights, and of the EMA weights with
+        every caption replaced by the empty prompt: the gap to it is what the captions are worth to the
+        model (text conditioning is learnt well after the unconditional image statistics)."""
         losses = {"val_loss": self._val_loss(self.ema), "val_loss_raw": self._val_loss(self.bare),
                   "val_loss_uncond": self._val_loss(self.ema, empty_prompts=True)}
         self.history.append({"step": self.step, **losses})
@@ -494,10 +518,7 @@ class Trainer(TrainingLoop):
             save_model_info,
             weights_sha256,
         )
-        from leanserve.models.pixel_pipeline import (
-            PixelDiffusionPipeline,
-            teacher_scheduler,
-        )
+        from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
 
         args = self.args
         save_dtype = args.save_dtype or self.preset.save_dtype
@@ -509,16 +530,16 @@ class Trainer(TrainingLoop):
                       "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
         if self.vae is None:
             pipe = PixelDiffusionPipeline(unet=unet, text_encoder=text_encoder, tokenizer=self.tokenizer,
-                                          scheduler=teacher_scheduler())
+                                          scheduler=self._scheduler())
             base = None
         else:
             vae = self.vae if dtype == torch.float32 else self.vae.to(dtype)
             pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
-                                           unet=unet, scheduler=teacher_scheduler(), safety_checker=None,
+                                           unet=unet, scheduler=self._scheduler(), safety_checker=None,
                                            feature_extractor=None, requires_safety_checker=False)
             base = {"path": str(args.vae), "sha256": weights_sha256(args.vae)}
         pipe.save_pretrained(self.out)
-        scheduler = teacher_scheduler().config
+        scheduler = self._scheduler().config
         save_model_info(self.out, ModelInfo(
             kind="image", method="dense",
             settings={"pipeline": type(pipe).__name__, "space": "pixel" if self.vae is None else "latent",
@@ -526,6 +547,7 @@ class Trainer(TrainingLoop):
                       "save_dtype": save_dtype, "text_max_len": self.preset.text_max_len,
                       "tokenizer": args.tokenizer or f"trained on {TOKENIZER_CAPTIONS} shapes train captions",
                       "prediction_type": scheduler.prediction_type,
+                      "rescale_betas_zero_snr": scheduler.rescale_betas_zero_snr,
                       "num_train_timesteps": scheduler.num_train_timesteps, "beta_schedule": scheduler.beta_schedule,
                       "beta_start": scheduler.beta_start, "beta_end": scheduler.beta_end,
                       "cond_dropout": args.cond_dropout, "ema_decay": args.ema_decay,

@@ -380,6 +380,9 @@ def run(args):
     if not 0 <= args.t_prime < num_train:
         raise UserError(f"--t-prime must be in [0, {num_train - 1}]")
     alpha_bar = float(pipe.scheduler.alphas_cumprod[args.t_prime])
+    if not alpha_bar > 0:
+        raise UserError(f"--t-prime {args.t_prime}: ᾱ = 0 there (a zero-terminal-SNR schedule): x_t′ is pure noise, "
+                        "there is nothing to jump to; choose a smaller t′")
     resolution = native_size(pipe)
 
     out = Path(args.out)

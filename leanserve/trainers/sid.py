@@ -2,9 +2,11 @@
 Score identity Distillation (Zhou et al., SiD and its few-step, LSG and Diffusion-GAN extensions; losses in
 trainers/sid_loss.py).
 
-The generator θ and the fake score network ψ start as copies of the teacher's UNet; the teacher
-φ and the text encoder stay frozen. Data-free: only prompts are needed (shapes train captions),
-except with `--gan`, which also uses the real images of the fake phase's captions.
+The generator θ and the fake score network ψ start as copies of the teacher's UNet (an ε- or a
+v-prediction teacher: all three networks then predict the same, and the losses convert each output
+to x0 by the scheduler config's prediction_type); the teacher φ and the text encoder stay frozen.
+Data-free: only prompts are needed (shapes train captions), except with `--gan`, which also uses
+the real images of the fake phase's captions.
 Every iteration draws one k ~ U{1..K}, shared by both phases, then strictly alternates
 1. fake phase: k-step generator samples without gradient, ψ's denoising loss (guided at κ1, 10%
    empty prompts whenever a fake κ is not 1), Adam step on ψ;
@@ -70,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--kappas", help="explicit κ1,κ2,κ3,κ4 (fake training, fake in α·L1, fake in L2, teacher), "
                                     "overriding --guidance's; e.g. Anti-CFG with κ1 = 1: 1,-1,-1,1")
     p.add_argument("--alpha", type=float, default=1.0, help="SiD bias-correction weight (sweep 0.5, 1.0, 1.2)")
-    p.add_argument("--t-init", type=int, default=625, help="timestep of the generator's first step (625: sigma 2.5 "
-                                                           "on the scaled_linear schedule)")
+    p.add_argument("--t-init", type=int, default=625,
+                   help="timestep of the generator's first step (625: sigma 2.5 on SD's scaled_linear betas; "
+                        "on the same betas rescaled to zero terminal SNR sigma 2.5 is at t = 589)")
     g = p.add_argument_group("Diffusion-GAN (data-aided: real shapes images paired with their captions)")
     g.add_argument("--gan", action="store_true", help="add the Diffusion-GAN loss, the fake network's encoder "
                                                       "(mid-block output, channel mean) as discriminator")
@@ -160,14 +163,15 @@ def run_kappas(args):
 
 def load_teacher(path: Path):
     from leanserve.models.image_pipeline import PIXEL_PIPELINE, pipeline_class_name
-    from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
+    from leanserve.models.pixel_pipeline import PREDICTION_TYPES, PixelDiffusionPipeline
 
     if pipeline_class_name(path) != PIXEL_PIPELINE:
         raise UserError(f"--teacher {path}: SiD distils pixel-space teachers ({PIXEL_PIPELINE}) only for now")
     pipe = PixelDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
     config = pipe.scheduler.config
-    if config.prediction_type != "epsilon":
-        raise UserError(f"--teacher {path}: prediction_type {config.prediction_type!r}; SiD here needs epsilon")
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"--teacher {path}: prediction_type {config.prediction_type!r}; SiD distils "
+                        f"{' or '.join(PREDICTION_TYPES)} teachers")
     if not hasattr(pipe.scheduler, "alphas_cumprod"):
         raise UserError(f"--teacher {path}: scheduler {type(pipe.scheduler).__name__} has no discrete alphas_cumprod")
     return pipe
@@ -223,6 +227,8 @@ class Trainer(TrainingLoop):
         self.teacher_pipe = load_teacher(Path(args.teacher))
         self.teacher_pipe.text_encoder.to(device).requires_grad_(False).eval()
         self.alphas_cumprod = self.teacher_pipe.scheduler.alphas_cumprod.to(device)
+        # ε or v: the generator and the fake network are copies of the teacher and predict the same
+        self.prediction_type = self.teacher_pipe.scheduler.config.prediction_type
         teacher = self.teacher_pipe.unet.to(device).requires_grad_(False).eval()
         if args.gradient_checkpointing:
             # diffusers gates it on torch.is_grad_enabled(), not on .training: the eval-mode teacher is covered too
@@ -278,9 +284,9 @@ class Trainer(TrainingLoop):
         from leanserve.trainers.sid_loss import sample_timesteps
         return sample_timesteps(n, self.rng, self.device)
 
-    def _eps(self, unet):
-        from leanserve.trainers.sid_loss import unet_eps
-        return unet_eps(unet, self.autocast)
+    def _fn(self, unet):
+        from leanserve.trainers.sid_loss import unet_fn
+        return unet_fn(unet, self.autocast)
 
     def _shape(self) -> tuple[int, ...]:
         size = self.teacher_pipe.default_size
@@ -301,11 +307,11 @@ class Trainer(TrainingLoop):
             cond = torch.where(drop[:, None, None], self.uncond, cond)
         shape = self._shape()
         with torch.no_grad():
-            x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
-                                  noise=lambda: self._randn(shape))
+            x_g = generator_chain(self._fn(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
+                                  self.prediction_type, noise=lambda: self._randn(shape))
         t, eps = self._timesteps(shape[0]), self._randn(shape)
-        loss = fake_loss(self._eps(self.fake), x_g, t, eps, cond, self.uncond, self.kappas.fake_train,
-                         self.alphas_cumprod)
+        loss = fake_loss(self._fn(self.fake), x_g, t, eps, cond, self.uncond, self.kappas.fake_train,
+                         self.alphas_cumprod, self.prediction_type)
         if self.args.gan:
             x_real = self._real_images(0)
             # L_ψ + L_D, L_D a plain mean over logit positions (spec §7). SiD-DiT's × C·H·W made D's term
@@ -331,13 +337,13 @@ class Trainer(TrainingLoop):
 
         cond = self._encode(self._captions(1))
         shape = self._shape()
-        x_g = generator_chain(self._eps(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
-                              noise=lambda: self._randn(shape), grad=True)
+        x_g = generator_chain(self._fn(self.generator), self._randn(shape), timesteps, cond, self.alphas_cumprod,
+                              self.prediction_type, noise=lambda: self._randn(shape), grad=True)
         t = self._timesteps(shape[0])
         self.fake.requires_grad_(False)  # frozen for this phase; its Jacobian still carries θ's gradient
         try:
-            out = generator_loss(self._eps(self.teacher), self._eps(self.fake), x_g, t, self._randn(shape), cond,
-                                 self.uncond, self.kappas, self.args.alpha, self.alphas_cumprod)
+            out = generator_loss(self._fn(self.teacher), self._fn(self.fake), x_g, t, self._randn(shape), cond,
+                                 self.uncond, self.kappas, self.args.alpha, self.alphas_cumprod, self.prediction_type)
             per_sample = out.per_sample
             if self.args.gan and self.step >= self.gan_start:
                 logits = discriminator_logits(self.fake, out.x_t, t, cond, self.autocast)
@@ -440,6 +446,7 @@ class Trainer(TrainingLoop):
         save_model_info(self.out, ModelInfo(
             kind="image", method="sid",
             settings={"pipeline": "SiDPipeline", "space": "pixel", "num_steps": args.steps, "t_init": args.t_init,
+                      "prediction_type": self.prediction_type,
                       "guidance": args.guidance, **self.kappas.as_dict(), "alpha": args.alpha,
                       "noise": "fresh", "lr": args.lr, "batch_size": args.batch_size,
                       "world_size": self.dist.world_size,

@@ -1,14 +1,18 @@
 """Score identity Distillation (SiD) losses as pure functions (the few-step SiD paper: score identity loss,
 LSG, Zero-CFG, Anti-CFG, Diffusion-GAN).
 
-Three ε-prediction UNets of the same architecture: the frozen teacher φ, the fake score network ψ
-(models the score of the generator's own outputs) and the generator θ. Everything here works on
-x0 predictions computed by hand in fp32 from the scheduler's ᾱ, never clipped: diffusers'
-`clip_sample` would clamp x0 to [-1, 1] and cut the gradient the SiD loss sends through it.
+Three UNets of the same architecture and prediction type (ε or v, the teacher's scheduler config
+says which): the frozen teacher φ, the fake score network ψ (models the score of the generator's
+own outputs) and the generator θ. Everything here works on x0 predictions computed by hand in fp32
+from the scheduler's ᾱ (sid_pipeline.x0_from_output), never clipped: diffusers' `clip_sample` would
+clamp x0 to [-1, 1] and cut the gradient the SiD loss sends through it. x0 is affine in the output at
+a fixed x_t, so an ε teacher and a v teacher that denoise alike give the same x0s, gaps and SiD
+loss; the fake network's own loss is its prediction type's MSE (ψ is trained like the teacher was).
 
-Guidance convention (κ): ε̂^κ = ε̂(∅) + κ·(ε̂(c) − ε̂(∅)); κ = 1 is "no guidance" (one conditional
-pass), κ = 0 one unconditional pass. The four scales of SiD-LSG: κ1 trains the fake network, κ2
-and κ3 evaluate it in the generator loss (the α·L1 and the L2 term), κ4 evaluates the teacher.
+Guidance convention (κ): ε̂^κ = ε̂(∅) + κ·(ε̂(c) − ε̂(∅)) (the same mix of v̂ for a v-prediction
+UNet); κ = 1 is "no guidance" (one conditional pass), κ = 0 one unconditional pass. The four
+scales of SiD-LSG: κ1 trains the fake network, κ2 and κ3 evaluate it in the generator loss (the α·L1
+and the L2 term), κ4 evaluates the teacher.
 """
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ import torch.nn.functional as F
 
 # the chain math is shared with the served pipeline (models/ must not import trainers/)
 from leanserve.models.sid_pipeline import (  # noqa: F401 - re-exported
-    EpsFn,
+    ModelFn,
     add_noise,
     chain_timesteps,
+    denoising_target,
     generator_chain,
     noise_coefs,
-    x0_from_eps,
+    x0_from_output,
+    x0_per_output,
 )
 
 GUIDANCES = ("lsg", "zero-cfg", "anti-cfg")
@@ -72,46 +78,48 @@ def guidance_kappas(guidance: str, kappa: float | None = None) -> Kappas:
     raise ValueError(f"guidance must be one of {GUIDANCES}, got {guidance!r}")
 
 
-def unet_eps(unet, autocast: Callable | None = None) -> EpsFn:
-    """A diffusers UNet2DConditionModel as an EpsFn (output in fp32; autocast optional)."""
-    def eps(x_t, t, embeds):
+def unet_fn(unet, autocast: Callable | None = None) -> ModelFn:
+    """A diffusers UNet2DConditionModel as a ModelFn (output in fp32; autocast optional)."""
+    def output(x_t, t, embeds):
         if autocast is None:
             return unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0].float()
         with autocast():
             return unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0].float()
-    return eps
+    return output
 
 
-def guided_eps(eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               kappa: float) -> torch.Tensor:
-    """ε̂^κ: κ = 1 one conditional pass, κ = 0 one unconditional pass, otherwise one batched pass on [∅, c]."""
+def guided_output(model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                  kappa: float) -> torch.Tensor:
+    """ε̂^κ (or v̂^κ): κ = 1 one conditional pass, κ = 0 one unconditional pass, otherwise one batched pass
+    on [∅, c]."""
     if kappa == 1:
-        return eps_fn(x_t, t, cond)
+        return model_fn(x_t, t, cond)
     if kappa == 0:
-        return eps_fn(x_t, t, uncond.expand_as(cond))
+        return model_fn(x_t, t, uncond.expand_as(cond))
     # repeat, not cat([x_t, x_t]): its backward sums both halves in one op, so two networks' gradients
     # reach x_t as one term each and cancel exactly when they are equal (zero-at-init)
-    e_u, e_c = eps_fn(x_t.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([uncond.expand_as(cond), cond])).chunk(2)
+    e_u, e_c = model_fn(x_t.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([uncond.expand_as(cond), cond])).chunk(2)
     return e_u + kappa * (e_c - e_u)
 
 
-def guided_x0(eps_fn: EpsFn, x_t, t, cond, uncond, kappa: float, alphas_cumprod) -> torch.Tensor:
-    return x0_from_eps(guided_eps(eps_fn, x_t, t, cond, uncond, kappa), x_t, t, alphas_cumprod)
+def fake_loss(fake: ModelFn, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, uncond, kappa1: float,
+              alphas_cumprod, prediction_type: str) -> torch.Tensor:
+    """Denoising score matching of ψ on (detached) generator samples, per sample, in ψ's own prediction
+    type: Σ_CHW (ε̂^κ1_ψ − ε)², or Σ_CHW (v̂^κ1_ψ − v)² [B] (= the ε form / ᾱ_t: same minimiser, the
+    weighting the teacher was trained with)."""
+    x_g = x_g.detach()
+    x_t = add_noise(x_g, eps, t, alphas_cumprod)
+    target = denoising_target(x_g, eps, t, alphas_cumprod, prediction_type)
+    return (guided_output(fake, x_t, t, cond, uncond, kappa1) - target).square().sum(dim=(1, 2, 3))
 
 
-def fake_loss(fake: EpsFn, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, uncond, kappa1: float,
-              alphas_cumprod) -> torch.Tensor:
-    """Denoising score matching of ψ on (detached) generator samples, per sample: Σ_CHW (ε̂^κ1_ψ − ε)² [B]."""
-    x_t = add_noise(x_g.detach(), eps, t, alphas_cumprod)
-    return (guided_eps(fake, x_t, t, cond, uncond, kappa1) - eps).square().sum(dim=(1, 2, 3))
-
-
-def x0_gap(eps_real: torch.Tensor, eps_fake: torch.Tensor, t: torch.Tensor, alphas_cumprod) -> torch.Tensor:
-    """f_φ − f_ψ = (s_t / a_t)·(ε̂_ψ − ε̂_φ), fp32. Mathematically x0(ε̂_φ) − x0(ε̂_ψ), but x_t never enters:
-    when ψ = φ the two ε-gradients are exact negatives and cancel to an exact 0 in x_t's gradient,
-    whereas through both x0's they would be summed with two x_t terms in autograd's order and round."""
-    a, s = noise_coefs(alphas_cumprod, t)
-    return (s / a) * (eps_fake.float() - eps_real.float())
+def x0_gap(out_real: torch.Tensor, out_fake: torch.Tensor, t: torch.Tensor, alphas_cumprod,
+           prediction_type: str) -> torch.Tensor:
+    """f_φ − f_ψ = −(∂x̂0/∂output)·(out_ψ − out_φ) (ε: (s_t / a_t)·(ε̂_ψ − ε̂_φ)), fp32. Mathematically
+    x0(out_φ) − x0(out_ψ), but x_t never enters: when ψ = φ the two output gradients are exact negatives
+    and cancel to an exact 0 in x_t's gradient, whereas through both x0's they would be summed with
+    two x_t terms in autograd's order and round."""
+    return -x0_per_output(alphas_cumprod, t, prediction_type) * (out_fake.float() - out_real.float())
 
 
 def sid_normaliser(x_g: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
@@ -138,19 +146,19 @@ class GeneratorLoss:
     y_fake: torch.Tensor      # fake network's x0 at κ2
 
 
-def generator_loss(teacher: EpsFn, fake: EpsFn, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond,
-                   uncond, kappas: Kappas, alpha: float, alphas_cumprod) -> GeneratorLoss:
+def generator_loss(teacher: ModelFn, fake: ModelFn, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond,
+                   uncond, kappas: Kappas, alpha: float, alphas_cumprod, prediction_type: str) -> GeneratorLoss:
     """The SiD generator loss (spec §3.2). The teacher and fake predictions are NOT computed under no_grad:
     their parameters are frozen by the caller, but x_t depends on θ, so the gradient flows through
     both networks' Jacobians. Only w is detached."""
     x_t = add_noise(x_g, eps, t, alphas_cumprod)
-    eps_real = guided_eps(teacher, x_t, t, cond, uncond, kappas.real)
-    eps_fake = guided_eps(fake, x_t, t, cond, uncond, kappas.fake_eval)
-    eps_fake_l2 = eps_fake if kappas.fake_eval_l2 == kappas.fake_eval else \
-        guided_eps(fake, x_t, t, cond, uncond, kappas.fake_eval_l2)
-    y_real = x0_from_eps(eps_real, x_t, t, alphas_cumprod)
-    gap = x0_gap(eps_real, eps_fake, t, alphas_cumprod)
-    gap_l2 = gap if eps_fake_l2 is eps_fake else x0_gap(eps_real, eps_fake_l2, t, alphas_cumprod)
+    out_real = guided_output(teacher, x_t, t, cond, uncond, kappas.real)
+    out_fake = guided_output(fake, x_t, t, cond, uncond, kappas.fake_eval)
+    out_fake_l2 = out_fake if kappas.fake_eval_l2 == kappas.fake_eval else \
+        guided_output(fake, x_t, t, cond, uncond, kappas.fake_eval_l2)
+    y_real = x0_from_output(out_real, x_t, t, alphas_cumprod, prediction_type)
+    gap = x0_gap(out_real, out_fake, t, alphas_cumprod, prediction_type)
+    gap_l2 = gap if out_fake_l2 is out_fake else x0_gap(out_real, out_fake_l2, t, alphas_cumprod, prediction_type)
     return GeneratorLoss(sid_loss_terms(x_g, y_real, gap, gap_l2, alpha), sid_normaliser(x_g, y_real), x_t, y_real,
                          y_real - gap)
 
@@ -166,7 +174,7 @@ def discriminator_logits(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.T
     captured = []
     handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        unet_eps(unet, autocast)(x_t, t, cond)
+        unet_fn(unet, autocast)(x_t, t, cond)
     finally:
         handle.remove()
     return captured[0].float().mean(dim=1, keepdim=True)

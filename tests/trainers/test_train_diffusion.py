@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from leanserve.errors import UserError
 from leanserve.models.image_pipeline import load_image_pipeline
+from leanserve.runtime import DistInfo
 from leanserve.trainers import diffusion
 
 FLAGS = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--val-size", "16", "--lr", "2e-3"]
@@ -84,6 +86,40 @@ def test_resume_is_exact(tmp_path, tokenizer_dir):
     assert ma == mb
 
 
+def test_v_prediction_zero_snr_teacher(tmp_path, tokenizer_dir):
+    out = tmp_path / "v-teacher"
+    flags = ["--tokenizer", str(tokenizer_dir), "--prediction-type", "v_prediction", "--rescale-betas-zero-snr"]
+    assert train(out, *flags, "--steps", "2", "--batch-size", "4", "--val-size", "4") == 0
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"]) == ("v_prediction", True)
+    info = json.loads((out / "leanserve.json").read_text())
+    assert (info["settings"]["prediction_type"], info["settings"]["rescale_betas_zero_snr"]) == ("v_prediction", True)
+    pipe = load_image_pipeline(out)
+    assert pipe.scheduler.alphas_cumprod[999] == 0
+    images = pipe(prompt=["a red circle"], num_inference_steps=3, guidance_scale=2.0,
+                  generator=[torch.Generator().manual_seed(0)], output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_target_follows_the_prediction_type(tmp_path, tokenizer_dir, prediction_type):
+    parser = argparse.ArgumentParser()
+    diffusion.add_arguments(parser)
+    zero_snr = ["--rescale-betas-zero-snr"] if prediction_type == "v_prediction" else []
+    args = parser.parse_args(["--out", str(tmp_path / "t"), *FLAGS, "--tokenizer", str(tokenizer_dir),
+                              "--prediction-type", prediction_type, *zero_snr, "--val-size", "2"])
+    trainer = diffusion.Trainer(args, DistInfo(), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([999, 300])
+    loss = trainer._loss(lambda x, t, ids: torch.zeros_like(x), x0, None, t, noise)  # = mean square of the target
+    ab = trainer.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    torch.testing.assert_close(loss, target.square().mean(dim=(1, 2, 3)))
+    if prediction_type == "v_prediction":  # x_999 is pure noise and v = -x0 there
+        torch.testing.assert_close(loss[0], x0[0].square().mean())
+
+
 def test_vae_latent_path_writes_a_stable_diffusion_pipeline(tmp_path, tokenizer_dir):
     from diffusers import AutoencoderKL
 
@@ -130,6 +166,8 @@ def test_bad_options(tmp_path, capsys):
         train(tmp_path / "a", "--resume")
     with pytest.raises(UserError, match="--stop-at"):
         train(tmp_path / "a", "--steps", "4", "--stop-at", "4")
+    with pytest.raises(UserError, match="needs --prediction-type v_prediction"):
+        train(tmp_path / "a", "--rescale-betas-zero-snr")
     with pytest.raises(UserError, match="--tokenizer .* does not exist"):
         train(tmp_path / "a", "--tokenizer", str(tmp_path / "missing"))
     (tmp_path / "done").mkdir()

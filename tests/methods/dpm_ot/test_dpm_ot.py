@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from image_builders import v_pipeline_like
 
 from leanserve.cli import main
 from leanserve.kernels.ot_argmax import ot_argmax
@@ -194,6 +195,19 @@ def test_sampler_makes_k_network_calls_and_the_right_shape(pipe, sampler):
     assert pipe.scheduler is original_scheduler
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc", "ddpm"])
+def test_every_tail_reads_a_v_prediction_teacher(pipe, sampler):
+    """A v-prediction teacher built to denoise exactly like the ε one gives the same DPM-OT images."""
+    v = v_pipeline_like(pipe, teacher_scheduler().alphas_cumprod)
+    ot_map = random_map()
+    out = {}
+    for name, p in (("eps", pipe), ("v", v)):
+        out[name] = dpm_ot_generate(p, ot_map, ["", "a red circle"], num_inference_steps=3, sampler=sampler,
+                                    guidance_scale=2.0, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                                    output_type="latent").images
+    torch.testing.assert_close(out["v"], out["eps"], rtol=1e-4, atol=1e-4)
+
+
 def test_random_target_control_and_schedule_check(pipe):
     ot_map = random_map()
     out = dpm_ot_generate(pipe, ot_map, "", num_inference_steps=2, assignment="random", num_images_per_prompt=3,
@@ -278,6 +292,24 @@ def test_train_dpm_ot_refuses_bad_arguments(teacher_dir, tmp_path, capsys):
     assert "--t-prime" in capsys.readouterr().err
     assert main([*base, "--out", str(teacher_dir), "--t-prime", "10"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_train_dpm_ot_on_a_zero_snr_teacher(teacher_dir, tmp_path, capsys):
+    from leanserve.models.image_pipeline import load_image_pipeline
+
+    teacher = PixelDiffusionPipeline.from_pretrained(teacher_dir)
+    teacher.scheduler = teacher_scheduler("v_prediction", rescale_betas_zero_snr=True)
+    teacher.save_pretrained(tmp_path / "v-teacher")
+    base = ["train", "dpm-ot", "--model", str(tmp_path / "v-teacher"), "--targets", "data", "--num-targets", "8",
+            "--max-iters", "50", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--t-prime", "999"]) == 2
+    assert "nothing to jump to" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--t-prime", "300"]) == 0
+    pipe = load_image_pipeline(tmp_path / "b")
+    ot_map = OTMap.load(tmp_path / "b" / OT_MAP_FILE)
+    assert ot_map.alpha_bar == pytest.approx(float(pipe.scheduler.alphas_cumprod[300]))
+    images = dpm_ot_generate(pipe, ot_map, "", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 3)
 
 
 def test_stop_and_resume_gives_the_uninterrupted_map(teacher_dir, tmp_path):

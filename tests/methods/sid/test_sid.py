@@ -30,10 +30,11 @@ from leanserve.trainers.sid_loss import (
     generator_chain,
     generator_loss,
     guidance_kappas,
-    guided_eps,
+    guided_output,
+    noise_coefs,
     sid_loss_terms,
-    unet_eps,
-    x0_from_eps,
+    unet_fn,
+    x0_from_output,
     x0_gap,
 )
 
@@ -82,10 +83,10 @@ def embeds(batch: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
 
 
-def counting(eps_fn, calls: list):
-    """Wrap an EpsFn; record (batch size, grad recorded) per call and keep the outputs."""
+def counting(model_fn, calls: list):
+    """Wrap a ModelFn; record (batch size, grad recorded) per call and keep the outputs."""
     def wrapped(x, t, c):
-        out = eps_fn(x, t, c)
+        out = model_fn(x, t, c)
         calls.append((x.shape[0], out.requires_grad, out))
         return out
     return wrapped
@@ -109,26 +110,26 @@ def test_x0_is_never_clipped_even_if_the_scheduler_says_so():
     g = torch.Generator().manual_seed(0)
     x_t, eps = 3 * torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randn(4, 3, SIZE, SIZE, generator=g)
     t = torch.tensor([20, 300, 625, 979])
-    x0 = x0_from_eps(eps, x_t, t, scheduler.alphas_cumprod)
+    x0 = x0_from_output(eps, x_t, t, scheduler.alphas_cumprod, "epsilon")
     ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(x0, (x_t - (1 - ab).sqrt() * eps) / ab.sqrt())
     assert x0.abs().max() > 1.5  # would have been clamped to [-1, 1]
     # and the gradient reaches every element (clamping would zero it outside [-1, 1])
     x_t.requires_grad_(True)
-    x0_from_eps(eps, x_t, t, scheduler.alphas_cumprod).sum().backward()
+    x0_from_output(eps, x_t, t, scheduler.alphas_cumprod, "epsilon").sum().backward()
     assert (x_t.grad != 0).all()
 
 
-def test_guided_eps_passes():
+def test_guided_output_passes():
     unet = tiny_unet()
-    eps = unet_eps(unet)
+    eps = unet_fn(unet)
     cond, uncond = embeds(2)
     x = torch.randn(2, 3, SIZE, SIZE)
     t = torch.tensor([100, 700])
     with torch.no_grad():
         for kappa, batch in ((1.0, 2), (0.0, 2), (2.0, 4)):
             calls = []
-            out = guided_eps(counting(eps, calls), x, t, cond, uncond, kappa)
+            out = guided_output(counting(eps, calls), x, t, cond, uncond, kappa)
             assert [c[0] for c in calls] == [batch]
             e_c, e_u = eps(x, t, cond), eps(x, t, uncond.expand_as(cond))
             torch.testing.assert_close(out, e_u + kappa * (e_c - e_u), atol=1e-5, rtol=1e-5)
@@ -166,7 +167,9 @@ def test_x0_gap_is_the_difference_of_x0s():
     g = torch.Generator().manual_seed(8)
     x_t, e_r, e_f = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
     t, ac = torch.tensor([40, 800]), alphas_cumprod()
-    torch.testing.assert_close(x0_gap(e_r, e_f, t, ac), x0_from_eps(e_r, x_t, t, ac) - x0_from_eps(e_f, x_t, t, ac))
+    for kind in ("epsilon", "v_prediction"):
+        torch.testing.assert_close(x0_gap(e_r, e_f, t, ac, kind),
+                                   x0_from_output(e_r, x_t, t, ac, kind) - x0_from_output(e_f, x_t, t, ac, kind))
 
 
 @pytest.mark.parametrize("kappa", [1.0, 2.0])
@@ -177,10 +180,11 @@ def test_generator_loss_and_gradient_are_zero_when_fake_equals_teacher(kappa):
     ac = alphas_cumprod()
     cond, uncond = embeds(2)
     g = torch.Generator().manual_seed(4)
-    x_g = generator_chain(unet_eps(generator), torch.randn(2, 3, SIZE, SIZE, generator=g), [625], cond, ac, grad=True)
-    out = generator_loss(unet_eps(teacher), unet_eps(fake), x_g, torch.tensor([50, 900]),
+    x_g = generator_chain(unet_fn(generator), torch.randn(2, 3, SIZE, SIZE, generator=g), [625], cond, ac, "epsilon",
+                          grad=True)
+    out = generator_loss(unet_fn(teacher), unet_fn(fake), x_g, torch.tensor([50, 900]),
                          torch.randn(2, 3, SIZE, SIZE, generator=g), cond, uncond, guidance_kappas("lsg", kappa),
-                         1.0, ac)
+                         1.0, ac, "epsilon")
     assert out.y_real.requires_grad and out.y_fake.requires_grad  # not computed under no_grad
     assert (out.per_sample == 0).all()
     out.per_sample.sum().backward()
@@ -197,14 +201,15 @@ def test_only_the_last_generator_call_gets_gradient_and_it_flows_through_teacher
     cond, uncond = embeds(2)
     g = torch.Generator().manual_seed(6)
     calls = []
-    x_g = generator_chain(counting(unet_eps(generator), calls), torch.randn(2, 3, SIZE, SIZE, generator=g),
-                          chain_timesteps(4, 625)[:3], cond, ac, noise=lambda: torch.randn(2, 3, SIZE, SIZE, generator=g),
-                          grad=True)
+    x_g = generator_chain(counting(unet_fn(generator), calls), torch.randn(2, 3, SIZE, SIZE, generator=g),
+                          chain_timesteps(4, 625)[:3], cond, ac, "epsilon",
+                          noise=lambda: torch.randn(2, 3, SIZE, SIZE, generator=g), grad=True)
     assert [c[1] for c in calls] == [False, False, True]
     backward_calls = []
     calls[-1][2].register_hook(lambda grad: backward_calls.append(grad))
-    out = generator_loss(unet_eps(teacher), unet_eps(fake), x_g, torch.tensor([300, 700]),
-                         torch.randn(2, 3, SIZE, SIZE, generator=g), cond, uncond, guidance_kappas("lsg", 2.0), 1.0, ac)
+    out = generator_loss(unet_fn(teacher), unet_fn(fake), x_g, torch.tensor([300, 700]),
+                         torch.randn(2, 3, SIZE, SIZE, generator=g), cond, uncond, guidance_kappas("lsg", 2.0), 1.0, ac,
+                         "epsilon")
     out.x_t.retain_grad()
     out.per_sample.sum().backward()
     assert len(backward_calls) == 1 and backward_calls[0].abs().sum() > 0
@@ -224,11 +229,11 @@ def test_gradient_checkpointing_gives_the_same_generator_gradient():
         generator = copy.deepcopy(teacher).requires_grad_(True)
         cond, uncond = embeds(2)
         g = torch.Generator().manual_seed(11)
-        x_g = generator_chain(unet_eps(generator), torch.randn(2, 3, SIZE, SIZE, generator=g), [625], cond,
-                              alphas_cumprod(), grad=True)
-        out = generator_loss(unet_eps(teacher), unet_eps(fake), x_g, torch.tensor([300, 700]),
+        x_g = generator_chain(unet_fn(generator), torch.randn(2, 3, SIZE, SIZE, generator=g), [625], cond,
+                              alphas_cumprod(), "epsilon", grad=True)
+        out = generator_loss(unet_fn(teacher), unet_fn(fake), x_g, torch.tensor([300, 700]),
                              torch.randn(2, 3, SIZE, SIZE, generator=g), cond, uncond, guidance_kappas("lsg", 2.0),
-                             1.0, alphas_cumprod())
+                             1.0, alphas_cumprod(), "epsilon")
         out.per_sample.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in generator.parameters()]))
     assert grads[0].abs().sum() > 0
@@ -243,10 +248,58 @@ def test_fake_loss_at_init_is_the_teacher_eps_mse():
     x_g, eps = torch.randn(2, 3, SIZE, SIZE, generator=g), torch.randn(2, 3, SIZE, SIZE, generator=g)
     t = torch.tensor([30, 500])
     with torch.no_grad():
-        loss = fake_loss(unet_eps(copy.deepcopy(teacher)), x_g, t, eps, cond, uncond, 1.0, ac)
+        loss = fake_loss(unet_fn(copy.deepcopy(teacher)), x_g, t, eps, cond, uncond, 1.0, ac, "epsilon")
         a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
-        expected = (unet_eps(teacher)(a * x_g + s * eps, t, cond) - eps).square().sum(dim=(1, 2, 3))
+        expected = (unet_fn(teacher)(a * x_g + s * eps, t, cond) - eps).square().sum(dim=(1, 2, 3))
     torch.testing.assert_close(loss, expected)
+
+
+def as_v(eps_fn, ac):
+    """The v-prediction network that denoises exactly like `eps_fn`: v̂ = a·ε̂ − s·x̂0 = (ε̂ − s·x_t) / a."""
+    def v_fn(x_t, t, c):
+        a, s = noise_coefs(ac, t)
+        return (eps_fn(x_t, t, c) - s * x_t) / a
+    return v_fn
+
+
+@pytest.mark.parametrize("kappa", [1.0, 2.0])
+def test_a_v_teacher_that_agrees_with_an_eps_teacher_gives_the_same_sid_targets(kappa):
+    teacher, fake, generator = tiny_unet(0), tiny_unet(5), tiny_unet(3)
+    ac = alphas_cumprod()
+    cond, uncond = embeds(2)
+    t = torch.tensor([300, 900])
+    runs = {}
+    for kind, wrap in (("epsilon", lambda f: f), ("v_prediction", lambda f: as_v(f, ac))):
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            x_g = generator_chain(wrap(unet_fn(generator)), torch.randn(2, 3, SIZE, SIZE, generator=g),
+                                  chain_timesteps(2, 625), cond, ac, kind,
+                                  noise=lambda: torch.randn(2, 3, SIZE, SIZE, generator=g))
+            eps = torch.randn(2, 3, SIZE, SIZE, generator=g)
+            out = generator_loss(wrap(unet_fn(teacher)), wrap(unet_fn(fake)), x_g, t, eps, cond, uncond,
+                                 guidance_kappas("lsg", kappa), 1.0, ac, kind)
+            psi = fake_loss(wrap(unet_fn(fake)), x_g, t, eps, cond, uncond, kappa, ac, kind)
+        runs[kind] = x_g, out, psi
+    (x_e, out_e, psi_e), (x_v, out_v, psi_v) = runs["epsilon"], runs["v_prediction"]
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_v, x_e, **close)  # the generator's chain
+    for name in ("y_real", "y_fake", "w", "per_sample"):  # the SiD targets and loss
+        torch.testing.assert_close(getattr(out_v, name), getattr(out_e, name), **close)
+    assert out_e.per_sample.abs().min() > 0  # the networks differ: a real loss, not 0 = 0
+    # the fake network is trained in its own parameterisation: v-MSE = ε-MSE / ᾱ_t
+    torch.testing.assert_close(psi_v, psi_e / ac[t], **close)
+
+
+def test_v_prediction_gives_x0_at_zero_terminal_snr():
+    ac = teacher_scheduler("v_prediction", rescale_betas_zero_snr=True).alphas_cumprod
+    assert ac[999] == 0
+    g = torch.Generator().manual_seed(1)
+    x_t, v = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = torch.tensor([999, 999])
+    torch.testing.assert_close(x0_from_output(v, x_t, t, ac, "v_prediction"), -v)  # x_T = ε, v = -x0
+    assert not torch.isfinite(x0_from_output(v, x_t, t, ac, "epsilon")).all()  # why ε cannot be used there
+    with pytest.raises(ValueError, match="prediction_type"):
+        x0_from_output(v, x_t, t, ac, "sample")
 
 
 def test_nan_guard_and_ema_beta():
@@ -336,6 +389,24 @@ def test_distill_writes_a_generator_usable_at_1_and_k_steps(teacher_dir, tmp_pat
         pipe(PROMPTS[:1], num_inference_steps=3)
 
 
+def test_distill_a_zero_snr_v_prediction_teacher(teacher_dir, tmp_path):
+    # the same teacher weights, read as a v-prediction UNet on the zero-terminal-SNR schedule
+    v_teacher = tmp_path / "v-teacher"
+    pipe = PixelDiffusionPipeline.from_pretrained(teacher_dir)
+    pipe.scheduler = teacher_scheduler("v_prediction", rescale_betas_zero_snr=True)
+    pipe.save_pretrained(v_teacher)
+    out = tmp_path / "sid-v"
+    assert distill(v_teacher, out, "--iterations", "2", "--t-init", "999") == 0
+    assert json.loads((out / "leanserve.json").read_text())["settings"]["prediction_type"] == "v_prediction"
+    generator = SiDPipeline.from_pretrained(out)
+    generator.set_progress_bar_config(disable=True)
+    assert generator.scheduler.config.prediction_type == "v_prediction"
+    assert generator.scheduler.alphas_cumprod[999] == 0  # the first step starts from pure noise
+    images = generator(PROMPTS[:2], num_inference_steps=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                       output_type="np").images
+    assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all()
+
+
 def test_distill_with_the_gan_loss_in_bf16_with_checkpointing(teacher_dir, tmp_path):
     out = tmp_path / "sid-gan"
     assert distill(teacher_dir, out, "--iterations", "2", "--guidance", "zero-cfg", "--gan", "--gan-warmup",
@@ -353,10 +424,10 @@ def test_a_nan_sample_is_dropped_and_the_step_still_happens(teacher_dir, tmp_pat
     sid.add_arguments(parser)
     trainer = sid.Trainer(parser.parse_args(["--teacher", str(teacher_dir), "--out", str(tmp_path / "nan"), *FLAGS]),
                           torch.device("cpu"))
-    eps = trainer._eps
+    model_fn = trainer._fn
 
     def poisoned(unet):  # the teacher predicts NaN for the first sample
-        fn = eps(unet)
+        fn = model_fn(unet)
         if unet is not trainer.teacher:
             return fn
 
@@ -366,7 +437,7 @@ def test_a_nan_sample_is_dropped_and_the_step_still_happens(teacher_dir, tmp_pat
             return out
         return poisoned_fn
 
-    trainer._eps = poisoned
+    trainer._fn = poisoned
     trainer.train_iteration()
     assert trainer.step == 1
     assert torch.isfinite(trainer.window).all()  # the logged generator loss is that of the good sample
