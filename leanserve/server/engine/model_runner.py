@@ -102,7 +102,7 @@ class ModelRunner:
         try:
             self._load(store if self.workers is None else self.workers.store, on_loaded)
         except BaseException:
-            self.close()
+            self.close(timeout=0)  # the workers may still be importing: a SHUTDOWN would wait for that
             raise
         self.vocab_size = self.model.vocab_size
         # a model with several weight sets behind it (num_variants > 1) runs each sequence through
@@ -132,10 +132,11 @@ class ModelRunner:
             on_loaded()
         join_process_group(store, self.device)
 
-    def close(self) -> None:
-        """Stop the other tensor-parallel ranks (rank 0) and leave the process group."""
+    def close(self, timeout: float = tp_workers.EXIT_TIMEOUT_S) -> None:
+        """Stop the other tensor-parallel ranks (rank 0: killed if not gone in `timeout` seconds)
+        and leave the process group."""
         if self.workers is not None:
-            self.workers.close()
+            self.workers.close(timeout)
             self.workers = None
         if self.tp_size > 1:
             leave_process_group()

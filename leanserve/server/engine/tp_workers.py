@@ -72,7 +72,7 @@ class TPWorkers:
                 self.connections.append(conn)
                 conn.send_bytes(encode((CONFIG, fields, rank, self.store.port, level)))
         except BaseException:
-            self.close()
+            self.close(timeout=0)
             raise
 
     def wait_ready(self) -> None:
@@ -134,7 +134,8 @@ class TPWorkers:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
-                logger.warning("tensor-parallel worker %d did not exit in %s s: killing it", proc.pid, timeout)
+                if timeout:
+                    logger.warning("tensor-parallel worker %d did not exit in %s s: killing it", proc.pid, timeout)
                 proc.kill()
                 proc.wait()
         for conn in self.connections:
