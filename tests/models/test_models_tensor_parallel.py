@@ -1,7 +1,7 @@
-"""Tensor parallelism in the model layer: a Llama loaded as 2 gloo ranks (each reading only its
-shards from safetensors) computes the same fp32 logits as the whole model in one process, through
-the paged KV cache (chunked prefill, mixed and pure decode steps); and sizes that do not split the
-model are refused with a clear error."""
+"""Tensor parallelism in the model layer: a Llama (and a MoE++ model, experts replicated) loaded as
+2 gloo ranks, each reading only its shards from safetensors, computes the same fp32 logits as the
+whole model in one process, through the paged KV cache (chunked prefill, mixed and pure decode
+steps); and sizes that do not split the model are refused with a clear error."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from moepp_builders import write_moepp_dir
 from test_models_llama import PagedRun
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -27,6 +28,8 @@ CONFIGS = {
                         tie_word_embeddings=True),
 }
 WORLD = 2
+# MoE++ at TP: attention split by KV heads like Llama's, the experts replicated on every rank
+MOEPP = dict(num_attention_heads=4, num_key_value_heads=2)
 
 
 def save_model(config: LlamaConfig, out_dir) -> None:
@@ -42,7 +45,7 @@ def run_steps(model) -> torch.Tensor:
     """Logits of every token of three engine-like steps: prefill + a first chunk, a decode next to
     a chunk, a pure decode; non-contiguous blocks of 4 tokens."""
     gen = torch.Generator().manual_seed(1)
-    a, b = (torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 8))
+    a, b = (torch.randint(0, model.vocab_size, (n,), generator=gen).tolist() for n in (9, 8))
     run = PagedRun(model, block_size=4)
     steps = [{0: a[:7], 1: b[:3]}, {0: a[7:8], 1: b[3:7]}, {0: a[8:9], 1: b[7:8]}]
     return torch.cat([logits for step in steps for logits in run.step(step).values()])
@@ -67,6 +70,7 @@ def tp2_logits(tmp_path_factory):
     for name, config in CONFIGS.items():
         save_model(config, root / name)
         dirs[name] = str(root / name)
+    dirs["moepp"] = str(write_moepp_dir(root / "moepp", **MOEPP))
     store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=rank_main, args=(rank, store.port, dirs, str(root / "logits.safetensors")))
@@ -79,12 +83,12 @@ def tp2_logits(tmp_path_factory):
     return dirs, load_file(root / "logits.safetensors")
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, "moepp"])
 def test_tp2_logits_equal_tp1(name, tp2_logits):
     dirs, logits = tp2_logits
     model, _ = load_model(dirs[name], "cpu", torch.float32)
     expected = run_steps(model)
-    assert logits[name].shape == expected.shape == (17, VOCAB)
+    assert logits[name].shape == expected.shape == (17, model.vocab_size)
     torch.testing.assert_close(logits[name], expected, rtol=1e-5, atol=1e-5)
 
 
