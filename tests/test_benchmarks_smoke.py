@@ -2,6 +2,7 @@
 the lead runs on a lent GPU does not die on an API drift (e.g. sid.Trainer's internals) first."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -191,3 +192,27 @@ def test_aioli_experiment_smoke(tmp_path):
         stats = paired[arm]["test_ppl_mean"]
         assert stats["n"] == 2 and stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
     assert (tmp_path / "work" / "runs" / "code+arith" / "aioli" / "seed0" / "mixture.png").is_file()
+
+
+def test_tp_benchmark_smoke(tmp_path):
+    """bench_tp_gpu.py --smoke: a toy Llama served at --tensor-parallel-size 2 (2 gloo ranks on CPU)
+    through the same rows as the GPU run; and the 70B shape's TP=2-or-4 choice on 80 and 141 GB cards."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tp_gpu.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench_tp_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    [path] = tmp_path.glob("tp_gpu_smoke-*x2.json")
+    [run] = json.loads(path.read_text())["results"]["runs"]
+    assert run["tensor_parallel_size"] == 2 and "error" not in run
+    assert [r["concurrency"] for r in run["rows"]] == [1, 4]
+    for row in run["rows"]:
+        assert "error" not in row and not row["truncated"] and row["output_tokens"] == 4 * 8, row
+        assert row["decode_tok_s"] == row["concurrency"] * row["stream_decode_tok_s"] > 0
+        assert row["bound_tok_s"] is None  # no bound on CPU
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_tp_gpu import LLAMA3_70B, fits
+    args = argparse.Namespace(concurrency=[1, 64, 256], prompt_len=128, max_tokens=256, gpu_memory_utilization=0.9)
+    weights = 141 * 10**9  # bf16 Llama-3-70B
+    assert not fits(LLAMA3_70B, weights, 2, 80 * 2**30, args) and fits(LLAMA3_70B, weights, 4, 80 * 2**30, args)
+    assert fits(LLAMA3_70B, weights, 2, 141 * 10**9, args)
