@@ -171,7 +171,7 @@ class VocabParallelEmbedding(nn.Embedding):
         local = ids - _state.rank * self.num_embeddings
         foreign = (local < 0) | (local >= self.num_embeddings)
         out = F.embedding(local.masked_fill(foreign, 0), self.weight)
-        return all_reduce(out.masked_fill_(foreign[:, None], 0))
+        return all_reduce(out.masked_fill_(foreign.unsqueeze(-1), 0))
 
     def load_weight(self, param: nn.Parameter, checkpoint, shard: int | None) -> None:
         _expect(checkpoint, (self.vocab_size, param.shape[1]))

@@ -85,6 +85,9 @@ class ModelRunner:
         shards and joining the process group: see tp_workers.py)."""
         self.config = config
         self.rank, self.tp_size = rank, config.tensor_parallel_size
+        if self.tp_size > 1 and config.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--device {config.device} names one device, but --tensor-parallel-size {self.tp_size} "
+                            f"puts rank r on GPU r: use auto, cuda or cpu (CUDA_VISIBLE_DEVICES picks the GPUs)")
         self.device = resolve_device(config.device, local_rank=rank if self.tp_size > 1 else None)
         if self.device.type == "cuda" and self.tp_size > 1:
             if self.tp_size > torch.cuda.device_count():
