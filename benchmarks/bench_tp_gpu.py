@@ -3,7 +3,8 @@ Llama-3-70B-shaped one (80 layers, hidden 8192, GQA 64/8) at TP=2 if it fits the
 each a real `leanserve serve --tensor-parallel-size N --load-format dummy` process driven by
 bench_serve_gpu.py's streaming clients, against the memory-bandwidth bound of N cards.
 
-    python benchmarks/bench_tp_gpu.py [--concurrency 1 64 256] [--budget-s 1500]   # 2+ GPUs (4 for a 70B at TP=4)
+    python benchmarks/bench_tp_gpu.py --shapes 8b [--concurrency 1 64 256]   # 2+ GPUs
+    python benchmarks/bench_tp_gpu.py --shapes 70b                           # 2 GPUs of 141 GB, else 4
     python benchmarks/bench_tp_gpu.py --smoke --out-dir DIR     # CPU, 2 gloo ranks, toy shape (tests)
 
 Per (shape, N) and concurrency c: c closed-loop streams of --prompt-len random-id prompts and
@@ -17,12 +18,16 @@ Per (shape, N) and concurrency c: c closed-loop streams of --prompt-len random-i
 The 70B fits at TP=2 if its per-card weights, the KV of max(c) sequences of prompt + max_tokens
 tokens and ACTIVATION_MARGIN_GIB stay under --gpu-memory-utilization of a card.
 
-Results: benchmarks/results/tp_gpu-<gpu>x<cards>.json, written after every row.
+Results: benchmarks/results/tp_gpu-<gpu>x<cards>.json, written after every row; a run of some shapes
+keeps the file's runs of the others (one shape per command fits a 10-minute command limit), and the
+goals are recomputed from whatever 8B runs the file then holds.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from bench_decode_gpu import LLAMA3_8B, bound_tok_s, model_dir
 from bench_serve_gpu import Bench, log, warm_up, weight_bytes  # puts tests/ (server_utils) on sys.path
@@ -62,11 +67,10 @@ def fits(config: dict, wbytes: int, tp: int, card_bytes: int, args) -> bool:
     return (wbytes + kv) / tp + ACTIVATION_MARGIN_GIB * 2**30 <= args.gpu_memory_utilization * card_bytes
 
 
-def run_shape(bench: TPBench, name: str, config: dict, tp: int, bw: float | None) -> dict:
-    """Serve `config` at tensor-parallel size `tp` and measure every concurrency (one run entry)."""
+def run_shape(bench: TPBench, name: str, config: dict, path: Path, wbytes: int, tp: int, bw: float | None) -> dict:
+    """Serve `config` (its model directory `path`, weights of wbytes) at tensor-parallel size `tp` and
+    measure every concurrency (one run entry)."""
     a = bench.args
-    path = model_dir(config)
-    wbytes = weight_bytes(path)
     ctx = a.prompt_len + a.max_tokens / 2
     bound = (lambda c: bound_tok_s(c, ctx, wbytes, tp * bw, config)) if bw is not None else (lambda c: None)
     run = {"shape": name, "tensor_parallel_size": tp, "weight_bytes": wbytes, "rows": []}
@@ -118,8 +122,10 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--client-procs", type=int, help="client processes the streams are spread over")
-    ap.add_argument("--skip-70b", action="store_true", help="the 8B shape only")
-    ap.add_argument("--budget-s", type=float, default=1500, help="wall-clock budget of the whole run")
+    ap.add_argument("--shapes", nargs="+", choices=["8b", "70b"], default=["8b", "70b"],
+                    help="which shapes to run; runs of the other shapes already in the results file are kept, so "
+                         "a time-capped lease can run one shape per command")
+    ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget of this invocation")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args()
@@ -150,26 +156,33 @@ def main():
                "notes": "closed-loop streams per concurrency, distinct random token-id prompts; see "
                         "benchmarks/bench_tp_gpu.py's docstring for decode_tok_s and the N-card bound"}
     filename = f"tp_gpu{'_smoke' if args.smoke else ''}-{hardware_slug()}x{cards}.json"
+    shapes = {"8b": "llama3-8b", "70b": "llama3-70b"}
+    previous = Path(args.out_dir) / filename
+    if previous.is_file() and not args.smoke:
+        redone = {shapes[s] for s in args.shapes}
+        results["runs"] = [r for r in json.loads(previous.read_text())["results"]["runs"] if r["shape"] not in redone]
     bench = TPBench(args, filename, results)
     try:
         if args.smoke:  # one server: the TP=2 path of every phase (TP=1 is the ordinary serve path)
-            run_shape(bench, "toy", TOY, 2, None)
-        else:
+            path = model_dir(TOY)
+            run_shape(bench, "toy", TOY, path, weight_bytes(path), 2, None)
+        if not args.smoke and "8b" in args.shapes:
+            path = model_dir(LLAMA3_8B)
             for tp in (1, 2):
-                run_shape(bench, "llama3-8b", LLAMA3_8B, tp, bw)
+                run_shape(bench, "llama3-8b", LLAMA3_8B, path, weight_bytes(path), tp, bw)
+        if not args.smoke and "70b" in args.shapes:
+            path = model_dir(LLAMA3_70B)
+            wbytes = weight_bytes(path)
+            tp = next((n for n in (2, 4) if n <= cards and fits(LLAMA3_70B, wbytes, n, card_bytes, args)), None)
+            if tp is None:
+                results["llama3_70b_skipped"] = (f"{wbytes / 2**30:.0f} GiB of weights fit neither 2 nor 4 of "
+                                                 f"these {cards} cards at the runs' KV")
+            else:
+                run_shape(bench, "llama3-70b", LLAMA3_70B, path, wbytes, tp, bw)
+        if not args.smoke:
             results["goals"] = goals(results["runs"])
-            bench.save()
             log(f"goals: {results['goals']}")
-            if not args.skip_70b:
-                big = model_dir(LLAMA3_70B)
-                wbytes = weight_bytes(big)
-                tp = next((n for n in (2, 4) if n <= cards and fits(LLAMA3_70B, wbytes, n, card_bytes, args)), None)
-                if tp is None:
-                    results["llama3_70b_skipped"] = (f"{wbytes / 2**30:.0f} GiB of weights fit neither 2 nor 4 of "
-                                                     f"these {cards} cards at the runs' KV")
-                    bench.save()
-                else:
-                    run_shape(bench, "llama3-70b", LLAMA3_70B, tp, bw)
+        bench.save()
     finally:
         bench.load.close()
     log(f"wrote {bench.path}")

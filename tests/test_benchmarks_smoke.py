@@ -211,7 +211,14 @@ def test_tp_benchmark_smoke(tmp_path):
         assert row["bound_tok_s"] is None  # no bound on CPU
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_tp_gpu import LLAMA3_70B, fits
+    from bench_tp_gpu import LLAMA3_70B, fits, goals
+
+    def run(tp: int, *rows: tuple[int, float, float]) -> dict:
+        return {"shape": "llama3-8b", "tensor_parallel_size": tp,
+                "rows": [{"concurrency": c, "decode_tok_s": t, "decode_frac_of_bound": f} for c, t, f in rows]}
+    met = goals([run(1, (1, 100.0, 0.5)), run(2, (1, 170.0, 0.4), (64, 5000.0, 0.8))])
+    assert met["tp2_over_tp1_at_c1"] == 1.7 and met["tp2_at_c1_met"] and met["tp2_at_c64_met"]
+    assert goals([run(2, (1, 170.0, 0.4))])["tp2_over_tp1_at_c1"] is None  # no TP=1 run: no ratio
     args = argparse.Namespace(concurrency=[1, 64, 256], prompt_len=128, max_tokens=256, gpu_memory_utilization=0.9)
     weights = 141 * 10**9  # bf16 Llama-3-70B
     assert not fits(LLAMA3_70B, weights, 2, 80 * 2**30, args) and fits(LLAMA3_70B, weights, 4, 80 * 2**30, args)
