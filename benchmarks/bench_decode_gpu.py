@@ -41,8 +41,9 @@ def model_dir(config: dict = LLAMA3_8B) -> Path:
     return d
 
 
-def bound_tok_s(batch: int, ctx: float, weight_bytes: int, bw_gbs: float) -> float:
-    c = LLAMA3_8B
+def bound_tok_s(batch: int, ctx: float, weight_bytes: int, bw_gbs: float, c: dict = LLAMA3_8B) -> float:
+    """Decode tokens/s if every step only read the weights and the batch's bf16 KV at bw_gbs (the
+    bandwidth of all the cards that share the reads, for a tensor-parallel model)."""
     kv_bytes = batch * ctx * c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 2
     return batch / ((weight_bytes + kv_bytes) / (bw_gbs * 1e9))
 

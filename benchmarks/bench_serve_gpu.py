@@ -186,6 +186,10 @@ def text_summary(records: list[dict]) -> dict:
             "out_tok_s": sum(r["tokens"] for r in records) / wall,
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "itl_p50_ms": 1e3 * pct(itl, 50) if itl else None, "itl_p99_ms": 1e3 * pct(itl, 99) if itl else None,
+            # one stream's rate once its first token is out (median request): the decode speed a
+            # user sees, free of the prefills a closed loop interleaves
+            "stream_decode_tok_s": pct([(r["tokens"] - 1) / (r["end"] - r["first"]) for r in records
+                                        if r["end"] > r["first"]], 50),
             # time-averaged number of requests in flight (the Poisson run's effective concurrency)
             "mean_in_flight": sum(r["end"] - r["start"] for r in records) / wall}
 

@@ -11,16 +11,19 @@ from leanserve.models.model_dir import git_commit
 RESULTS = Path(__file__).parent / "results"
 
 
+def hardware_slug() -> str:
+    """The hardware name as results files carry it: nvidia-h200, cpu-amd-epyc-..."""
+    return "".join(c if c.isalnum() else "-" for c in hardware().lower()).strip("-")[:40]
+
+
 def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filename: str | None = None) -> Path:
     """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json (or OUT/filename)."""
-    hw = hardware()
-    payload = {"bench": bench, "hardware": hw, "git_commit": git_commit() or "unknown",
+    payload = {"bench": bench, "hardware": hardware(), "git_commit": git_commit() or "unknown",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "results": results}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in hw.lower()).strip("-")[:40]
-    path = out / (filename or f"{bench}-{slug}.json")
+    path = out / (filename or f"{bench}-{hardware_slug()}.json")
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

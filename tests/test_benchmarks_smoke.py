@@ -2,6 +2,7 @@
 the lead runs on a lent GPU does not die on an API drift (e.g. sid.Trainer's internals) first."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -226,3 +227,34 @@ def test_moepp_serve_benchmark_smoke(tmp_path, tiny_llm_dir):
     for row in r["rows"]:
         assert row["output_tokens"] == row["requests"] * 8 and row["out_tok_s"] > 0 and not row["truncated"]
         assert row["speedup_vs_moepp"] == 1.0
+
+
+def test_tp_benchmark_smoke(tmp_path):
+    """bench_tp_gpu.py --smoke: a toy Llama served at --tensor-parallel-size 2 (2 gloo ranks on CPU)
+    through the same rows as the GPU run; and the 70B shape's TP=2-or-4 choice on 80 and 141 GB cards."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tp_gpu.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench_tp_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    [path] = tmp_path.glob("tp_gpu_smoke-*x2.json")
+    [run] = json.loads(path.read_text())["results"]["runs"]
+    assert run["tensor_parallel_size"] == 2 and "error" not in run
+    assert [r["concurrency"] for r in run["rows"]] == [1, 4]
+    for row in run["rows"]:
+        assert "error" not in row and not row["truncated"] and row["output_tokens"] == 4 * 8, row
+        assert row["decode_tok_s"] == row["concurrency"] * row["stream_decode_tok_s"] > 0
+        assert row["bound_tok_s"] is None  # no bound on CPU
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_tp_gpu import LLAMA3_70B, fits, goals
+
+    def run(tp: int, *rows: tuple[int, float, float]) -> dict:
+        return {"shape": "llama3-8b", "tensor_parallel_size": tp,
+                "rows": [{"concurrency": c, "decode_tok_s": t, "decode_frac_of_bound": f} for c, t, f in rows]}
+    met = goals([run(1, (1, 100.0, 0.5)), run(2, (1, 170.0, 0.4), (64, 5000.0, 0.8))])
+    assert met["tp2_over_tp1_at_c1"] == 1.7 and met["tp2_at_c1_met"] and met["tp2_at_c64_met"]
+    assert goals([run(2, (1, 170.0, 0.4))])["tp2_over_tp1_at_c1"] is None  # no TP=1 run: no ratio
+    args = argparse.Namespace(concurrency=[1, 64, 256], prompt_len=128, max_tokens=256, gpu_memory_utilization=0.9)
+    weights = 141 * 10**9  # bf16 Llama-3-70B
+    assert not fits(LLAMA3_70B, weights, 2, 80 * 2**30, args) and fits(LLAMA3_70B, weights, 4, 80 * 2**30, args)
+    assert fits(LLAMA3_70B, weights, 2, 141 * 10**9, args)

@@ -53,6 +53,7 @@ from leanserve.models.attention.paged import PagedAttention
 from leanserve.models.ensemble_dir import MEMBERS_FILE, check_settings, parse_scope, read_members
 from leanserve.models.layers import MergedLinear, RotaryEmbedding, rms_norm
 from leanserve.models.loader import RANDOM_STD, packed_target
+from leanserve.models.tensor_parallel import tp
 
 TOKEN_MEAN, SEQUENCE_SAMPLE = "token_mean", "sequence_sample"
 
@@ -310,6 +311,8 @@ def _plan(model: nn.Module, targets: dict[str, nn.Parameter], settings: dict) ->
 @torch.no_grad()
 def convert(model: nn.Module, hf_config, settings: dict, *, model_dir, random_weights: bool = False) -> EnsembleLM:
     """The loaded base model + DIR/members.safetensors -> EnsembleLM (random members when random_weights)."""
+    if tp().size > 1:  # the member stacks and the mixture head are not written for sharded weights
+        raise UserError("ensemble models cannot be served with --tensor-parallel-size > 1")
     check_settings(settings)
     num_members, mode = settings["num_members"], settings.get("ensemble_mode", TOKEN_MEAN)
     first = parse_scope(settings["scope"], model.num_layers)

@@ -1,5 +1,6 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embedding, fused linears and the SiLU-gated
-MLP. Attention, and the KV cache it reads, live in leanserve/models/attention/."""
+"""Building blocks of the Llama family: RMSNorm, rotary embedding, fused linears and the SiLU gate.
+Attention, and the KV cache it reads, live in leanserve/models/attention/; the tensor-parallel
+linears and the MLP built from them in tensor_parallel.py and llama.py."""
 from __future__ import annotations
 
 import math
@@ -57,19 +58,6 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 def rope_inv_freq(head_dim: int, rope_parameters: dict) -> torch.Tensor:

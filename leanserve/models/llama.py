@@ -2,7 +2,11 @@
 
 Weights follow HF names except the fused projections (qkv_proj, gate_up_proj) that the loader
 fills from the checkpoint's separate ones (`packed_modules_mapping`). All tokens of an engine
-step are flattened into one [T] batch; attention reads and writes the paged KV cache."""
+step are flattened into one [T] batch; attention reads and writes the paged KV cache.
+
+Tensor parallel (models/tensor_parallel.py): a rank holds H/N query heads, H_kv/N KV heads (and
+their cache), 1/N of the MLP's hidden units and of the vocabulary; two all-reduces per layer, one
+all-gather of the logits. At size 1 the same classes are the dense model."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +16,15 @@ from torch import nn
 from leanserve.models.attention.kv_spec import KVCache, PagedKVSpec
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.attention.paged import PagedAttention
-from leanserve.models.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding
+from leanserve.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from leanserve.models.tensor_parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    divide,
+    gather_logits,
+)
 
 
 def rope_parameters(config) -> dict:
@@ -43,18 +55,37 @@ def sliding_windows(config) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused; a rank holds 1/N of the hidden units."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, "intermediate_size")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, "intermediate_size")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
 class LlamaAttention(nn.Module):
+    """num_heads / num_kv_heads are this rank's (all of them at tensor-parallel size 1)."""
+
     def __init__(self, config, sliding_window: int | None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        # KV heads are the unit of the split: a rank keeps whole GQA groups, so it attends to its own cache only
+        self.num_kv_heads = divide(total_kv_heads, "number of KV heads (num_key_value_heads)")
+        self.num_heads = self.num_kv_heads * (total_heads // total_kv_heads)
         self.head_dim = head_dim_of(config)
         # Qwen2 has q/k/v biases but no o_proj bias; Llama's `attention_bias` covers all four
         qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = getattr(config, "attention_bias", False)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        total_q, total_kv = total_heads * self.head_dim, total_kv_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [total_q, total_kv, total_kv], qkv_bias, "heads")
+        self.o_proj = RowParallelLinear(total_q, config.hidden_size, o_bias, "heads")
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
                                    sliding_window)
 
@@ -100,7 +131,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.decoder_layer(config, i, window)
                                     for i, window in enumerate(sliding_windows(config)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -139,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
         # tied: the same module, not a shared Parameter, so the tie survives meta -> device
         # materialisation (to_empty re-creates parameters per module)
         self.lm_head = (self.model.embed_tokens if getattr(config, "tie_word_embeddings", False)
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else ParallelLMHead(config.hidden_size, config.vocab_size))
         attn = self.model.layers[0].self_attn
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = attn.num_kv_heads
@@ -157,4 +188,5 @@ class LlamaForCausalLM(nn.Module):
         return PagedKVSpec(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        """[N, hidden] -> [N, vocab] float32 on every rank (each computes its vocabulary slice)."""
+        return gather_logits(F.linear(hidden, self.lm_head.weight), self.vocab_size).float()

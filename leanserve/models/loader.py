@@ -1,6 +1,8 @@
 """Build a leanserve model from a Hugging Face directory: config.json + safetensors (single file or
 sharded with model.safetensors.index.json). Tensors are read one at a time and copied straight
-into parameters allocated in the target dtype/device, so peak host memory is one tensor."""
+into parameters allocated in the target dtype/device, so peak host memory is one tensor. Layers
+that hold a tensor-parallel shard (models/tensor_parallel.py) read only their rows or columns of
+it: the loader hands every layer a lazy safetensors slice, not a tensor."""
 from __future__ import annotations
 
 import json
@@ -70,8 +72,11 @@ def build_model(hf_config, device: torch.device | str, dtype: torch.dtype, *,
 
 @torch.no_grad()
 def _init_random(model: nn.Module, seed: int, std: float = RANDOM_STD) -> None:
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for module in model.modules():
+    gen = torch.Generator(device=next(model.parameters()).device)
+    for i, module in enumerate(model.modules()):
+        # seeded per module: tensor-parallel ranks hold shards of different sizes, and the weights
+        # they replicate (norms, MoE++ experts) must still be equal on every rank
+        gen.manual_seed(seed * 1_000_003 + i)
         if isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, nn.Linear | nn.Embedding):
@@ -94,18 +99,22 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} (leanserve loads safetensors only)")
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+    """(name, lazy slice) of every checkpoint tensor: `slice[...]` reads only what it indexes,
+    `slice.get_shape()` reads nothing. A slice is valid until the next one is yielded."""
     for file in safetensors_files(model_dir):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], hf_config) -> None:
-    """Copy checkpoint tensors into the model (casting dtype, moving device). Separate checkpoint
-    projections go into their shard of the fused module named by `model.packed_modules_mapping`.
-    Raises on unexpected, missing or mis-shaped tensors rather than serving a half-loaded model."""
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]], hf_config) -> None:
+    """Copy checkpoint tensors (iter_safetensors' slices) into the model (casting dtype, moving
+    device). Separate checkpoint projections go into their shard of the fused module named by
+    `model.packed_modules_mapping`; a module with `load_weight(param, slice, shard)` (the
+    tensor-parallel layers) reads its part itself. Raises on unexpected, missing or mis-shaped
+    tensors rather than serving a half-loaded model."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[tuple[str, int | None]] = set()
@@ -118,13 +127,18 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], 
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         param = params[target]
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-            param.copy_(tensor)
-        else:
-            module = model.get_submodule(target.rsplit(".", 1)[0])
-            module.load_shard(param, tensor, shard)
+        module = model.get_submodule(target.rsplit(".", 1)[0]) if "." in target else model
+        try:
+            if hasattr(module, "load_weight"):
+                module.load_weight(param, tensor, shard)
+            elif shard is not None:
+                module.load_shard(param, tensor[:], shard)
+            elif tuple(param.shape) != tuple(tensor.get_shape()):
+                raise ValueError(f"checkpoint shape {tuple(tensor.get_shape())} != model shape {tuple(param.shape)}")
+            else:
+                param.copy_(tensor[:])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         loaded.add((target, shard))
     missing = [f"{n}[shard {s}]" if s is not None else n
                for n, s in _expected_tensors(model) if (n, s) not in loaded]

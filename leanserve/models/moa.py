@@ -18,6 +18,7 @@ from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.attention.moa import MoAAttention, MoAKVSpec, MoALayerCache, MoAStep
 from leanserve.models.moa_plan import PLAN_FILE, MoAPlan, kv_slots, load_plan
+from leanserve.models.tensor_parallel import tp
 
 
 class MoAModel(nn.Module):
@@ -63,6 +64,8 @@ def convert(model: nn.Module, hf_config, settings: dict, *, model_dir: Path, ran
             ) -> MoAModel:
     """The loaded dense model + DIR/<settings["plan"]> -> MoAModel. A plan needs no weights, so
     random_weights changes nothing here."""
+    if tp().size > 1:  # each rank would need the spans of its own KV heads: not written yet
+        raise UserError("MoA models cannot be served with --tensor-parallel-size > 1 yet")
     plan = load_plan(Path(model_dir) / settings.get("plan", PLAN_FILE), hf_config)
     if plan.unit != "kv_head" and plan.model["num_q_heads"] != plan.model["num_kv_heads"]:
         raise UserError(f"{model_dir}: the plan's units are query heads of a GQA model; serving keeps one span "

@@ -62,8 +62,11 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep Engi
     "--device": ("device", str),
     "--dtype": ("dtype", str),
     "--seed": ("seed", int),
+    "--tensor-parallel-size": ("tensor_parallel_size", int),
 }
 _UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory"}
+_HELP = {"tensor_parallel_size": "LLMs: split each over this many GPUs (CPU: processes), one process per rank; "
+                                 "image models run unsplit; "}
 # flags that also configure image engines: EngineConfig field -> ImageEngineConfig field
 _IMAGE_OPTIONS = {"device": "device", "dtype": "dtype", "max_queued_requests": "max_queued_images"}
 
@@ -91,7 +94,7 @@ def add_arguments(p):
     engine = p.add_argument_group("engine")
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for flag, (name, type_) in _ENGINE_OPTIONS.items():
-        help_ = f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}"
+        help_ = _HELP.get(name, "") + f"default: {_UNSET_MEANS.get(name, engine_defaults[name])}"
         if name == "max_queued_requests":
             help_ += f"; image models count images, default {_IMAGE_DEFAULTS.max_queued_images}"
         engine.add_argument(flag, dest=name, type=type_, default=None, metavar=type_.__name__.upper(), help=help_)

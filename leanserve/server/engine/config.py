@@ -22,6 +22,9 @@ class EngineConfig:
     load_format: str = "safetensors"    # "dummy": random weights from config.json (vLLM's name), for benchmarks
     enforce_eager: bool = False         # CUDA: no graphs, every decode step runs the model eagerly (vLLM's name)
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to max_num_seqs
+    # N > 1: the model split over N devices, one process each (rank 0 is the engine core, ranks
+    # 1..N-1 worker processes it starts: tp_workers.py); on CUDA rank r uses device r
+    tensor_parallel_size: int = 1
     # overrides of the model directory's leanserve.json settings, applied before its method's
     # convert step (`leanserve serve --model-setting KEY=VALUE`); None = as the directory says
     model_settings: dict | None = None

@@ -79,11 +79,22 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests",
+                     "tensor_parallel_size"):
             if getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.config = config
         self.model_runner = ModelRunner(config)
+        try:
+            self._setup(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config: EngineConfig) -> None:
+        """Everything after loading: limits, the KV cache (sized, allocated), the scheduler."""
+        from transformers import AutoTokenizer
+
         hf_config = self.model_runner.hf_config
         max_pos = hf_config.max_position_embeddings
         self.max_model_len = config.max_model_len or max_pos
@@ -122,6 +133,22 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.requests: dict[str, Sequence] = {}
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (idempotent)."""
+        self.model_runner.close()
+
+    def worker_connections(self) -> list:
+        """Objects that turn readable (multiprocessing.connection.wait) when a tensor-parallel
+        worker process exits; then check_workers() raises. Empty for a one-process engine."""
+        workers = self.model_runner.workers
+        return workers.connections if workers is not None else []
+
+    def check_workers(self) -> None:
+        """A worker connection turned readable (workers send nothing once up): RuntimeError, naming
+        the worker if it exited."""
+        self.model_runner.workers.check_alive(grace=2.0)
+        raise RuntimeError("a tensor-parallel worker closed its connection to rank 0")
 
     # ---- requests ---------------------------------------------------------------------------------
 

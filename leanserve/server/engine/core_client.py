@@ -18,6 +18,7 @@ from collections.abc import Callable
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.core_proc import run_engine_core
+from leanserve.server.engine.errors import startup_error_from_wire
 from leanserve.server.settings import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 class EngineCoreClient:
     def __init__(self, config: EngineConfig):
         """Start the core process and wait until it has loaded the model; its startup errors are
-        raised here (those of wire.STARTUP_ERRORS as such, others as RuntimeError)."""
+        raised here (those of errors.STARTUP_ERRORS as such, others as RuntimeError)."""
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe()
         # daemon: multiprocessing ends it if the API process exits without shutting it down
@@ -43,8 +44,7 @@ class EngineCoreClient:
         if message[0] == wire.FAILED:
             self.proc.join()
             _, kind, text = message
-            error_classes = {cls.__name__: cls for cls in wire.STARTUP_ERRORS}
-            raise error_classes[kind](text) if kind else RuntimeError(f"the engine core failed to start: {text}")
+            raise startup_error_from_wire(kind, text, "the engine core")
         self.facts: dict = message[1]
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="leanserve-core-sender", daemon=True)

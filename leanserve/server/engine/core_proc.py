@@ -1,6 +1,9 @@
 """The engine core's process (vLLM V1's EngineCoreProc): a busy loop that takes adds and aborts
 from the API process, steps the core, and sends back one batched message per step.
 
+With tensor_parallel_size N > 1 this process is rank 0: its ModelRunner starts and drives the
+other ranks (tp_workers.py), and a worker's death ends this loop like a failed step does.
+
 It owns no signal handling of its own: SIGINT (a terminal's Ctrl+C reaches the whole process
 group) is ignored so the API process can drain; the API process stops it with a SHUTDOWN message,
 and when the API process dies its end of the pipe closes, which ends this loop too.
@@ -9,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import signal
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.core import CoreOutput, EngineCore
+from leanserve.server.engine.errors import startup_error_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +29,10 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     try:
         core = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
-        kind = next((cls.__name__ for cls in wire.STARTUP_ERRORS if isinstance(e, cls)), None)
+        kind, text = startup_error_to_wire(e)
         if kind is None:  # a bug, not bad input: keep its traceback
             logger.exception("engine core failed to start")
-        conn.send_bytes(wire.encode((wire.FAILED, kind, str(e) if kind else f"{type(e).__name__}: {e}")))
+        conn.send_bytes(wire.encode((wire.FAILED, kind, text)))
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
                                               "eos_token_ids": core.eos_token_ids,
@@ -41,16 +45,28 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
         logger.exception("engine core died")
         conn.send_bytes(wire.encode((wire.DEAD, f"{type(e).__name__}: {e}")))
         raise SystemExit(1) from None
+    finally:
+        core.close()
 
 
 def _busy_loop(core: EngineCore, conn: Connection) -> None:
     adds_received = 0
+    # tensor parallel: a worker's exit wakes the loop even while idle, so /health stops answering
+    # 200 at once, not at the next request
+    workers = core.worker_connections()
+
+    def poll(timeout: float | None) -> bool:
+        ready = wait([conn, *workers], timeout)
+        if len(ready) > (conn in ready):
+            core.check_workers()
+        return conn in ready
+
     while True:
         # block while idle; between steps only take what has already arrived
         timeout = 0 if core.has_unfinished() else None
         outputs: list[CoreOutput] = []
         received = False
-        while conn.poll(timeout):
+        while poll(timeout):
             message = wire.decode(conn.recv_bytes())
             kind = message[0]
             if kind == wire.ADD:

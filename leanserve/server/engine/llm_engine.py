@@ -46,6 +46,10 @@ class LLMEngine:
                                                                    self.core.eos_token_ids)
         self._generate_ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (a one-process engine needs no close)."""
+        self.core.close()
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, *, check_queue: bool = True, validated: bool = False) -> None:
         """EngineCore.add_request; the same errors."""

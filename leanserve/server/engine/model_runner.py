@@ -1,16 +1,35 @@
 """Owns the model, the paged KV cache and the sampler; turns a scheduled step into tensors,
 runs the forward and samples one token for every sequence whose prompt is fully computed.
-On CUDA, pure-decode steps replay CUDA graphs (cuda_graph.py) unless enforce_eager is set."""
+On CUDA, pure-decode steps replay CUDA graphs (cuda_graph.py) unless enforce_eager is set.
+
+Tensor parallel (tensor_parallel_size N > 1): a ModelRunner runs in every rank's process over
+that rank's shards. Rank 0's (the engine core's) starts the others (tp_workers.py) and, before each
+operation that runs the model (profile, KV-cache allocation with its graph captures, a step),
+sends it to them, so all ranks run the same forwards and their collectives pair up. A step
+travels as its host inputs (StepInputs: token ids, positions, slots, block tables), so the ids
+rank 0 sampled reach the other ranks as the next step's input ids. Only rank 0 samples."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from leanserve.errors import UserError
 from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.loader import load_model
+from leanserve.models.tensor_parallel import (
+    join_process_group,
+    leave_process_group,
+    min_over_ranks,
+    set_tensor_parallel,
+)
 from leanserve.runtime import resolve_device, resolve_dtype
+from leanserve.server.engine import tp_workers
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     CUDAGraphRunner,
@@ -24,19 +43,71 @@ from leanserve.server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(slots=True)
+class EagerInputs:
+    """Host inputs of a step run eagerly (any mix of prefill chunks and decodes), flattened."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    variants: list[int]          # per token; empty for a one-variant model
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    planned_lens: list[int]        # each sequence's prompt + max_tokens (AttentionMetadata.planned_lens)
+    block_tables: list[list[int]]  # ragged: each sequence's own table
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """What every rank runs one step on: eager inputs, or the decode inputs of a graph replay."""
+    eager: EagerInputs | None
+    decode: DecodeInputs | None
+    sample_rows: list[int]       # rows of the step's hidden states that yield a token
+    sample_variants: list[int]   # the variant of each sampled row's sequence
+
+
+def step_to_wire(step: StepInputs) -> list:
+    def fields(x):
+        return None if x is None else [getattr(x, f.name) for f in dataclasses.fields(x)]
+    return [fields(step.eager), fields(step.decode), step.sample_rows, step.sample_variants]
+
+
+def step_from_wire(values: list) -> StepInputs:
+    eager, decode, sample_rows, sample_variants = values
+    return StepInputs(None if eager is None else EagerInputs(*eager), None if decode is None else DecodeInputs(*decode),
+                      sample_rows, sample_variants)
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, rank: int = 0, store: dist.Store | None = None,
+                 on_loaded: Callable[[], None] | None = None):
+        """Rank 0 (the default) with tensor_parallel_size > 1 starts ranks 1..N-1 itself; a worker
+        passes its rank, the store rank 0 serves, and `on_loaded` (called between loading its
+        shards and joining the process group: see tp_workers.py)."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self.rank, self.tp_size = rank, config.tensor_parallel_size
+        if self.tp_size > 1 and config.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--device {config.device} names one device, but --tensor-parallel-size {self.tp_size} "
+                            f"puts rank r on GPU r: use auto, cuda or cpu (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        self.device = resolve_device(config.device, local_rank=rank if self.tp_size > 1 else None)
+        if self.device.type == "cuda" and self.tp_size > 1:
+            if self.tp_size > torch.cuda.device_count():
+                raise UserError(f"--tensor-parallel-size {self.tp_size} needs {self.tp_size} GPUs; "
+                                f"{torch.cuda.device_count()} are visible")
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         if config.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {config.load_format!r}")
         self.graph_batch_sizes = (default_batch_sizes(config.max_num_seqs) if config.cuda_graph_batch_sizes is None
                                   else check_batch_sizes(config.cuda_graph_batch_sizes, config.max_num_seqs))
-        self.model, self.hf_config = load_model(config.model, self.device, self.dtype,
-                                                random_weights=config.load_format == "dummy",
-                                                settings_overrides=config.model_settings)
+        # ranks 1..N-1 load their shards while this one loads its own
+        self.workers = tp_workers.TPWorkers(config) if rank == 0 and self.tp_size > 1 else None
+        try:
+            self._load(store if self.workers is None else self.workers.store, on_loaded)
+        except BaseException:
+            self.close(timeout=0)  # the workers may still be importing: a SHUTDOWN would wait for that
+            raise
         self.vocab_size = self.model.vocab_size
         # a model with several weight sets behind it (num_variants > 1) runs each sequence through
         # the one drawn for it (Sequence.variant): it gets the step's per-token variant ids in
@@ -50,9 +121,43 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.graph_runner: CUDAGraphRunner | None = None
 
+    def _load(self, store: dist.Store | None, on_loaded: Callable[[], None] | None) -> None:
+        """This rank's shards of the model; then, tensor parallel, the process group, which forms
+        only once every rank has loaded (a load error is raised, not a hang in a rendezvous)."""
+        set_tensor_parallel(self.rank, self.tp_size)
+        self.model, self.hf_config = load_model(self.config.model, self.device, self.dtype,
+                                                random_weights=self.config.load_format == "dummy",
+                                                settings_overrides=self.config.model_settings)
+        if self.tp_size == 1:
+            return
+        if self.workers is not None:
+            self.workers.wait_ready()
+        if on_loaded is not None:
+            on_loaded()
+        join_process_group(store, self.device)
+
+    def close(self, timeout: float = tp_workers.EXIT_TIMEOUT_S) -> None:
+        """Stop the other tensor-parallel ranks (rank 0: killed if not gone in `timeout` seconds)
+        and leave the process group."""
+        if self.workers is not None:
+            self.workers.close(timeout)
+            self.workers = None
+        if self.tp_size > 1:
+            leave_process_group()
+
+    def _send(self, message) -> None:
+        """Rank 0: the other ranks run `message` next, as rank 0 does."""
+        if self.workers is not None:
+            self.workers.send(message)
+
     def profile_num_blocks(self, max_model_len: int) -> int:
         """How many KV blocks fit: CPU from cpu_kv_cache_gib; CUDA from what a max-size step
-        leaves of total * gpu_memory_utilization (weights, peak activations, other processes)."""
+        leaves of total * gpu_memory_utilization (weights, peak activations, other processes).
+        Tensor parallel: what fits on every rank (each holds its KV heads of every block)."""
+        self._send((tp_workers.PROFILE, max_model_len))
+        return min_over_ranks(self._profile_num_blocks(max_model_len), self.device)
+
+    def _profile_num_blocks(self, max_model_len: int) -> int:
         if self.device.type != "cuda":
             return int(self.config.cpu_kv_cache_gib * 2**30 // self.kv_spec.bytes_per_block)
         torch.cuda.empty_cache()
@@ -83,13 +188,14 @@ class ModelRunner:
             next_block += len(seq.block_table)
             seqs.append((seq, n))
         self.kv_caches = self.kv_spec.allocate(next_block, self.device)
-        input_ids, positions, meta, _ = self._prepare(seqs)
+        input_ids, positions, meta = self._tensors(self._eager_inputs(seqs))
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
         self._compute_logits(hidden[rows], [0] * c.max_num_seqs).softmax(-1)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The serving KV cache; on CUDA, then the decode graphs (they bake in its addresses)."""
+        self._send((tp_workers.ALLOCATE, num_blocks))
         self.graph_runner = None
         self.kv_caches = self.kv_spec.allocate(num_blocks, self.device)
         if self.device.type != "cuda" or self.config.enforce_eager:
@@ -105,47 +211,57 @@ class ModelRunner:
             raise RuntimeError(f"CUDA graph capture failed ({e}); run with enforce_eager=True (--enforce-eager)") from e
         self.graph_runner = runner
 
-    def _prepare(self, scheduled: list[tuple[Sequence, int]]
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        variants: list[int] = []
-        query_start_loc, seq_lens, planned_lens, sample_rows = [0], [], [], []
+    def _eager_inputs(self, scheduled: list[tuple[Sequence, int]]) -> EagerInputs:
+        inputs = EagerInputs([], [], [], [], [0], [], [], [])
         for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += self.kv_spec.slots(seq.block_table, start, end)
+            inputs.input_ids += seq.token_ids[start:end]
+            inputs.positions += range(start, end)
+            inputs.slot_mapping += self.kv_spec.slots(seq.block_table, start, end)
             if self.num_variants > 1:
-                variants += [seq.variant] * n
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            planned_lens.append(seq.planned_len)
-            if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
-                sample_rows.append(query_start_loc[-1] - 1)
-        width = max(len(seq.block_table) for seq, _ in scheduled)
-        tables = [b for seq, _ in scheduled for b in seq.block_table + [-1] * (width - len(seq.block_table))]
-        num_seqs, num_tokens = len(scheduled), len(input_ids)
+                inputs.variants += [seq.variant] * n
+            inputs.query_start_loc.append(inputs.query_start_loc[-1] + n)
+            inputs.seq_lens.append(end)
+            inputs.planned_lens.append(seq.planned_len)
+            inputs.block_tables.append(seq.block_table)
+        return inputs
+
+    @staticmethod
+    def _sample_rows(scheduled: list[tuple[Sequence, int]]) -> list[int]:
+        """The step's rows (flattened tokens) whose sequences finish their prompt (or recompute)
+        there, and so yield the next token: each such sequence's last new token."""
+        rows, end = [], 0
+        for seq, n in scheduled:
+            end += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(end - 1)
+        return rows
+
+    def _tensors(self, inputs: EagerInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
+        width = max(map(len, inputs.block_tables))
+        tables = [b for table in inputs.block_tables for b in table + [-1] * (width - len(table))]
+        num_seqs, num_tokens = len(seq_lens), len(inputs.input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
-        ids = to_device(input_ids + positions + slots + variants, torch.int64, self.device).view(-1, num_tokens)
-        ints = to_device(query_start_loc + seq_lens + planned_lens + tables, torch.int32, self.device)
+        ids = to_device(inputs.input_ids + inputs.positions + inputs.slot_mapping + inputs.variants, torch.int64,
+                        self.device).view(-1, num_tokens)
+        ints = to_device(qsl + seq_lens + inputs.planned_lens + tables, torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=ids[2],
             query_start_loc=ints[:num_seqs + 1],
             seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
             planned_lens=ints[2 * num_seqs + 1:3 * num_seqs + 1],
             block_tables=ints[3 * num_seqs + 1:].view(num_seqs, width),
-            max_query_len=max(n for _, n in scheduled),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             block_size=self.block_size,
-            query_start_loc_cpu=query_start_loc,
+            query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
-        if variants:
-            meta.variants, meta.variants_cpu = ids[3], variants
+        if inputs.variants:
+            meta.variants, meta.variants_cpu = ids[3], inputs.variants
         self.kv_spec.prepare_step(meta, self.device)
-        return ids[0], ids[1], meta, sample_rows
+        return ids[0], ids[1], meta
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
         """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
@@ -174,15 +290,31 @@ class ModelRunner:
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         pure_decode = self.graph_runner is not None and all(n == 1 for _, n in scheduled)
         decode = self._prepare_decode(scheduled) if pure_decode else None
-        if decode is not None and self.graph_runner.can_run(decode):
-            hidden = self.graph_runner.run(decode)
-            # one token per sequence: row i is sequence i (a 1-token prefill chunk may not sample)
-            sample_rows = [i for i, (seq, _) in enumerate(scheduled) if seq.num_computed_tokens + 1 == seq.num_tokens]
-        else:
-            input_ids, positions, meta, sample_rows = self._prepare(scheduled)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sampling:
+        if decode is None or not self.graph_runner.can_run(decode):
+            decode = None
+        step = StepInputs(self._eager_inputs(scheduled) if decode is None else None, decode,
+                          self._sample_rows(scheduled), [seq.variant for seq in sampling])
+        try:
+            self._send((tp_workers.STEP, step_to_wire(step)))
+            logits = self.run_step(step)
+        except Exception:
+            if self.workers is not None:  # a collective failed: name the rank that died, if one did
+                self.workers.check_alive(grace=2.0)
+            raise
+        if logits is None:
             return [], None
-        if len(sample_rows) < hidden.shape[0]:  # else every row samples, in order: no gather
-            hidden = hidden[to_device(sample_rows, torch.int64, self.device)]
-        return sampling, self.sampler(self._compute_logits(hidden, [seq.variant for seq in sampling]), sampling)
+        return sampling, self.sampler(logits, sampling)
+
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs) -> torch.Tensor | None:
+        """The forward of one step (every rank): the logits of its sampled rows, None if none samples."""
+        if step.decode is not None:
+            hidden = self.graph_runner.run(step.decode)
+        else:
+            input_ids, positions, meta = self._tensors(step.eager)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not step.sample_rows:
+            return None
+        if len(step.sample_rows) < hidden.shape[0]:  # else every row samples, in order: no gather
+            hidden = hidden[to_device(step.sample_rows, torch.int64, self.device)]
+        return self._compute_logits(hidden, step.sample_variants)

@@ -1,7 +1,7 @@
 """The messages between the API process and the engine core process, as msgpack.
 
 API -> core: (ADD, request_id, prompt_token_ids, sampling params, arrival) | (ABORT, [ids]) | (SHUTDOWN,)
-core -> API: (READY, engine facts) | (FAILED, error class name or None, message): once, at startup;
+core -> API: (READY, engine facts) | (FAILED, error class name or None, message: errors.startup_error_to_wire): once, at startup;
              (STEP, [output], stats, adds_received): after each step (or batch of inputs);
              (DEAD, message): the core loop raised and is exiting.
 Dataclasses travel as tuples of their fields in declaration order (both ends run the same code).
@@ -12,15 +12,12 @@ import dataclasses
 
 import msgpack
 
-from leanserve.errors import UserError
 from leanserve.server.engine.core import CoreOutput, EngineStats
 from leanserve.server.engine.outputs import RequestTimes
 from leanserve.server.engine.sampling_params import SamplingParams
 
 ADD, ABORT, SHUTDOWN = 0, 1, 2
 READY, FAILED, STEP, DEAD = 0, 1, 2, 3
-# startup errors raised again as such in the API process (callers tell bad input from a bug by them)
-STARTUP_ERRORS = (UserError, OSError, ValueError)
 
 _PARAMS = [f.name for f in dataclasses.fields(SamplingParams)]
 _TIMES = [f.name for f in dataclasses.fields(RequestTimes)]

@@ -15,6 +15,7 @@ from leanserve.errors import UserError
 from leanserve.models.ensemble_dir import MEMBERS_FILE, read_members, write_members
 from leanserve.models.loader import load_model
 from leanserve.models.model_dir import load_model_info, save_model_info
+from leanserve.models.tensor_parallel import set_tensor_parallel
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -210,3 +211,13 @@ def test_members_that_miss_part_of_the_scope_or_have_wrong_shapes_are_clear_erro
     write_members(ens, members, torch.float32)
     with pytest.raises(UserError, match=r"0\.model\.norm\.weight has shape \(63,\), the model needs \(64,\)"):
         load_model(str(ens), "cpu", torch.float32)
+
+
+def test_tensor_parallel_is_refused(ensemble_dirs):
+    """Loading rank 0 of 2 reaches the convert step, which names what it cannot split."""
+    set_tensor_parallel(0, 2)
+    try:
+        with pytest.raises(UserError, match="ensemble models cannot be served with --tensor-parallel-size > 1"):
+            load_model(str(ensemble_dirs("full")), "cpu", torch.float32)
+    finally:
+        set_tensor_parallel(0, 1)

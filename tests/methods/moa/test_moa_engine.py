@@ -125,3 +125,15 @@ def test_cuda_graphs_and_triton_kernels_give_the_reference_tokens(short_dir, sho
     eager = LLMEngine(engine_config(short_dir, device="cuda", enforce_eager=True))
     assert graphed.model_runner.graph_runner is not None and eager.model_runner.graph_runner is None
     assert greedy(graphed, ids) == want and greedy(eager, ids) == want
+
+
+def test_tensor_parallel_is_refused(short_dir):
+    """Loading rank 0 of 2 reaches MoA's convert step, which says what it cannot split."""
+    from leanserve.errors import UserError
+    from leanserve.models.tensor_parallel import set_tensor_parallel
+    set_tensor_parallel(0, 2)
+    try:
+        with pytest.raises(UserError, match="MoA models cannot be served with --tensor-parallel-size > 1"):
+            load_model(str(short_dir), "cpu", torch.float32)
+    finally:
+        set_tensor_parallel(0, 1)
