@@ -17,7 +17,8 @@ from leanserve.data.tasks import Task, answer_items, check
 
 FORMAT_WEIGHT, ACC_WEIGHT = 1.0, 2.0
 # the whole reply: an optional think block, then exactly one answer block, nothing else around them
-_REPLY = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>(.*?)</answer>\s*", re.DOTALL)
+# (task answers hold no angle brackets, so a block cannot swallow another tag)
+_REPLY = re.compile(r"\s*(?:<think>[^<>]*</think>\s*)?<answer>([^<>]*)</answer>\s*")
 PARTIAL_CREDIT = ("sort",)
 
 

@@ -55,12 +55,14 @@ def sample(model, encoded: list[list[int]], *, max_new_tokens: int, temperature:
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                          temperature=temperature, top_k=0, top_p=1.0, eos_token_id=stop_ids, pad_token_id=pad_id)
     width = ids.shape[1]
-    completion = out[:, width:]
-    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
-    # tokens up to and including the first stop: no stop before them
-    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
-    completion_mask = (stops_before == 0).to(torch.float32)
-    return Rollout(out, torch.cat([mask, completion_mask.long()], 1), width, completion_mask)
+    own = completion_mask(out[:, width:], stop_ids)
+    return Rollout(out, torch.cat([mask, own.long()], 1), width, own)
+
+
+def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """[N, T] float: 1 on each row's tokens up to and including its first stop token (no stop before them)."""
+    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device)).long()
+    return (is_stop.cumsum(-1) - is_stop == 0).to(torch.float32)
 
 
 def token_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
