@@ -59,6 +59,10 @@ def read_pilots(path: Path, target: str) -> tuple[list[str], torch.Tensor, torch
     return groups, torch.tensor(rows, dtype=torch.float64), torch.tensor(y, dtype=torch.float64), pilots
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def fit_report(groups: list[str], W: torch.Tensor, y: torch.Tensor, *, k: int = 3, radius: float = 0.4,
                kappa: float = 0.0, min_separation: float = 0.2, samples: int = 100_000, seed: int = 0) -> dict:
     fits, record = {}, {}
@@ -68,7 +72,8 @@ def fit_report(groups: list[str], W: torch.Tensor, y: torch.Tensor, *, k: int = 
         except ValueError as e:
             raise UserError(f"{name} fit: {e}") from None
         s = fits[name]
-        record[name] = {"loo_r2": s.loo_r2, "r2": s.r2, "loo_mse": s.loo_mse, "lambda": s.lam,
+        # R² is undefined (NaN) when every pilot scored the same: null in the JSON
+        record[name] = {"loo_r2": _finite(s.loo_r2), "r2": _finite(s.r2), "loo_mse": s.loo_mse, "lambda": s.lam,
                         "sigma2": s.sigma2, "coefficients": s.coefficients(groups),
                         "loo_predictions": s.loo_predictions}
     candidates = scheffe.argmax(fits["quadratic"], W, k=k, radius=radius, kappa=kappa, samples=samples,
@@ -90,7 +95,7 @@ def run(args):
     emit_json(result, args.out)
     if args.out:
         fits = result["fits"]
-        print(f"LOO R²: quadratic {fits['quadratic']['loo_r2']:.3f}, linear {fits['linear']['loo_r2']:.3f}")
+        print(f"LOO R²: quadratic {fits['quadratic']['loo_r2']}, linear {fits['linear']['loo_r2']}")
         for c in result["candidates"]:
             print("  " + ", ".join(f"{g} {v:.3f}" for g, v in c["mixture"].items())
                   + f": predicted {c['predicted']:.4f} ± {c['se']:.4f}")
