@@ -25,8 +25,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "diffusion"): ("leanserve.trainers.diffusion", "train a text-to-image diffusion teacher (diffusers layout)"),
     ("train", "dpm-ot"): ("leanserve.trainers.dpm_ot", "fit a DPM-OT map (semi-discrete OT jump to t') for an image teacher"),
     ("train", "sgld"): ("leanserve.trainers.sgld", "SGLD posterior samples of a trained LM, written as an ensemble directory"),
+    ("train", "rlvr"): ("leanserve.trainers.rlvr", "RL with verifiable rewards (GRPO) of a chat LM on a mixture of task groups"),
     ("distill", "sid"): ("leanserve.trainers.sid", "distil a diffusion teacher into a 1..K-step SiD generator"),
     ("compress", "moa"): ("leanserve.compressors.moa", "give each KV head its own attention span (MoA) at a KV density"),
+    ("mixture", "fit"): ("leanserve.eval.mixture_fit", "fit Scheffé surrogates to pilot runs' scores; the best mixtures in a trust region"),
     ("eval", "lm"): ("leanserve.eval.lm", "held-out perplexity, calibration and task exact-match of an LM or ensemble"),
     ("eval", "images"): ("leanserve.eval.images", "FD, KID, alignment, diversity and images/s of an image model"),
     ("eval", "sid"): ("leanserve.eval.sid", "SiD generators against their teacher: FD, alignment, diversity; JSON + plot"),
@@ -40,7 +42,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 # commands `leanserve serve` runs as jobs (POST /v1/jobs): each writes its output to --out and
 # continues from its last checkpoint there with --resume
 JOB_COMMANDS = [("train", "lm"), ("train", "diffusion"), ("distill", "sid"), ("train", "dpm-ot"), ("train", "sgld"),
-                ("compress", "moa")]
+                ("train", "rlvr"), ("compress", "moa")]
 # options of job commands that name files or directories to read: the server confines them
 PATH_OPTIONS = ("data", "tokenizer", "vae", "teacher", "model", "warm_start")
 

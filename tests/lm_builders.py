@@ -10,8 +10,9 @@ from pathlib import Path
 TASK_KINDS = ("add", "sub", "sort", "reverse", "count")  # short prompts: no retrieval in tiny runs
 
 
-def write_data(root: Path, seed: int = 0) -> Path:
-    """A tiny `leanserve data build`-format directory: code, docs, tasks and chat splits + manifest."""
+def write_data(root: Path, seed: int = 0, answer_tags: bool = False) -> Path:
+    """A tiny `leanserve data build`-format directory: code, docs, tasks and chat splits + manifest
+    (`answer_tags`: chat task replies in the <answer>…</answer> format of RLVR rewards)."""
     from leanserve.data.build import VERSION
     from leanserve.data.chat import messages, task_chat_row
     from leanserve.data.tasks import generate_tasks
@@ -29,7 +30,7 @@ def write_data(root: Path, seed: int = 0) -> Path:
         tasks = generate_tasks(n, seed=split_seeds[split] + seed, kinds=TASK_KINDS)
         rows["tasks"][split] = [t.to_row(f"task-{split}-{i}") for i, t in enumerate(tasks)]
         chat_tasks = generate_tasks(n, seed=split_seeds[split] + seed + 1, kinds=TASK_KINDS)
-        rows["chat"][split] = [task_chat_row(t, f"chat-task-{split}-{i}") for i, t in enumerate(chat_tasks)]
+        rows["chat"][split] = [task_chat_row(t, f"chat-task-{split}-{i}", answer_tags) for i, t in enumerate(chat_tasks)]
         rows["chat"][split] += [{"id": f"chat-docs-{name}", "source": "docs", "task": None,
                                  "messages": messages(f"What does {name} do?", "It multiplies and adds.")}
                                 for name in names[: n // 2]]
@@ -59,11 +60,11 @@ def train_texts(data: Path) -> list[str]:
     return texts
 
 
-def write_corpus(root: Path) -> Path:
+def write_corpus(root: Path, answer_tags: bool = False) -> Path:
     """A data build under root/data and a 400-token tokenizer trained on it under root/tok: the inputs
     of a tiny `train lm` run."""
     from leanserve.data.tokenizer import train_tokenizer
 
-    data = write_data(root / "data")
+    data = write_data(root / "data", answer_tags=answer_tags)
     train_tokenizer(train_texts(data), root / "tok", vocab_size=400, model_max_length=512)
     return root

@@ -258,3 +258,28 @@ def test_tp_benchmark_smoke(tmp_path):
     weights = 141 * 10**9  # bf16 Llama-3-70B
     assert not fits(LLAMA3_70B, weights, 2, 80 * 2**30, args) and fits(LLAMA3_70B, weights, 4, 80 * 2**30, args)
     assert fits(LLAMA3_70B, weights, 2, 141 * 10**9, args)
+
+
+def test_modomodo_experiment_smoke(tmp_path):
+    """benchmarks/modomodo_experiment.py --smoke: data build, SFT, pilots, heuristics, `mixture fit`, confirmation
+    and the report, at toy sizes on the CPU."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "modomodo_experiment.py"), "--smoke",
+                           "--work", str(tmp_path / "work"), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["groups"] == ["add", "reverse"] and r["smoke"]
+    assert [p["name"] for p in r["pilots"]][:5] == ["single_0", "single_1", "exclude_0", "exclude_1", "uniform"]
+    assert {p["kind"] for p in r["pilots"]} == {"seed", "heuristic"}
+    assert set(r["fits"]) == {"quadratic", "linear"} and all("loo_r2" in f for f in r["fits"].values())
+    names = {c["name"] for c in r["confirm"]}
+    assert "uniform" in names and "candidate_1" in names and any(n.startswith("best_pilot:") for n in names)
+    assert sorted({c["seed"] for c in r["confirm"]}) == [0, 1]
+    for row in r["pilots"] + r["confirm"]:
+        assert 0 <= row["in_score"] <= 1 and 0 <= row["out_score"] <= 1
+    assert set(r["base"]["out_by_task"]) == {"sub", "add_6_digits", "reverse_long", "sort_long", "count_long"}
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    model = json.loads(next((tmp_path / "work" / "runs").glob("*/leanserve.json")).read_text())
+    assert model["settings"]["mixture"]["kind"] == "static"

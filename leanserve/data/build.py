@@ -81,10 +81,13 @@ class BuildOptions:
     max_docs: int | None = None  # cap on stdlib files and on pydoc topics (quick test builds)
     max_file_bytes: int = MAX_FILE_BYTES
     max_retrieval_lines: int = 128
+    task_kinds: tuple[str, ...] = KINDS  # kinds of the tasks and of the chat task pairs
+    answer_tags: bool = False  # chat task replies as <answer>…</answer> (data/rewards.py's format)
 
 
-def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict]) -> list[Task]:
-    """n tasks cycling through the kinds, skipping prompts in `seen` (items of earlier
+def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict],
+                  kinds: tuple[str, ...] = KINDS) -> list[Task]:
+    """n tasks cycling through `kinds`, skipping prompts in `seen` (items of earlier
     splits), so a held-out task never also appears in training data."""
     rng, tasks = random.Random(seed), []
     for i in count():
@@ -92,7 +95,7 @@ def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict
             return tasks
         if i >= 10 * n + 1000:
             raise RuntimeError(f"could not draw {n} unseen tasks: the task space is too small")
-        kind = KINDS[i % len(KINDS)]
+        kind = kinds[i % len(kinds)]
         task = generate_task(kind, rng, **task_params.get(kind, {}))
         if task.prompt not in seen:
             tasks.append(task)
@@ -137,10 +140,12 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
     seen: set[str] = set()
     with tqdm(total=2 * sum(opts.num_tasks), desc="tasks", unit=" tasks") as bar:
         for split, n in zip(SPLITS, opts.num_tasks):
-            tasks = _unseen_tasks(derive_seed(opts.seed, "tasks", split), n, seen, task_params)
-            chat_tasks = _unseen_tasks(derive_seed(opts.seed, "chat-tasks", split), n, seen, task_params)
+            tasks = _unseen_tasks(derive_seed(opts.seed, "tasks", split), n, seen, task_params, opts.task_kinds)
+            chat_tasks = _unseen_tasks(derive_seed(opts.seed, "chat-tasks", split), n, seen, task_params,
+                                       opts.task_kinds)
             rows["tasks"][split] = [t.to_row(f"task-{split}-{i}") for i, t in enumerate(tasks)]
-            rows["chat"][split] += [task_chat_row(t, f"chat-task-{split}-{i}") for i, t in enumerate(chat_tasks)]
+            rows["chat"][split] += [task_chat_row(t, f"chat-task-{split}-{i}", opts.answer_tags)
+                                    for i, t in enumerate(chat_tasks)]
             seen.update(t.prompt for t in tasks + chat_tasks)
             bar.update(2 * n)
 
@@ -161,7 +166,8 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "max_docs": opts.max_docs,
             "max_file_bytes": opts.max_file_bytes,
             "max_retrieval_lines": opts.max_retrieval_lines,
-            "task_kinds": list(KINDS),
+            "task_kinds": list(opts.task_kinds),
+            "answer_tags": opts.answer_tags,
             "split_bounds": list(SPLIT_BOUNDS),
         },
         "splits": splits,
@@ -206,6 +212,11 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="longer source files are cut at a line end (default %(default)s)")
     p.add_argument("--max-retrieval-lines", type=_positive_int, default=defaults.max_retrieval_lines,
                    help="retrieval tasks get 8 to this many lines, log-uniform (default %(default)s)")
+    p.add_argument("--task-kinds", default=",".join(KINDS),
+                   help="task kinds of the tasks and chat splits, comma-separated (default: all); kinds left out "
+                        "stay unseen, e.g. out-of-distribution tasks of an RLVR experiment")
+    p.add_argument("--answer-tags", action="store_true",
+                   help="chat task replies as <answer>ANSWER</answer>: the format `train rlvr` rewards")
 
 
 def run(args):
@@ -214,8 +225,13 @@ def run(args):
         raise UserError(f"--out {out} exists and is not a directory")
     if args.max_retrieval_lines < 8:
         raise UserError(f"--max-retrieval-lines must be at least 8, got {args.max_retrieval_lines}")
+    kinds = tuple(k.strip() for k in args.task_kinds.split(","))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or len(set(kinds)) < len(kinds):
+        raise UserError(f"--task-kinds: distinct kinds from {', '.join(KINDS)}, got {args.task_kinds!r}")
     opts = BuildOptions(seed=args.seed, num_tasks=args.num_tasks, max_docs=args.max_docs,
-                        max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines)
+                        max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines,
+                        task_kinds=kinds, answer_tags=args.answer_tags)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -10,6 +10,7 @@ import random
 import re
 
 from leanserve.data.corpus import ModuleDocs
+from leanserve.data.rewards import tag_answer
 from leanserve.data.tasks import Task
 
 MAX_ANSWER_CHARS = 200
@@ -60,6 +61,7 @@ def docs_rows(docs: ModuleDocs, doc_id: str, rng: random.Random) -> list[dict]:
     return rows
 
 
-def task_chat_row(task: Task, row_id: str) -> dict:
-    return {"id": row_id, "source": "tasks", "messages": messages(task.prompt, task.answer),
-            "task": task.to_row(row_id)}
+def task_chat_row(task: Task, row_id: str, answer_tags: bool = False) -> dict:
+    """A task's question and answer; with `answer_tags` the reply is in the tagged format of RLVR rewards."""
+    reply = tag_answer(task.answer) if answer_tags else task.answer
+    return {"id": row_id, "source": "tasks", "messages": messages(task.prompt, reply), "task": task.to_row(row_id)}

@@ -228,7 +228,8 @@ def generate_tasks(n: int, seed: int, kinds: Sequence[str] = KINDS,
 _SEPARATORS = re.compile(r"[,\s]+")
 
 
-def _normalize(text: str) -> list[str]:
+def answer_items(text: str) -> list[str]:
+    """The items of an answer as `check` compares them."""
     text = text.strip().removesuffix(".").strip()
     # Integers compare by value ("007" == "7"), everything else verbatim.
     return [str(int(t)) if re.fullmatch(r"[+-]?\d+", t) else t for t in _SEPARATORS.split(text) if t]
@@ -237,4 +238,4 @@ def _normalize(text: str) -> list[str]:
 def check(task: Task, response: str) -> bool:
     """True if `response` gives the task's answer (whitespace, list separators and a trailing
     period aside); any other value, extra or missing item is rejected."""
-    return _normalize(response) == _normalize(task.answer)
+    return answer_items(response) == answer_items(task.answer)

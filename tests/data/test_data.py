@@ -240,6 +240,27 @@ def test_task_chat_answers_pass_the_checker(built):
         assert check(task, r["messages"][1]["content"]) and task.answer == _solve(task)
 
 
+def test_task_kinds_and_answer_tags(tmp_path, capsys):
+    """--task-kinds leaves the other kinds unseen everywhere; --answer-tags puts chat task replies in the
+    format the RLVR rewards parse."""
+    from leanserve.data.rewards import reward
+
+    out = tmp_path / "d"
+    assert main(["data", "build", "--out", str(out), "--max-docs", "2", "--num-tasks", "12,4,4",
+                 "--task-kinds", "add,sort", "--answer-tags"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["options"]["task_kinds"] == ["add", "sort"] and manifest["options"]["answer_tags"]
+    for split in ("train", "val", "test"):
+        assert {r["kind"] for r in _rows(out, manifest, "tasks", split)} == {"add", "sort"}
+        chats = [r for r in _rows(out, manifest, "chat", split) if r["source"] == "tasks"]
+        assert {r["task"]["kind"] for r in chats} == {"add", "sort"}
+        for r in chats:
+            reply = r["messages"][1]["content"]
+            assert reply.startswith("<answer>") and reward(Task.from_row(r["task"]), reply).total == 3.0
+    assert main(["data", "build", "--out", str(tmp_path / "e"), "--task-kinds", "add,mul"]) == 2
+    assert "--task-kinds" in capsys.readouterr().err
+
+
 def test_docs_summary_is_the_first_sentence():
     assert summary("Return the sum, e.g. 1 + 2.  More text.\n\nDetails.") == "Return the sum, e.g. 1 + 2."
     assert summary("Serialize ``obj`` as\nJSON text.\n\nMore.") == "Serialize ``obj`` as JSON text."
