@@ -1,6 +1,7 @@
-"""Owns the model, the paged KV cache and the sampler; turns a scheduled step into tensors,
-runs the forward and samples one token for every sequence whose prompt is fully computed.
-On CUDA, pure-decode steps replay CUDA graphs (cuda_graph.py) unless enforce_eager is set."""
+"""Owns the model, the paged KV cache, the running sequences' block tables (block_table.py) and the
+sampler; turns a scheduled step into tensors, runs the forward and samples one token for every
+sequence whose prompt is fully computed. On CUDA, pure-decode steps replay CUDA graphs
+(cuda_graph.py) unless enforce_eager is set."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.loader import load_model
 from leanserve.runtime import resolve_device, resolve_dtype
+from leanserve.server.engine.block_table import PersistentBlockTable
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     CUDAGraphRunner,
@@ -46,6 +48,9 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         # the model says how its KV cache is laid out; sizing and allocation go through it
         self.kv_spec = self.model.kv_cache_spec(self.block_size, self.dtype)
+        # one row per running sequence, as wide as a max_model_len sequence's table
+        self.block_table = PersistentBlockTable(config.max_num_seqs, self.kv_spec.block_table_width(self.max_model_len),
+                                                self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.kv_caches: list[KVCache] = []
         self.graph_runner: CUDAGraphRunner | None = None
@@ -78,13 +83,18 @@ class ModelRunner:
         lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
         seqs, next_block = [], 0
         for n in lens:
-            seq = Sequence("profile", [0] * n, SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+            # n - 1 prompt tokens and one generated, all computed now: planned for n <= max_model_len tokens
+            seq = Sequence("profile", [0] * (n - 1), SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+            seq.append_token(0)
             seq.block_table = list(range(next_block, next_block + spec.blocks_at_admission(n, seq.planned_len)))
             next_block += len(seq.block_table)
             seqs.append((seq, n))
         self.kv_caches = self.kv_spec.allocate(next_block, self.device)
-        input_ids, positions, meta, _ = self._prepare(seqs)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        try:
+            input_ids, positions, meta, _ = self._prepare(seqs)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        finally:
+            self.block_table.release([seq for seq, _ in seqs])
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
         self._compute_logits(hidden[rows], [0] * c.max_num_seqs).softmax(-1)
 
@@ -97,8 +107,8 @@ class ModelRunner:
         if not self.kv_spec.graphs_capturable():
             logger.warning("CUDA graphs off: this model's decode attention has no capturable kernel for %s", self.kv_spec)
             return
-        runner = CUDAGraphRunner(self.model, self.kv_caches, self.graph_batch_sizes, self.max_model_len,
-                                 self.kv_spec, self.device)
+        runner = CUDAGraphRunner(self.model, self.kv_caches, self.block_table, self.graph_batch_sizes,
+                                 self.max_model_len, self.kv_spec, self.device)
         try:
             runner.capture()
         except RuntimeError as e:
@@ -124,18 +134,19 @@ class ModelRunner:
             planned_lens.append(seq.planned_len)
             if end == seq.num_tokens:  # prompt (or recompute) done: this row yields the next token
                 sample_rows.append(query_start_loc[-1] - 1)
+        rows = self.block_table.rows([seq for seq, _ in scheduled])
         width = max(len(seq.block_table) for seq, _ in scheduled)
-        tables = [b for seq, _ in scheduled for b in seq.block_table + [-1] * (width - len(seq.block_table))]
         num_seqs, num_tokens = len(scheduled), len(input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
         ids = to_device(input_ids + positions + slots + variants, torch.int64, self.device).view(-1, num_tokens)
-        ints = to_device(query_start_loc + seq_lens + planned_lens + tables, torch.int32, self.device)
+        ints = to_device(query_start_loc + seq_lens + planned_lens + rows, torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=ids[2],
             query_start_loc=ints[:num_seqs + 1],
             seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
             planned_lens=ints[2 * num_seqs + 1:3 * num_seqs + 1],
-            block_tables=ints[3 * num_seqs + 1:].view(num_seqs, width),
+            # the step's rows of the persistent table, as wide as its widest sequence's
+            block_tables=self.block_table.table[:, :width].index_select(0, ints[3 * num_seqs + 1:]),
             max_query_len=max(n for _, n in scheduled),
             max_seq_len=max(seq_lens),
             block_size=self.block_size,
@@ -149,14 +160,14 @@ class ModelRunner:
 
     def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
         """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
-        inputs = DecodeInputs([], [], [], [], [], [], [] if self.num_variants > 1 else None)
-        for seq, _ in scheduled:
+        seqs = [seq for seq, _ in scheduled]
+        inputs = DecodeInputs([], [], [], [], self.block_table.rows(seqs), [], [] if self.num_variants > 1 else None)
+        for seq in seqs:
             pos = seq.num_computed_tokens
             inputs.input_ids.append(seq.token_ids[pos])
             inputs.positions.append(pos)
             inputs.slot_mapping.append(self.kv_spec.slot(seq.block_table, pos))
             inputs.seq_lens.append(pos + 1)
-            inputs.block_tables.append(seq.block_table)
             inputs.planned_lens.append(seq.planned_len)
             if inputs.variants is not None:
                 inputs.variants.append(seq.variant)
@@ -167,6 +178,10 @@ class ModelRunner:
         if self.num_variants == 1:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden, variants)
+
+    def release(self, seqs: list[Sequence]) -> None:
+        """Sequences whose blocks were freed (SchedulerOutput.freed) give back their block-table rows."""
+        self.block_table.release(seqs)
 
     @torch.inference_mode()
     def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
