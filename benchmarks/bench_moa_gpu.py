@@ -3,6 +3,7 @@
 random influence tables, since random weights have no attention structure to profile.
 
     python benchmarks/bench_moa_gpu.py [--contexts 4096 8192 16384 32768] [--density 0.5] [--decode-steps 256]
+                                       [--budget-s 1500]
     python benchmarks/bench_moa_gpu.py --smoke     # CPU, tiny model: the same code paths
 
 Arms, per context (prompt length; every request generates --decode-steps tokens), all in one run:
@@ -15,7 +16,10 @@ Each row: tok/s (decode), batch, peak memory, KV GB per request; on GPU also att
 layer-step (the decode kernels alone over the arm's real layout) and the KV GB/s they reach, vs
 the measured copy bandwidth. Goals (issue 15): moa_max >= 1.8x dense decode tok/s at 16k with
 density 0.5, and >= 1.4x less KV memory per request.
-Results: benchmarks/results/moa_gpu-<gpu>.json, {"rows": [{arm, context, batch, tok_s, peak_mem_gb, ...}]}.
+Results: benchmarks/results/moa_gpu-<gpu>.json, {"rows": [{arm, context, batch, tok_s, peak_mem_gb, ...}],
+"summary", "skipped", "complete"}, rewritten after every row. --budget-s bounds the whole run: an arm
+that would start with less than --arm-min-s of it left is skipped (and named in "skipped"), so a
+time-capped job ends with every finished row on disk.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_decode_gpu import LLAMA3_8B, hf_generate, model_dir
-from common import copy_bandwidth_gbs, free_device_memory, peak_memory_gib, time_calls, write_result
+from common import Deadline, copy_bandwidth_gbs, free_device_memory, peak_memory_gib, time_calls, write_result
 from engine_timing import time_engine
 
 from leanserve.compressors.moa_milp import Problem, solve
@@ -163,6 +167,29 @@ def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, a
 TOKENS = 512  # prompt token ids below the smallest vocabulary here
 
 
+def hf_row(base: Path, context: int, batch: int, steps: int, device: str) -> dict:
+    rng = random.Random(context)
+    prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(batch)]
+    free_device_memory(device)
+    hf = hf_generate(base, prompts, steps)
+    return {"arm": "hf_generate", "context": context, "batch": batch, "tok_s": hf["decode_tok_s"],
+            "peak_mem_gb": peak_memory_gib(device)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per context, the ratios whose arms have run."""
+    summary = {}
+    for context in dict.fromkeys(r["context"] for r in rows):
+        by_arm = {r["arm"]: r for r in rows if r["context"] == context}
+        ratios = {"moa_max_over_dense_tok_s": ("moa_max", "dense", "tok_s"),
+                  "moa_over_dense_tok_s_same_batch": ("moa", "dense", "tok_s"),
+                  "moa_over_uniform_tok_s": ("moa", "uniform", "tok_s"),
+                  "kv_per_request_dense_over_moa": ("dense", "moa", "kv_gb_per_request")}
+        summary[str(context)] = {name: by_arm[a][key] / by_arm[b][key] for name, (a, b, key) in ratios.items()
+                                 if a in by_arm and b in by_arm}
+    return summary
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -174,9 +201,13 @@ def main():
     ap.add_argument("--block-size", type=int, default=64,
                     help="the plan's block (sink) size and the engine's block = MoA page size (spec §9.4: 64)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate row")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="wall-clock budget of the whole run")
+    ap.add_argument("--arm-min-s", type=float, default=90,
+                    help="an arm that would start with less of the budget left is skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, contexts 64 and 128, 8 steps")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    deadline = Deadline(args.budget_s)  # the plans' MILP counts too
     logging.basicConfig(level=logging.WARNING)
     config, device = LLAMA3_8B, "cuda"
     args.dtype, args.cpu_kv_cache_gib = "bfloat16", 1.0
@@ -196,34 +227,42 @@ def main():
     dirs = {name: moa_dir(base, plan) for name, plan in plans.items()}
     bw = copy_bandwidth_gbs() if device == "cuda" else None
     rows = []
-    for context in args.contexts:
-        dense = run_arm(base, "dense", context, args.decode_steps, None, args, device)
-        rows.append(dense)
-        rows.append(run_arm(dirs["uniform"], "uniform", context, args.decode_steps, dense["batch"], args, device))
-        rows.append(run_arm(dirs["moa"], "moa", context, args.decode_steps, dense["batch"], args, device))
-        rows.append(run_arm(dirs["moa"], "moa_max", context, args.decode_steps, None, args, device))
-        if context == args.contexts[0] and not args.no_hf and device == "cuda":
-            rng = random.Random(context)
-            prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(dense["batch"])]
-            free_device_memory(device)
-            hf = hf_generate(base, prompts, args.decode_steps)
-            rows.append({"arm": "hf_generate", "context": context, "batch": dense["batch"], "tok_s": hf["decode_tok_s"],
-                         "peak_mem_gb": peak_memory_gib(device)})
-    summary = {}
-    for context in args.contexts:
-        by_arm = {r["arm"]: r for r in rows if r["context"] == context}
-        summary[str(context)] = {
-            "moa_max_over_dense_tok_s": by_arm["moa_max"]["tok_s"] / by_arm["dense"]["tok_s"],
-            "moa_over_dense_tok_s_same_batch": by_arm["moa"]["tok_s"] / by_arm["dense"]["tok_s"],
-            "moa_over_uniform_tok_s": by_arm["moa"]["tok_s"] / by_arm["uniform"]["tok_s"],
-            "kv_per_request_dense_over_moa": by_arm["dense"]["kv_gb_per_request"] / by_arm["moa"]["kv_gb_per_request"]}
     results = {"model": "tiny (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",
                "density": args.density, "plan_density_at": plans["moa"].density_at, "copy_bandwidth_gbs": bw,
-               "decode_steps": args.decode_steps, "rows": rows, "summary": summary,
+               "decode_steps": args.decode_steps, "rows": rows, "summary": {}, "skipped": [], "complete": False,
                "goals": "moa_max >= 1.8x dense decode tok/s at 16k (density 0.5); >= 1.4x less KV per request"}
-    out = write_result("moa_gpu_smoke" if args.smoke else "moa_gpu", results,
-                       **({"out_dir": args.out_dir} if args.out_dir else {}))
-    print(json.dumps(summary, indent=2))
+
+    def save() -> Path:
+        return write_result("moa_gpu_smoke" if args.smoke else "moa_gpu", results,
+                            **({"out_dir": args.out_dir} if args.out_dir else {}))
+
+    def arm(name: str, context: int, measure) -> dict | None:
+        """One row, unless the budget is nearly spent; the JSON is rewritten either way."""
+        if deadline.left() < args.arm_min_s:
+            results["skipped"].append(f"{name} at {context}")
+            print(f"{name} at {context}: skipped, {deadline.left():.0f} s of the budget left", flush=True)
+            row = None
+        else:
+            row = measure()
+            rows.append(row)
+            results["summary"] = summarize(rows)
+        save()
+        return row
+
+    for context in args.contexts:
+        dense = arm("dense", context, lambda: run_arm(base, "dense", context, args.decode_steps, None, args, device))
+        for name in ("uniform", "moa"):  # at dense's batch
+            if dense is None:
+                results["skipped"].append(f"{name} at {context} (no dense batch)")
+                continue
+            arm(name, context, lambda name=name: run_arm(dirs[name], name, context, args.decode_steps, dense["batch"],
+                                                         args, device))
+        arm("moa_max", context, lambda: run_arm(dirs["moa"], "moa_max", context, args.decode_steps, None, args, device))
+        if dense is not None and context == args.contexts[0] and not args.no_hf and device == "cuda":
+            arm("hf_generate", context, lambda: hf_row(base, context, dense["batch"], args.decode_steps, device))
+    results["complete"] = not results["skipped"]
+    out = save()
+    print(json.dumps(results["summary"], indent=2))
     print(out)
 
 

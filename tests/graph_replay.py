@@ -28,7 +28,8 @@ class EagerReplayRunner(CUDAGraphRunner):
 
 def attach_runner(engine: LLMEngine, batch_sizes: list[int]) -> EagerReplayRunner:
     mr = engine.model_runner
-    runner = EagerReplayRunner(mr.model, mr.kv_caches, batch_sizes, mr.max_model_len, mr.kv_spec, mr.device)
+    runner = EagerReplayRunner(mr.model, mr.kv_caches, mr.block_table, batch_sizes, mr.max_model_len, mr.kv_spec,
+                               mr.device)
     runner.capture()
     mr.graph_runner = runner
     return runner

@@ -202,6 +202,7 @@ def test_moa_benchmark_smoke(tmp_path):
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"bench_moa_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
     r = json.loads(next(tmp_path.glob("moa_gpu_smoke-*.json")).read_text())["results"]
+    assert r["complete"] and r["skipped"] == []
     rows = {(row["arm"], row["context"]): row for row in r["rows"]}
     assert set(rows) == {(arm, c) for arm in ("dense", "uniform", "moa", "moa_max") for c in (64, 128)}
     for c in (64, 128):

@@ -14,7 +14,6 @@ from leanserve.models.attention.metadata import AttentionMetadata
 from leanserve.models.attention.paged import uses_triton_decode
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
-    PAD_BLOCK,
     PAD_POSITION,
     PAD_PLANNED_LEN,
     PAD_SEQ_LEN,
@@ -30,6 +29,7 @@ from leanserve.server.engine.cuda_graph import (
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.model_runner import ModelRunner
 from leanserve.server.engine.sampling_params import SamplingParams
+from leanserve.server.engine.sequence import Sequence
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,6 +42,15 @@ def engine_config(model_dir, **overrides) -> EngineConfig:
     kwargs = dict(model=str(model_dir), block_size=4, num_kv_blocks=256, max_model_len=128,
                   max_num_batched_tokens=32, max_num_seqs=8, enable_prefix_caching=False)
     return EngineConfig(**(kwargs | overrides))
+
+
+def table_rows(mr: ModelRunner, tables: list[list[int]]) -> tuple[list[Sequence], list[int]]:
+    """Sequences holding `tables` and their rows of the runner's persistent block table."""
+    seqs = []
+    for i, table in enumerate(tables):
+        seqs.append(Sequence(f"t{i}", [1], SamplingParams(), 0.0, []))
+        seqs[-1].block_table = table
+    return seqs, mr.block_table.rows(seqs)
 
 
 def requests(engine: LLMEngine, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -78,23 +87,20 @@ def test_select_bucket_and_check_batch_sizes():
 
 def test_pad_decode_inputs():
     inputs = DecodeInputs(input_ids=[5, 6, 7], positions=[0, 5, 2], slot_mapping=[40, 49, 54], seq_lens=[1, 6, 3],
-                          block_tables=[[10], [11, 12], [13]], planned_lens=[9, 8, 7])
-    padded = pad_decode_inputs(inputs, 5)
+                          rows=[2, 0, 1], planned_lens=[9, 8, 7])
+    padded = pad_decode_inputs(inputs, 5, pad_row=8)
     assert padded.num_seqs == 5 and inputs.num_seqs == 3  # the input is left alone
     assert padded.input_ids == [5, 6, 7, PAD_TOKEN, PAD_TOKEN]
     assert padded.positions == [0, 5, 2, PAD_POSITION, PAD_POSITION]
     assert padded.slot_mapping == [40, 49, 54, -1, -1] and PAD_SLOT == -1  # padding never writes the KV cache
-    assert padded.seq_lens == [1, 6, 3, PAD_SEQ_LEN, PAD_SEQ_LEN]
-    # rectangular; a padding row's only read (seq_len 1) is block 0, which always exists
-    assert padded.block_tables == [[10, -1], [11, 12], [13, -1], [PAD_BLOCK, -1], [PAD_BLOCK, -1]]
-    assert PAD_BLOCK == 0 and PAD_SEQ_LEN == 1
+    assert padded.seq_lens == [1, 6, 3, PAD_SEQ_LEN, PAD_SEQ_LEN] and PAD_SEQ_LEN == 1
+    assert padded.rows == [2, 0, 1, 8, 8]  # a padding row's only read (seq_len 1) is the padding row's block
     assert padded.planned_lens == [9, 8, 7, PAD_PLANNED_LEN, PAD_PLANNED_LEN] and PAD_PLANNED_LEN == 1
-    assert pad_decode_inputs(inputs, 3) == DecodeInputs([5, 6, 7], [0, 5, 2], [40, 49, 54], [1, 6, 3],
-                                                        [[10, -1], [11, 12], [13, -1]], [9, 8, 7])
+    assert pad_decode_inputs(inputs, 3, pad_row=8) == inputs
     with pytest.raises(ValueError):
-        pad_decode_inputs(inputs, 2)
+        pad_decode_inputs(inputs, 2, pad_row=8)
     assert padded.variants is None  # a one-variant model's steps carry no variant ids
-    with_variants = pad_decode_inputs(DecodeInputs([5], [0], [40], [1], [[10]], [4], variants=[2]), 3)
+    with_variants = pad_decode_inputs(DecodeInputs([5], [0], [40], [1], [0], [4], variants=[2]), 3, pad_row=8)
     assert with_variants.variants == [2, PAD_VARIANT, PAD_VARIANT] and PAD_VARIANT == 0
 
 
@@ -151,9 +157,11 @@ def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine)
     assert all(torch.equal(k, kb) for (k, _), kb in zip(mr.kv_caches, k_before))
 
     bs = mr.block_size  # 4: seq 1 decodes position 5 in its second block
+    seqs, rows = table_rows(mr, [[10], [11, 12], [13]])
     inputs = DecodeInputs(input_ids=[5, 6, 7], positions=[0, 5, 2], slot_mapping=[10 * bs, 12 * bs + 1, 13 * bs + 2],
-                          seq_lens=[1, 6, 3], block_tables=[[10], [11, 12], [13]], planned_lens=[4, 9, 5])
+                          seq_lens=[1, 6, 3], rows=rows, planned_lens=[4, 9, 5])
     hidden = runner.run(inputs).clone()
+    mr.release(seqs)
     assert runner.replays == Counter({4: 1}) and hidden.shape[0] == 3
     for (k, v), kb in zip(mr.kv_caches, k_before):
         changed = (k != kb).flatten(2).any(-1).flatten().nonzero().flatten().tolist()
@@ -204,8 +212,8 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     every setting issue no host sync: only reading the sampled ids does."""
     engine = LLMEngine(engine_config(tiny_llm_dir, device="cuda", dtype="float32", block_size=16))
     mr = engine.model_runner
-    inputs = DecodeInputs([5, 6, 7], [0, 17, 2], [10 * 16, 12 * 16 + 1, 13 * 16 + 2], [1, 18, 3], [[10], [11, 12], [13]],
-                          [4, 20, 5])
+    inputs = DecodeInputs([5, 6, 7], [0, 17, 2], [10 * 16, 12 * 16 + 1, 13 * 16 + 2], [1, 18, 3],
+                          table_rows(mr, [[10], [11, 12], [13]])[1], [4, 20, 5])
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3,
                                                             repetition_penalty=1.2, presence_penalty=0.5,
                                                             frequency_penalty=0.3, logit_bias={4: 2.0},
@@ -221,7 +229,7 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     try:
         with torch.inference_mode():
             hidden = mr.graph_runner.run(inputs)
-            mr._prepare(sched.scheduled)
+            mr._tensors(mr._eager_inputs(sched.scheduled, mr.block_table.rows([s for s, _ in sched.scheduled])))
             ids = mr.sampler.sample(mr.model.compute_logits(hidden), seqs)
     finally:
         torch.cuda.set_sync_debug_mode("default")

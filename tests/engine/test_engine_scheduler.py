@@ -93,10 +93,11 @@ def test_preemption_recomputes_the_newest_sequence():
     a, b, c = (make_seq(r, 7, max_tokens=12) for r in "abc")  # each grows to 19 tokens = 5 blocks
     for s in (a, b, c):
         sched.add(s)
-    preempted = []
+    preempted, freed = [], []
     while sched.has_unfinished():
         running_before = list(sched.running)
         out = run_step(sched)
+        freed += out.freed
         if out.num_preempted:
             victims = [s for s in running_before if s.status is SequenceStatus.WAITING]
             # the most recently admitted go, to the front of the queue (keeping their order),
@@ -104,11 +105,14 @@ def test_preemption_recomputes_the_newest_sequence():
             assert victims == running_before[len(running_before) - len(victims):]
             assert list(sched.waiting)[:len(victims)] == victims
             assert all(v.block_table == [] and v.num_computed_tokens == 0 for v in victims)
+            assert out.freed[-len(victims):] == victims[::-1]  # the step's output names them: their rows go
             preempted += victims
         held = sum(len(s.block_table) for s in sched.running)
         assert held <= 8
     assert preempted and sched.num_preemptions == len(preempted)
     assert all(s.is_finished and s.num_tokens == 19 for s in (a, b, c))
+    freed += sched.schedule().freed  # finished after the last step: named by the next one
+    assert sorted(s.request_id for s in freed) == sorted([s.request_id for s in preempted] + list("abc"))
     assert sched.block_manager.usage == 0.0
 
 

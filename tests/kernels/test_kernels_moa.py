@@ -104,24 +104,25 @@ def decode(layout: Layout, triton: bool, q, seq_lens, num_splits: int) -> torch.
                                 max_valid, num_splits=num_splits, block_n=16)
 
 
-# lengths 70 and 9 (shorter than the sink); units: the 2B minimum (16 + 16, wraps), 48 slots, dense
+# lengths 68 and 9 (shorter than the sink); units: the 2B minimum (16 + 16, wraps), 48 slots, dense
 CAPACITY = [[32, 48, 80], [32, 80, 48]]
 
 
 @pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
 @pytest.mark.parametrize("group,page_size,dtype", [(1, 16, torch.float32), (4, 8, torch.bfloat16)])
 def test_chunked_prefill_then_decode_across_the_ring_wrap(triton, group, page_size, dtype):
-    layout = Layout([70, 9], CAPACITY, group, page_size, dtype, seed=group)
+    layout = Layout([68, 9], CAPACITY, group, page_size, dtype, seed=group)
     tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    # prefill in chunks (a 40-token chunk is longer than a 16-slot ring), the short prompt in one step
-    for spans in ([(0, 40), (0, 5)], [(40, 52), (5, 6)]):
+    # prefill in chunks (both longer than a 16-slot ring), the short prompt in one step
+    for spans in ([(0, 40), (0, 5)], [(40, 58), (5, 6)]):
         q, k, v, qsl, seq_lens, token_seq, positions, want = layout.step(spans)
         got = prefill(layout, triton, q, k, v, qsl, seq_lens)
         torch.testing.assert_close(got.float(), want, **tol)
         layout.store(k, v, seq_lens, token_seq, positions)
-    # decode: every step from 52 to 70 (sequence 1 from 6 to 9), ring slots overwritten on the way
-    for step in range(18):
-        spans = [(52 + step, 53 + step), (6 + min(step, 2), 7 + min(step, 2))]
+    # decode: every step from 58 to 68 (sequence 1 from 6 to 9), ring slots overwritten on the way, the
+    # 16-slot ring's slot 16 again at 64
+    for step in range(10):
+        spans = [(58 + step, 59 + step), (6 + min(step, 2), 7 + min(step, 2))]
         q, k, v, qsl, seq_lens, token_seq, positions, want = layout.step(spans)
         layout.store(k, v, seq_lens, token_seq, positions)
         got = decode(layout, triton, q, seq_lens, num_splits=1 + step % 3)

@@ -21,6 +21,7 @@ class KVCacheSpec(Protocol):
     """All the engine reads from a spec (PagedKVSpec below says what each answer means)."""
     block_size: int  # tokens per block: also the prefix cache's unit and the slot mapping's
     prefix_caching: bool  # whether a block's K/V is a function of its token prefix (shareable)
+    blocks_grow: bool  # whether a running sequence takes more blocks as it grows (else: all at admission)
 
     @property
     def bytes_per_block(self) -> int: ...
@@ -45,6 +46,7 @@ class PagedKVSpec:
     head_dim: int
     dtype: torch.dtype
     prefix_caching = True  # a full block holds the K/V of its block of tokens, for good
+    blocks_grow = True  # one more block every block_size tokens
 
     @property
     def bytes_per_block(self) -> int:
@@ -106,6 +108,7 @@ class LayerGroupsKVSpec:
     side as S x the heads of its shared trunk)."""
     groups: tuple[PagedKVSpec, ...]
     prefix_caching = True
+    blocks_grow = True
 
     def __post_init__(self):
         if not self.groups or len({(g.block_size, g.head_dim, g.dtype) for g in self.groups}) != 1:

@@ -18,7 +18,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # [T] int64
     query_start_loc: torch.Tensor  # [B+1] int32, on the model's device
     seq_lens: torch.Tensor         # [B] int32, context length after this step
-    block_tables: torch.Tensor     # [B, max_blocks_per_seq] int32, -1 padded
+    # [B, max_blocks_per_seq] int32; columns past a sequence's own blocks hold -1 or stale block
+    # ids (the engine's rows of its persistent table), which attention never reads
+    block_tables: torch.Tensor
     max_query_len: int
     max_seq_len: int
     block_size: int

@@ -41,6 +41,7 @@ class MoAKVSpec:
     betas: torch.Tensor
     plan_block_size: int
     prefix_caching = False  # ring pages are overwritten: a page is no function of a token prefix
+    blocks_grow = False  # every page at admission: the block manager asks a running request for none
 
     @property
     def bytes_per_block(self) -> int:
@@ -54,9 +55,7 @@ class MoAKVSpec:
         return [(pool[0], pool[1])] * self.num_layers
 
     def blocks_for(self, num_tokens: int) -> int:
-        """Pages of a request planned for num_tokens tokens. The engine's later calls for a running
-        request pass its current length, never above its planned one, and the answer grows with
-        num_tokens: they ask for no new pages."""
+        """Pages of a request planned for num_tokens tokens."""
         slots = kv_slots_tensor(self.alphas, self.betas, torch.tensor(num_tokens), self.plan_block_size)
         return int((-(-slots // self.block_size)).sum())
 

@@ -97,8 +97,12 @@ class BlockManager:
         admission = seq.num_computed_tokens == 0  # fresh or after preemption
         num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
         num_tokens = num_computed + num_new_tokens
-        num_required = (self.kv_spec.blocks_at_admission(num_tokens, seq.planned_len) if admission
-                        else self.kv_spec.blocks_for(num_tokens))
+        if admission:
+            num_required = self.kv_spec.blocks_at_admission(num_tokens, seq.planned_len)
+        elif self.kv_spec.blocks_grow:
+            num_required = self.kv_spec.blocks_for(num_tokens)
+        else:  # it took all its blocks at admission
+            num_required = len(seq.block_table)
         num_new_blocks = num_required - len(seq.block_table) - len(computed_blocks)
         # cache hits sitting in the free queue leave it when touched, so they count against it too
         num_evictable_hits = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)

@@ -206,6 +206,7 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Schedule, run the model once, and return one output per request that got a token."""
         sched = self.scheduler.schedule()
+        self.model_runner.release(sched.freed)
         if not sched.scheduled:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule any waiting request")

@@ -8,6 +8,8 @@ A graph bakes in tensor addresses and host ints, hence:
 - inputs live in static buffers sized for the largest bucket; a step copies its rows in and pads
   the rest of its bucket with rows that write no KV (slot -1) and read only one cached token;
   a model with several weight sets (num_variants > 1) also gets each row's variant id from one;
+- block tables stay on the device (block_table.py): a step copies each sequence's row index, and
+  the graph gathers those rows of the persistent table (the padding row for padding);
 - attention is captured with max_seq_len = max_model_len (the Triton kernel sizes its split-K
   grid from that host int); each row still loops over its own seq_len only;
 - batches larger than the largest bucket, steps with prefill chunks, and CPU stay eager.
@@ -26,14 +28,15 @@ from torch import nn
 from leanserve.errors import UserError
 from leanserve.models.attention.kv_spec import KVCache, KVCacheSpec
 from leanserve.models.attention.metadata import AttentionMetadata
+from leanserve.server.engine.block_table import PersistentBlockTable
 
 logger = logging.getLogger(__name__)
 
-# a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0. Block 0 always
-# exists and holds finite values (the cache is zero-initialised), so any decode attention
-# implementation stays finite on it, whatever the batch's real sequences hold. Its planned length
-# is its one token (a cache sized per request sizes it smallest).
-PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_BLOCK, PAD_VARIANT = 0, 0, -1, 1, 0, 0
+# a padding row: token 0 at position 0, no KV write, attends to slot 0 of block 0 (the persistent
+# table's padding row: block_table.PAD_BLOCK, which always exists and holds finite values), so any
+# decode attention implementation stays finite on it, whatever the batch's real sequences hold. Its
+# planned length is its one token (a cache sized per request sizes it smallest).
+PAD_TOKEN, PAD_POSITION, PAD_SLOT, PAD_SEQ_LEN, PAD_VARIANT = 0, 0, -1, 1, 0
 PAD_PLANNED_LEN = PAD_SEQ_LEN
 
 
@@ -69,7 +72,7 @@ class DecodeInputs:
     positions: list[int]
     slot_mapping: list[int]
     seq_lens: list[int]
-    block_tables: list[list[int]]  # ragged: each sequence's own table
+    rows: list[int]  # each sequence's row of the persistent block table
     planned_lens: list[int]  # each sequence's prompt + max_tokens (AttentionMetadata.planned_lens)
     variants: list[int] | None = None  # each sequence's Sequence.variant; None for a one-variant model
 
@@ -77,63 +80,58 @@ class DecodeInputs:
     def num_seqs(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def max_blocks(self) -> int:
-        return max(map(len, self.block_tables), default=0)
 
-
-def pad_decode_inputs(inputs: DecodeInputs, bucket: int) -> DecodeInputs:
-    """Pad to `bucket` rows with PAD rows, and every table with -1 to the widest one (columns past
-    a row's seq_len are never read, so the graph's buffer keeps stale values there)."""
+def pad_decode_inputs(inputs: DecodeInputs, bucket: int, pad_row: int) -> DecodeInputs:
+    """Pad to `bucket` rows with PAD rows, which read the block table's padding row `pad_row`."""
     pad = bucket - inputs.num_seqs
     if pad < 0:
         raise ValueError(f"{inputs.num_seqs} sequences do not fit a bucket of {bucket}")
-    width = max(inputs.max_blocks, 1)
-    tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
-    tables += [[PAD_BLOCK] + [-1] * (width - 1)] * pad
     variants = None if inputs.variants is None else inputs.variants + [PAD_VARIANT] * pad
     return DecodeInputs(inputs.input_ids + [PAD_TOKEN] * pad, inputs.positions + [PAD_POSITION] * pad,
-                        inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad, tables,
-                        inputs.planned_lens + [PAD_PLANNED_LEN] * pad, variants)
+                        inputs.slot_mapping + [PAD_SLOT] * pad, inputs.seq_lens + [PAD_SEQ_LEN] * pad,
+                        inputs.rows + [pad_row] * pad, inputs.planned_lens + [PAD_PLANNED_LEN] * pad, variants)
 
 
 class CUDAGraphRunner:
     """The model's decode forward captured at each of `batch_sizes`, all graphs in one memory pool."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[KVCache], batch_sizes: list[int], max_model_len: int,
-                 kv_spec: KVCacheSpec, device: torch.device):
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], block_table: PersistentBlockTable,
+                 batch_sizes: list[int], max_model_len: int, kv_spec: KVCacheSpec, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
+        self.block_table = block_table
         self.batch_sizes = sorted(batch_sizes)
         self.max_model_len = max_model_len
         self.block_size = kv_spec.block_size
         self.device = device
-        self.max_blocks = kv_spec.block_table_width(max_model_len)
         max_bs = self.batch_sizes[-1]
         self.with_variants = getattr(model, "num_variants", 1) > 1
         # input_ids, positions, slot_mapping (and variants) of a bs-row bucket are the views [0:bs],
         # [bs:2bs], [2bs:3bs] (and [3bs:4bs]) of one buffer, so a step fills them all with one copy
         self.id_rows = 4 if self.with_variants else 3
         self.ids = torch.zeros(self.id_rows * max_bs, dtype=torch.int64, device=device)
-        # seq_lens and planned_lens of a bs-row bucket: the views [0:bs], [bs:2bs] of one buffer
-        self.lens = torch.full((2 * max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((max_bs, self.max_blocks), PAD_BLOCK, dtype=torch.int32, device=device)
+        # seq_lens, planned_lens and block-table rows of a bs-row bucket: the views [0:bs], [bs:2bs],
+        # [2bs:3bs] of one buffer
+        self.lens = torch.full((3 * max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.hidden: torch.Tensor | None = None  # [max_bs, hidden_size]: the graphs write their output here
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slot_mapping, *variants = self.ids[:self.id_rows * bs].view(self.id_rows, bs)
-        seq_lens, planned_lens = self.lens[:2 * bs].view(2, bs)
+        seq_lens, planned_lens, rows = self.lens[:3 * bs].view(3, bs)
+        # in the graph: every layer reads the gathered rows (a few MB at most, once per step)
+        block_tables = self.block_table.table.index_select(0, rows)
         meta = AttentionMetadata(slot_mapping=slot_mapping, query_start_loc=self.query_start_loc[:bs + 1],
-                                 seq_lens=seq_lens, block_tables=self.block_tables[:bs],
+                                 seq_lens=seq_lens, block_tables=block_tables,
                                  max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size,
                                  planned_lens=planned_lens, variants=variants[0] if variants else None)
         return input_ids, positions, meta
 
     def _fill_padding(self, bs: int) -> None:
         """Make all bs rows padding: warm-up and capture run the model without touching the KV cache."""
-        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], [], [], [] if self.with_variants else None), bs))
+        self._copy(pad_decode_inputs(DecodeInputs([], [], [], [], [], [], [] if self.with_variants else None), bs,
+                                     self.block_table.pad_row))
 
     def _forward(self, bs: int) -> None:
         input_ids, positions, meta = self._inputs(bs)
@@ -164,26 +162,25 @@ class CUDAGraphRunner:
                         time.perf_counter() - t0, (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
 
     def can_run(self, inputs: DecodeInputs) -> bool:
-        return inputs.num_seqs <= self.batch_sizes[-1] and inputs.max_blocks <= self.max_blocks
+        return inputs.num_seqs <= self.batch_sizes[-1]
 
     def _copy(self, padded: DecodeInputs) -> None:
-        """Padded host inputs -> the static buffers: three copies, from pinned memory on CUDA (a
+        """Padded host inputs -> the static buffers: two copies, from pinned memory on CUDA (a
         pageable copy would make the host wait for the GPU to drain its queue)."""
-        bs, width = padded.num_seqs, padded.max_blocks
+        bs = padded.num_seqs
 
         def copy(dst: torch.Tensor, data: list, dtype: torch.dtype) -> None:
             dst.copy_(torch.tensor(data, dtype=dtype, pin_memory=dst.is_cuda), non_blocking=True)
 
         copy(self.ids[:self.id_rows * bs],
              padded.input_ids + padded.positions + padded.slot_mapping + (padded.variants or []), torch.int64)
-        copy(self.lens[:2 * bs], padded.seq_lens + padded.planned_lens, torch.int32)
-        copy(self.block_tables[:bs, :width], padded.block_tables, torch.int32)
+        copy(self.lens[:3 * bs], padded.seq_lens + padded.planned_lens + padded.rows, torch.int32)
 
     @torch.inference_mode()
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Hidden states [num_seqs, hidden_size] of one decode step: a view into the graphs' output
         buffer, valid until the next run (stream order keeps later reads of it correct)."""
         bs = select_bucket(inputs.num_seqs, self.batch_sizes)
-        self._copy(pad_decode_inputs(inputs, bs))
+        self._copy(pad_decode_inputs(inputs, bs, self.block_table.pad_row))
         self.graphs[bs].replay()
         return self.hidden[:inputs.num_seqs]

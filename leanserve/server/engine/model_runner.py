@@ -1,13 +1,15 @@
-"""Owns the model, the paged KV cache and the sampler; turns a scheduled step into tensors,
-runs the forward and samples one token for every sequence whose prompt is fully computed.
-On CUDA, pure-decode steps replay CUDA graphs (cuda_graph.py) unless enforce_eager is set.
+"""Owns the model, the paged KV cache, the running sequences' block tables (block_table.py) and the
+sampler; turns a scheduled step into tensors, runs the forward and samples one token for every
+sequence whose prompt is fully computed. On CUDA, pure-decode steps replay CUDA graphs
+(cuda_graph.py) unless enforce_eager is set.
 
 Tensor parallel (tensor_parallel_size N > 1): a ModelRunner runs in every rank's process over
 that rank's shards. Rank 0's (the engine core's) starts the others (tp_workers.py) and, before each
 operation that runs the model (profile, KV-cache allocation with its graph captures, a step),
 sends it to them, so all ranks run the same forwards and their collectives pair up. A step
-travels as its host inputs (StepInputs: token ids, positions, slots, block tables), so the ids
-rank 0 sampled reach the other ranks as the next step's input ids. Only rank 0 samples."""
+travels as its host inputs (StepInputs: token ids, positions, slots, block-table rows and the
+entries the tables gained), so the ids rank 0 sampled reach the other ranks as the next step's
+input ids. Only rank 0 samples and keeps the block-table bookkeeping."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +32,7 @@ from leanserve.models.tensor_parallel import (
 )
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine import tp_workers
+from leanserve.server.engine.block_table import PersistentBlockTable
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.cuda_graph import (
     CUDAGraphRunner,
@@ -53,8 +56,9 @@ class EagerInputs:
     variants: list[int]          # per token; empty for a one-variant model
     query_start_loc: list[int]
     seq_lens: list[int]
-    planned_lens: list[int]        # each sequence's prompt + max_tokens (AttentionMetadata.planned_lens)
-    block_tables: list[list[int]]  # ragged: each sequence's own table
+    planned_lens: list[int]  # each sequence's prompt + max_tokens (AttentionMetadata.planned_lens)
+    rows: list[int]          # each sequence's row of the persistent block table
+    table_width: int         # the widest sequence's table: the columns the step reads
 
 
 @dataclass(slots=True)
@@ -64,18 +68,19 @@ class StepInputs:
     decode: DecodeInputs | None
     sample_rows: list[int]       # rows of the step's hidden states that yield a token
     sample_variants: list[int]   # the variant of each sampled row's sequence
+    table_update: list[int]      # PersistentBlockTable.assign's update, written by every rank first
 
 
 def step_to_wire(step: StepInputs) -> list:
     def fields(x):
         return None if x is None else [getattr(x, f.name) for f in dataclasses.fields(x)]
-    return [fields(step.eager), fields(step.decode), step.sample_rows, step.sample_variants]
+    return [fields(step.eager), fields(step.decode), step.sample_rows, step.sample_variants, step.table_update]
 
 
 def step_from_wire(values: list) -> StepInputs:
-    eager, decode, sample_rows, sample_variants = values
+    eager, decode, sample_rows, sample_variants, table_update = values
     return StepInputs(None if eager is None else EagerInputs(*eager), None if decode is None else DecodeInputs(*decode),
-                      sample_rows, sample_variants)
+                      sample_rows, sample_variants, table_update)
 
 
 class ModelRunner:
@@ -117,6 +122,9 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.hf_config.max_position_embeddings
         # the model says how its KV cache is laid out; sizing and allocation go through it
         self.kv_spec = self.model.kv_cache_spec(self.block_size, self.dtype)
+        # one row per running sequence, as wide as a max_model_len sequence's table
+        self.block_table = PersistentBlockTable(config.max_num_seqs, self.kv_spec.block_table_width(self.max_model_len),
+                                                self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.kv_caches: list[KVCache] = []
         self.graph_runner: CUDAGraphRunner | None = None
@@ -183,13 +191,18 @@ class ModelRunner:
         lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)][:c.max_num_seqs]
         seqs, next_block = [], 0
         for n in lens:
-            seq = Sequence("profile", [0] * n, SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+            # n - 1 prompt tokens and one generated, all computed now: planned for n <= max_model_len tokens
+            seq = Sequence("profile", [0] * (n - 1), SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+            seq.append_token(0)
             seq.block_table = list(range(next_block, next_block + spec.blocks_at_admission(n, seq.planned_len)))
             next_block += len(seq.block_table)
             seqs.append((seq, n))
         self.kv_caches = self.kv_spec.allocate(next_block, self.device)
-        input_ids, positions, meta = self._tensors(self._eager_inputs(seqs))
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        try:  # every rank profiles by itself: its own rows, assigned and written here
+            input_ids, positions, meta = self._tensors(self._eager_inputs(seqs, self.block_table.rows([s for s, _ in seqs])))
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        finally:
+            self.block_table.release([seq for seq, _ in seqs])
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
         self._compute_logits(hidden[rows], [0] * c.max_num_seqs).softmax(-1)
 
@@ -203,16 +216,16 @@ class ModelRunner:
         if not self.kv_spec.graphs_capturable():
             logger.warning("CUDA graphs off: this model's decode attention has no capturable kernel for %s", self.kv_spec)
             return
-        runner = CUDAGraphRunner(self.model, self.kv_caches, self.graph_batch_sizes, self.max_model_len,
-                                 self.kv_spec, self.device)
+        runner = CUDAGraphRunner(self.model, self.kv_caches, self.block_table, self.graph_batch_sizes,
+                                 self.max_model_len, self.kv_spec, self.device)
         try:
             runner.capture()
         except RuntimeError as e:
             raise RuntimeError(f"CUDA graph capture failed ({e}); run with enforce_eager=True (--enforce-eager)") from e
         self.graph_runner = runner
 
-    def _eager_inputs(self, scheduled: list[tuple[Sequence, int]]) -> EagerInputs:
-        inputs = EagerInputs([], [], [], [], [0], [], [], [])
+    def _eager_inputs(self, scheduled: list[tuple[Sequence, int]], rows: list[int]) -> EagerInputs:
+        inputs = EagerInputs([], [], [], [], [0], [], [], rows, max(len(seq.block_table) for seq, _ in scheduled))
         for seq, n in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             inputs.input_ids += seq.token_ids[start:end]
@@ -223,7 +236,6 @@ class ModelRunner:
             inputs.query_start_loc.append(inputs.query_start_loc[-1] + n)
             inputs.seq_lens.append(end)
             inputs.planned_lens.append(seq.planned_len)
-            inputs.block_tables.append(seq.block_table)
         return inputs
 
     @staticmethod
@@ -239,19 +251,18 @@ class ModelRunner:
 
     def _tensors(self, inputs: EagerInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
-        width = max(map(len, inputs.block_tables))
-        tables = [b for table in inputs.block_tables for b in table + [-1] * (width - len(table))]
         num_seqs, num_tokens = len(seq_lens), len(inputs.input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
         ids = to_device(inputs.input_ids + inputs.positions + inputs.slot_mapping + inputs.variants, torch.int64,
                         self.device).view(-1, num_tokens)
-        ints = to_device(qsl + seq_lens + inputs.planned_lens + tables, torch.int32, self.device)
+        ints = to_device(qsl + seq_lens + inputs.planned_lens + inputs.rows, torch.int32, self.device)
         meta = AttentionMetadata(
             slot_mapping=ids[2],
             query_start_loc=ints[:num_seqs + 1],
             seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
             planned_lens=ints[2 * num_seqs + 1:3 * num_seqs + 1],
-            block_tables=ints[3 * num_seqs + 1:].view(num_seqs, width),
+            # the step's rows of the persistent table, as wide as its widest sequence's
+            block_tables=self.block_table.table[:, :inputs.table_width].index_select(0, ints[3 * num_seqs + 1:]),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             block_size=self.block_size,
@@ -263,16 +274,15 @@ class ModelRunner:
         self.kv_spec.prepare_step(meta, self.device)
         return ids[0], ids[1], meta
 
-    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]]) -> DecodeInputs:
-        """Host inputs of a step where every sequence computes one token (_prepare's n = 1 case)."""
-        inputs = DecodeInputs([], [], [], [], [], [], [] if self.num_variants > 1 else None)
+    def _prepare_decode(self, scheduled: list[tuple[Sequence, int]], rows: list[int]) -> DecodeInputs:
+        """Host inputs of a step where every sequence computes one token (_eager_inputs' n = 1 case)."""
+        inputs = DecodeInputs([], [], [], [], rows, [], [] if self.num_variants > 1 else None)
         for seq, _ in scheduled:
             pos = seq.num_computed_tokens
             inputs.input_ids.append(seq.token_ids[pos])
             inputs.positions.append(pos)
             inputs.slot_mapping.append(self.kv_spec.slot(seq.block_table, pos))
             inputs.seq_lens.append(pos + 1)
-            inputs.block_tables.append(seq.block_table)
             inputs.planned_lens.append(seq.planned_len)
             if inputs.variants is not None:
                 inputs.variants.append(seq.variant)
@@ -284,16 +294,21 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden, variants)
 
+    def release(self, seqs: list[Sequence]) -> None:
+        """Sequences whose blocks were freed (SchedulerOutput.freed) give back their block-table rows."""
+        self.block_table.release(seqs)
+
     @torch.inference_mode()
     def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that sampled (batch order) and their samples."""
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        rows, table_update = self.block_table.assign([seq for seq, _ in scheduled])
         pure_decode = self.graph_runner is not None and all(n == 1 for _, n in scheduled)
-        decode = self._prepare_decode(scheduled) if pure_decode else None
+        decode = self._prepare_decode(scheduled, rows) if pure_decode else None
         if decode is None or not self.graph_runner.can_run(decode):
             decode = None
-        step = StepInputs(self._eager_inputs(scheduled) if decode is None else None, decode,
-                          self._sample_rows(scheduled), [seq.variant for seq in sampling])
+        step = StepInputs(self._eager_inputs(scheduled, rows) if decode is None else None, decode,
+                          self._sample_rows(scheduled), [seq.variant for seq in sampling], table_update)
         try:
             self._send((tp_workers.STEP, step_to_wire(step)))
             logits = self.run_step(step)
@@ -308,6 +323,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run_step(self, step: StepInputs) -> torch.Tensor | None:
         """The forward of one step (every rank): the logits of its sampled rows, None if none samples."""
+        self.block_table.write(step.table_update)
         if step.decode is not None:
             hidden = self.graph_runner.run(step.decode)
         else:

@@ -20,6 +20,9 @@ from leanserve.server.engine.sequence import Sequence, SequenceStatus
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens), batch order
     num_preempted: int = 0
+    # sequences whose blocks were freed since the last schedule (finished, aborted, preempted): the
+    # model runner gives back their block-table rows before this step takes rows for new ones
+    freed: list[Sequence] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -36,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
+        self._freed: list[Sequence] = []  # for the next SchedulerOutput.freed
 
     def add(self, seq: Sequence, check_queue: bool = True) -> None:
         if check_queue and len(self.waiting) >= self.max_queued_requests:
@@ -80,10 +84,12 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, num_new))
             budget -= num_new
+        out.freed, self._freed = self._freed, []
         return out
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)  # also resets num_computed_tokens: prompt + output are recomputed
+        self._freed.append(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -95,4 +101,5 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._freed.append(seq)
         seq.status = SequenceStatus.FINISHED

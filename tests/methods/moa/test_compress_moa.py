@@ -1,17 +1,30 @@
 """`leanserve compress moa` end to end on a tiny Llama (CPU, seconds): a model directory that loads as
-the input did, a valid plan within its density budget, and --stop-at / --resume giving the same plan."""
+the input did, a valid plan within its density budget, --stop-at / --resume giving the same plan,
+and a real `leanserve serve` serving it through the OpenAI API: the masked dense reference's tokens,
+and kv_cache_usage_perc counting the plan's pages exactly while a request runs (all of them from
+admission on) and none once it ends."""
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import openai
 import pytest
+import torch
+from moa_dirs import masked_dense_greedy
+from server_utils import metric, remote_server, scrape
 
 from leanserve.cli import main
+from leanserve.models.loader import load_model
 from leanserve.models.model_dir import file_sha256, load_model_info, weights_sha256
-from leanserve.models.moa_plan import PLAN_FILE, load_plan
+from leanserve.models.moa_plan import PLAN_FILE, kv_blocks, load_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = (192, 256, 320)
+MODEL, NUM_BLOCKS, BLOCK = "moa", 400, 16  # served name; the server's KV pages and their size
+LONG = 64  # max_tokens of the requests whose pages are watched
 
 
 def _args(model, out, *extra):
@@ -74,3 +87,40 @@ def test_refuses_what_it_cannot_compress(tiny_llm_dir, compressed, tmp_path):
     too_long = _args(tiny_llm_dir, tmp_path / "y")
     too_long[too_long.index("--profile-lengths") + 1] = "256,512"  # validation at 768 > 512 positions
     assert main(too_long) == 2
+
+
+def test_compressed_dir_serves_the_plan_through_the_api(tiny_llm_dir, compressed):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(compressed)
+    plan = load_plan(compressed / PLAN_FILE)
+    prompt = tokenizer("39 + 35 = 74 and 3 + 28 = 31, so 7 + 14 = 21 and 12 + 5 = 17 while 8 + 8 = 16")["input_ids"]
+    dense, _ = load_model(str(tiny_llm_dir), "cpu", torch.float32)
+    want = masked_dense_greedy(dense, plan, prompt, 8)
+    args = ("--served-model-name", MODEL, "--max-model-len", "512", "--block-size", str(BLOCK), "--num-kv-blocks",
+            str(NUM_BLOCKS), "--dtype", "float32", "--device", "cpu", "--max-num-seqs", "1")
+    with remote_server(compressed, *args) as server:
+        client = openai.OpenAI(base_url=server.api_url, api_key="unused")
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+
+        # one request at a time: whenever one runs, usage is its pages exactly, sized for prompt + max_tokens
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": LONG, "ignore_eos": True}
+        pages = sum(kv_blocks(a, b, len(prompt) + LONG, BLOCK)
+                    for la, lb in zip(plan.alphas, plan.betas) for a, b in zip(la, lb))
+        dense_blocks = 2 * 2 * -(-(len(prompt) + LONG) // BLOCK)  # layers x KV heads x token blocks
+        assert pages < dense_blocks
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(httpx.post, server.api_url + "/completions", json=body, timeout=120) for _ in range(2)]
+            seen = []
+            while not all(f.done() for f in done):
+                samples = scrape(server.url)
+                seen.append((metric(samples, "leanserve:num_requests_running", model_name=MODEL),
+                             metric(samples, "leanserve:kv_cache_usage_perc", model_name=MODEL)))
+            assert all(f.result().status_code == 200 for f in done)
+        held = {round(usage * NUM_BLOCKS) for n, usage in seen if n == 1}
+        assert held == {pages}, (pages, seen)
+        deadline = time.monotonic() + 30
+        while metric(scrape(server.url), "leanserve:kv_cache_usage_perc", model_name=MODEL) != 0:
+            assert time.monotonic() < deadline, "pages not freed"
+            time.sleep(0.05)
