@@ -13,8 +13,9 @@ alone): position-bucketed retrieval tests (`leanserve eval moa`).
 - copy: a BEGIN COPY ... END COPY block of words inside stdlib source; asks to repeat it.
 - functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
 
-Lengths are fitted with the caller's `count_tokens` (e.g. the chat-template encoding of the prompt),
-by doubling then bisecting the number of corpus lines, as data/tasks.py fits retrieval prompts.
+Lengths are fitted with the caller's `count_tokens` (e.g. the length of PromptEncoder's encoding: the
+tokens a chat server feeds the model), by doubling then bisecting the number of corpus lines, as
+data/tasks.py fits retrieval prompts.
 """
 from __future__ import annotations
 
@@ -190,6 +191,22 @@ def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_toke
     n = _fit_lines(build, target_tokens, count_tokens, len(lines) - 1)
     names = _TOP_LEVEL_DEF.findall("\n".join(lines[:n + 1]))
     return Task("functions", build(n), ", ".join(names), {"lines": n + 1})
+
+
+class PromptEncoder:
+    """A user prompt as the tokens a chat server would feed the model (chat template when the
+    tokenizer has one, else BOS + text)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        if tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return tok(prompt, verbose=False)["input_ids"]
 
 
 BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions}
