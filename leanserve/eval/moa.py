@@ -189,10 +189,10 @@ def arm_rows(arm: Arm, probes: list[moa_items.Probe], correct: list[bool], score
                 if (s.seed, s.length) == (seed, length):
                     per_kind.setdefault(s.kind, []).append(value)
             ppl.append(math.exp(np.mean([np.mean(v) for v in per_kind.values()])))
+        (acc_mean, acc_std), (ppl_mean, ppl_std) = _mean_std(acc), _mean_std(ppl)
         bucket_mean, bucket_std = np.mean(by_bucket, axis=0), np.std(by_bucket, axis=0)
         rows.append({"method": arm.method, "density": arm.density, "length": length,
-                     "retrieval_acc": _mean_std(acc)[0], "ppl": _mean_std(ppl)[0],
-                     "retrieval_acc_std": _mean_std(acc)[1], "ppl_std": _mean_std(ppl)[1],
+                     "retrieval_acc": acc_mean, "ppl": ppl_mean, "retrieval_acc_std": acc_std, "ppl_std": ppl_std,
                      "retrieval_acc_by_bucket": bucket_mean.tolist(), "retrieval_acc_by_bucket_std": bucket_std.tolist(),
                      "retrieval_acc_per_seed": acc, "ppl_per_seed": ppl,
                      "served_density": arm.served_density(length), "plan": arm.source})
