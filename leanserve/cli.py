@@ -35,6 +35,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "dpm-ot"): ("leanserve.eval.dpm_ot", "DPM-OT maps against fast solvers and controls: FD vs NFE, memorisation"),
     ("eval", "bayes"): ("leanserve.eval.bayes", "Bayesian mixtures: exact CTW regret (C1) against KT learners; JSON + plot"),
     ("eval", "classifier"): ("leanserve.eval.classifier", "train the shapes attribute classifier behind the image metrics"),
+    ("eval", "moa"): ("leanserve.eval.moa", "MoA plans against dense and a uniform window: retrieval by position "
+                                            "and length, response perplexity; JSON + plot"),
     ("eval", "leakage"): ("leanserve.eval.leakage", "what a noise schedule's late x_t still shows of the image: "
                                                     "background and position probes; JSON + plot"),
     ("jobs",): ("leanserve.server.jobs.client", "submit, list, show, follow, cancel and resume jobs of a running server (/v1/jobs)"),

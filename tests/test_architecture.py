@@ -18,7 +18,7 @@ ALLOWED = {
     "kernels": set(),
     "data": {"errors", "atomic", "runtime"},
     "models": {"errors", "atomic", "runtime", "kernels"},
-    "eval": {"errors", "atomic", "runtime", "kernels", "data", "models"},
+    "eval": {"errors", "atomic", "runtime", "kernels", "data", "models", "server"},
     "trainers": {"errors", "atomic", "runtime", "kernels", "data", "models", "eval"},
     "compressors": {"errors", "atomic", "runtime", "kernels", "data", "models", "eval", "trainers"},
     "server": {"errors", "atomic", "runtime", "kernels", "models"},

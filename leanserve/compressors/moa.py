@@ -5,7 +5,8 @@ Calibration items (moa_calibration: long-dependency prompts, the dense model's o
 influence profiling at each profile length (moa_profile) -> multi-objective plan optimisation
 (moa_rules tables, moa_milp) -> validation of the Pareto plans at an unseen length (moa_validate)
 -> OUT: the input's files unchanged, `moa_plan.json` (models/moa_plan.py) and `leanserve.json`
-(method "moa").
+(method "moa"). With --ablation-plans, also the middle steps of MoA's ablation ladder from the same
+profiles (moa_ablation), in OUT/moa_ablation/, for `leanserve eval moa`.
 
 Resumable: the items and every profiled item's influence live in OUT/moa_work/ (each file written
 atomically) until the model directory is written; --resume continues at the first missing item.
@@ -24,6 +25,8 @@ from tqdm import tqdm
 
 from leanserve.atomic import atomic_write_text, fsync_tree
 from leanserve.compressors import moa_calibration as calib
+from leanserve.compressors.moa_ablation import FOLDER as ABLATION_FOLDER
+from leanserve.compressors.moa_ablation import ladder_rules
 from leanserve.compressors.moa_milp import Problem, pareto_plans
 from leanserve.compressors.moa_profile import prepare_for_profiling, profile_items
 from leanserve.compressors.moa_rules import (
@@ -46,7 +49,7 @@ from leanserve.trainers.progress import ProgressFile
 
 WORK = "moa_work"
 STATE = f"{WORK}/state.json"  # the options of the run, for --resume
-RESUME_FREE = ("resume", "stop_at", "out")
+RESUME_FREE = ("resume", "stop_at", "out", "ablation_plans")  # the last: extra plans from the same profiles
 
 
 def _lengths(text: str) -> list[int]:
@@ -83,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--scan-intervals", type=int, default=4, help="steps per objective range of the Pareto scan")
     g.add_argument("--time-limit", type=float, default=60.0, help="seconds per MILP solve")
     g.add_argument("--mip-gap", type=float, default=1e-4, help="relative optimality gap of each solve")
+    g.add_argument("--ablation-plans", action="store_true",
+                   help=f"also write the ablation ladder's per-layer and per-head plans (alpha-0 rules, the longest "
+                        f"profile length alone) to OUT/{ABLATION_FOLDER}/, for `leanserve eval moa`")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="item sampling")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -190,9 +196,13 @@ def run(args):
     rules = rule_grid(args.profile_lengths, args.extend_length)
     candidates = _optimise(args, config, rules, hists)
     plan, metrics = _select(args, config, model, held_out, rules, candidates)
+    ladder = _ladder(args, config, model, held_out, rules, hists) if args.ablation_plans else {}
+    if ladder:
+        metrics["ablation"] = {step: {"validation_ce": p.validation_ce, "objectives": p.objectives,
+                                      "density_at": p.density_at} for step, p in ladder.items()}
     metrics.update(profile_seconds_per_item=float(np.mean(seconds)) if seconds else None, device=str(device),
                    items={str(length): len(v) for length, v in items.items()}, validation_items=len(held_out))
-    _write(args, plan, metrics)
+    _write(args, plan, metrics, ladder)
     shutil.rmtree(work)  # the model directory is the artifact now
     progress.update(progress.total, done=True)
     print(f"wrote {out}: {len(candidates)} Pareto plans, chosen validation CE {plan.validation_ce:.4f} "
@@ -239,11 +249,33 @@ def _optimise(args, config, rules: list, hists: dict) -> list:
                             on_solve=lambda: bar.update(1))
 
 
+def _num_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _plan(args, config, chosen: list[list[tuple[float, float]]], objectives: dict, ce: float, num_held_out: int,
+          rule_cap: int | None) -> MoAPlan:
+    """A plan file of the run's model and lengths with these rules ([layer][unit])."""
+    plan = MoAPlan(
+        model={"name": Path(args.model).name, "num_layers": config.num_hidden_layers,
+               "num_q_heads": config.num_attention_heads, "num_kv_heads": _num_kv_heads(config),
+               "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads},
+        alphas=[[float(a) for a, _ in layer] for layer in chosen],
+        betas=[[float(b) for _, b in layer] for layer in chosen],
+        profile_lengths=args.profile_lengths, extend_length=args.extend_length,
+        validation_length=args.validation_length, density_target=args.density, block_size=args.block_size,
+        rule_cap_per_layer=rule_cap, objectives={str(length): v for length, v in objectives.items()},
+        validation_ce=ce,
+        calibration={"source": f"stdlib long-context tasks ({', '.join(LONG_KINDS)})", "targets": args.targets,
+                     "n_items": args.items, "validation_items": num_held_out})
+    plan.density_at = {str(n): plan.density(n) for n in sorted({*plan.lengths(), plan.validation_length})}
+    return plan
+
+
 def _select(args, config, model, held_out: list, rules: list, candidates: list) -> tuple[MoAPlan, dict]:
     """The candidate with the lowest validation CE as a MoAPlan; and the validation metrics (dense, the
     uniform window at the same density, every candidate)."""
-    num_layers = config.num_hidden_layers
-    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    num_layers, num_kv = config.num_hidden_layers, _num_kv_heads(config)
 
     def per_layer(choice):
         return [[rules[r] for r in choice[layer * num_kv:(layer + 1) * num_kv]] for layer in range(num_layers)]
@@ -254,21 +286,8 @@ def _select(args, config, model, held_out: list, rules: list, candidates: list) 
     scored = [validation_ce(model, held_out, per_layer(c.choice), B)
               for c in tqdm(candidates, desc="compress moa: validation", unit=" plan")]
     best = int(np.argmin([ce for ce, _ in scored]))
-    chosen = per_layer(candidates[best].choice)
-    plan = MoAPlan(
-        model={"name": Path(args.model).name, "num_layers": num_layers, "num_q_heads": config.num_attention_heads,
-               "num_kv_heads": num_kv, "head_dim": getattr(config, "head_dim", None) or
-               config.hidden_size // config.num_attention_heads},
-        alphas=[[float(a) for a, _ in layer] for layer in chosen],
-        betas=[[float(b) for _, b in layer] for layer in chosen],
-        profile_lengths=args.profile_lengths, extend_length=args.extend_length,
-        validation_length=args.validation_length, density_target=args.density, block_size=B,
-        rule_cap_per_layer=args.rule_cap or None,
-        objectives={str(length): v for length, v in candidates[best].objectives.items()},
-        validation_ce=scored[best][0],
-        calibration={"source": f"stdlib long-context tasks ({', '.join(LONG_KINDS)})", "targets": args.targets,
-                     "n_items": args.items, "validation_items": len(held_out)})
-    plan.density_at = {str(n): plan.density(n) for n in sorted({*plan.lengths(), plan.validation_length})}
+    plan = _plan(args, config, per_layer(candidates[best].choice), candidates[best].objectives, scored[best][0],
+                 len(held_out), args.rule_cap or None)
     metrics = {
         "validation_ce": {"dense": dense, "uniform": uniform, "moa": scored[best][0]},
         "validation_ce_per_kind": {"dense": dense_kinds, "uniform": uniform_kinds, "moa": scored[best][1]},
@@ -278,18 +297,37 @@ def _select(args, config, model, held_out: list, rules: list, candidates: list) 
     return plan, metrics
 
 
-def _write(args, plan: MoAPlan, metrics: dict) -> None:
-    """OUT: the input's files unchanged (weights, config, tokenizer), the plan and leanserve.json."""
+def _ladder(args, config, model, held_out: list, rules: list, hists: dict) -> dict[str, MoAPlan]:
+    """The ablation ladder's per-layer and per-head plans (moa_ablation), each with its validation CE."""
+    constrained = sorted({*args.profile_lengths, args.extend_length})
+    steps = ladder_rules(hists, rules, num_layers=config.num_hidden_layers, num_kv_heads=_num_kv_heads(config),
+                         block_size=args.block_size, density={n: args.density for n in constrained},
+                         lower_ratio=args.density_lower, cap=args.rule_cap or None, group_reduce=args.group_reduce,
+                         time_limit=args.time_limit, gap=args.mip_gap)
+    longest = max(args.profile_lengths)
+    return {name: _plan(args, config, step.rules, {longest: step.dropped},
+                        validation_ce(model, held_out, step.rules, args.block_size)[0], len(held_out), step.cap)
+            for name, step in steps.items()}
+
+
+def _write(args, plan: MoAPlan, metrics: dict, ladder: dict[str, MoAPlan]) -> None:
+    """OUT: the input's files unchanged (weights, config, tokenizer), the plan (and the ladder's) and
+    leanserve.json."""
     model_dir, out = Path(args.model), Path(args.out)
     shutil.copytree(model_dir, out, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("leanserve.json", PLAN_FILE, WORK, "progress.json"))
+                    ignore=shutil.ignore_patterns("leanserve.json", PLAN_FILE, WORK, "progress.json", ABLATION_FOLDER))
     save_plan(out / PLAN_FILE, plan)
+    ladder_files = {step: f"{ABLATION_FOLDER}/{step}.json" for step in ladder}
+    for step, step_plan in ladder.items():
+        (out / ABLATION_FOLDER).mkdir(exist_ok=True)
+        save_plan(out / ladder_files[step], step_plan)
     recipe_args = argparse.Namespace(**{**vars(args), "profile_lengths": ",".join(map(str, args.profile_lengths))})
     save_model_info(out, ModelInfo(
         kind="llm", method="moa",
         settings={"plan": PLAN_FILE, "unit": plan.unit, "block_size": plan.block_size,
                   "density_target": plan.density_target, "density_at": plan.density_at,
-                  "rule_cap_per_layer": plan.rule_cap_per_layer, "validation_ce": plan.validation_ce},
+                  "rule_cap_per_layer": plan.rule_cap_per_layer, "validation_ce": plan.validation_ce,
+                  **({"ablation_plans": ladder_files} if ladder_files else {})},
         base={"path": str(model_dir), "sha256": weights_sha256(model_dir)},
         recipe=make_recipe("leanserve compress moa", recipe_args, args.seed, skip=("resume", "stop_at")),
         data={"description": f"long-context tasks ({', '.join(LONG_KINDS)}) over this Python's standard library: "

@@ -18,7 +18,7 @@ import torch
 
 from leanserve.atomic import atomic_write_text
 from leanserve.data.build import derive_seed
-from leanserve.data.long_context import LONG_KINDS, Corpus, long_task
+from leanserve.data.long_context import LONG_KINDS, Corpus, PromptEncoder, long_task
 from leanserve.errors import UserError
 
 TARGETS = ("model", "answer")
@@ -38,22 +38,6 @@ def target_lengths(length: int, n_min: int, count: int) -> list[int]:
     """`count` item lengths spread evenly over the top two buckets at or below `length`."""
     low = max(length - n_min, length // 2)
     return [low + (k + 1) * (length - low) // count for k in range(count)]
-
-
-class PromptEncoder:
-    """A user prompt as the tokens a chat server would feed the model (chat template when the
-    tokenizer has one, else BOS + text)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-        return tok(prompt, verbose=False)["input_ids"]
 
 
 def stop_ids(model, tokenizer) -> list[int]:

@@ -4,18 +4,23 @@ token length: MoA's calibration and validation items, and long-range retrieval t
 Every kind puts what the question needs in the first 5-35% of the corpus lines (under half of the
 prompt, records included) and asks at the end, so the answer sits more than half the context away
 from the question: a uniform sink + window that keeps half the tokens (or fewer) cannot see it, and
-only heads with long spans can.
+only heads with long spans can. Given `depth` (retrieval, passkey, copy), the needed context goes
+at that fraction of the prompt's tokens instead (the nearest line boundary, each line counted
+alone): position-bucketed retrieval tests (`leanserve eval moa`).
 
 - retrieval: "line <id>: REGISTER_CONTENT is <n>" records scattered through stdlib source; asks one id.
 - passkey: "The pass key of <word> is <n>." sentences scattered through stdlib docs; asks one word.
 - copy: a BEGIN COPY ... END COPY block of words inside stdlib source; asks to repeat it.
 - functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
 
-Lengths are fitted with the caller's `count_tokens` (e.g. the chat-template encoding of the prompt),
-by doubling then bisecting the number of corpus lines, as data/tasks.py fits retrieval prompts.
+Lengths are fitted with the caller's `count_tokens` (e.g. the length of PromptEncoder's encoding: the
+tokens a chat server feeds the model), by doubling then bisecting the number of corpus lines, as
+data/tasks.py fits retrieval prompts.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 import re
 import textwrap
@@ -90,12 +95,29 @@ def _window(pool: list[str], rng: random.Random) -> Callable[[int], list[str]]:
     return lambda n: [pool[(start + i) % len(pool)] for i in range(n)]
 
 
-def _scattered(lines: list[str], inserts: list[tuple[float, str]]) -> str:
+def _scattered(lines: list[str], inserts: list[tuple[float, str]]) -> list[str]:
     """`lines` with each (fraction, text) inserted at that fraction of them."""
     out = list(lines)
     for frac, text in sorted(inserts, reverse=True):
         out.insert(int(frac * len(lines)), text)
-    return "\n".join(out)
+    return out
+
+
+def _line_tokens(count_tokens: Callable[[str], int]) -> Callable[[str], int]:
+    """Tokens of one line and its newline, counted alone (memoised: a fit counts the same lines often),
+    without what count_tokens adds to any text (a chat template's tokens)."""
+    empty = count_tokens("")
+    return functools.cache(lambda line: max(count_tokens(line) - empty, 0) + 1)
+
+
+def _at_depth(head: list[str], lines: list[str], needle: str, tail: list[str], depth: float,
+              size: Callable[[str], int]) -> str:
+    """head, lines and tail joined by newlines, `needle` inserted between the lines where it starts
+    nearest `depth` of the whole text, measured in size(line) units (_line_tokens)."""
+    total = sum(map(size, [*head, *lines, needle, *tail]))
+    starts = itertools.accumulate(map(size, lines), initial=sum(map(size, head)))
+    at = min(enumerate(starts), key=lambda k_start: abs(k_start[1] / total - depth))[0]
+    return "\n".join([*head, *lines[:at], needle, *lines[at:], *tail])
 
 
 def _num_records(target_tokens: int) -> int:
@@ -103,47 +125,56 @@ def _num_records(target_tokens: int) -> int:
 
 
 def _records(rng: random.Random, pool: list[str], target_tokens: int, count_tokens, keys: list, record: Callable,
-             header: str, question: Callable, kind: str) -> Task:
+             header: str, question: Callable, kind: str, depth: float | None) -> Task:
     """Records (key, random value) scattered through corpus lines; the asked one, keys[0], in the
-    FAR part of the prompt."""
+    FAR part of the prompt, or at `depth` of it."""
     values = [rng.randint(1000, 99999) for _ in keys]
     fracs = [rng.uniform(*FAR)] + [rng.random() for _ in keys[1:]]
     lines = _window(pool, rng)
     inserts = [(f, record(k, v)) for f, k, v in zip(fracs, keys, values)]
+    size = _line_tokens(count_tokens)
 
     def build(n: int) -> str:
-        return f"{header}\n{_scattered(lines(n), inserts)}\n{question(keys[0])}"
+        if depth is None:
+            return "\n".join([header, *_scattered(lines(n), inserts), question(keys[0])])
+        return _at_depth([header], _scattered(lines(n), inserts[1:]), inserts[0][1], [question(keys[0])], depth,
+                         size)
 
     n = _fit_lines(build, target_tokens, count_tokens, len(pool))
-    return Task(kind, build(n), str(values[0]), {"lines": n, "position": fracs[0], "records": len(keys)})
+    where = {"position": fracs[0]} if depth is None else {"depth": depth}
+    return Task(kind, build(n), str(values[0]), {"lines": n, **where, "records": len(keys)})
 
 
-def retrieval(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+def retrieval(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens, depth: float | None = None
+              ) -> Task:
     keys = rng.sample(range(100_000, 1_000_000), _num_records(target_tokens))
     return _records(rng, corpus.code_lines(), target_tokens, count_tokens, keys,
                     lambda k, v: f"line {k}: REGISTER_CONTENT is {v}", "Remember the REGISTER_CONTENT of every line.",
-                    lambda k: f"What is the REGISTER_CONTENT in line {k}?", "retrieval")
+                    lambda k: f"What is the REGISTER_CONTENT in line {k}?", "retrieval", depth)
 
 
-def passkey(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+def passkey(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens, depth: float | None = None) -> Task:
     keys = rng.sample(WORDS, min(_num_records(target_tokens), len(WORDS)))
     return _records(rng, corpus.docs_lines, target_tokens, count_tokens, keys,
                     lambda k, v: f"The pass key of {k} is {v}. Remember it.", "Remember every pass key.",
-                    lambda k: f"What is the pass key of {k}?", "passkey")
+                    lambda k: f"What is the pass key of {k}?", "passkey", depth)
 
 
-def copy(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+def copy(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens, depth: float | None = None) -> Task:
     pool = corpus.code_lines()
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
     frac = rng.uniform(*FAR)
     lines = _window(pool, rng)
+    block, question = f"BEGIN COPY\n{words}\nEND COPY", "Repeat the words between BEGIN COPY and END COPY."
+    size = _line_tokens(count_tokens)
 
     def build(n: int) -> str:
-        body = _scattered(lines(n), [(frac, f"BEGIN COPY\n{words}\nEND COPY")])
-        return f"{body}\nRepeat the words between BEGIN COPY and END COPY."
+        if depth is None:
+            return "\n".join([*_scattered(lines(n), [(frac, block)]), question])
+        return _at_depth([], lines(n), block, [question], depth, size)
 
     n = _fit_lines(build, target_tokens, count_tokens, len(pool))
-    return Task("copy", build(n), words, {"lines": n, "position": frac})
+    return Task("copy", build(n), words, {"lines": n, **({"position": frac} if depth is None else {"depth": depth})})
 
 
 def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
@@ -162,11 +193,35 @@ def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_toke
     return Task("functions", build(n), ", ".join(names), {"lines": n + 1})
 
 
+class PromptEncoder:
+    """A user prompt as the tokens a chat server would feed the model (chat template when the
+    tokenizer has one, else BOS + text)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        if tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return tok(prompt, verbose=False)["input_ids"]
+
+
 BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions}
+DEPTH_KINDS = ("retrieval", "passkey", "copy")  # the kinds whose needed context can go at a chosen depth
 
 
 def long_task(kind: str, rng: random.Random, corpus: Corpus, target_tokens: int,
-              count_tokens: Callable[[str], int]) -> Task:
+              count_tokens: Callable[[str], int], depth: float | None = None) -> Task:
     if kind not in BUILDERS:
         raise ValueError(f"unknown long-context kind {kind!r}; known: {', '.join(LONG_KINDS)}")
-    return BUILDERS[kind](rng, corpus, target_tokens, count_tokens)
+    if depth is None:
+        return BUILDERS[kind](rng, corpus, target_tokens, count_tokens)
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if kind not in DEPTH_KINDS:
+        raise ValueError(f"{kind!r} tasks cannot place their context at a depth; those that can: "
+                         f"{', '.join(DEPTH_KINDS)}")
+    return BUILDERS[kind](rng, corpus, target_tokens, count_tokens, depth)

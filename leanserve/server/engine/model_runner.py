@@ -206,6 +206,31 @@ class ModelRunner:
         rows = torch.arange(c.max_num_seqs, device=self.device) % hidden.shape[0]
         self._compute_logits(hidden[rows], [0] * c.max_num_seqs).softmax(-1)
 
+    @torch.inference_mode()
+    def sequence_logprobs(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """[len - start] float32: the log-probability of each of token_ids[start:] given the tokens
+        before it, from one prefill step of the whole sequence (planned for exactly its length)
+        through the served attention, into a scratch cache and block table of its own: the serving
+        cache and the running sequences are untouched. For offline evals (response-masked
+        perplexity); one process only; a model with several variants is scored through variant 0."""
+        if self.tp_size > 1:
+            raise UserError("scoring sequences runs in one process; tensor_parallel_size must be 1")
+        n = len(token_ids)
+        if not 0 < start < n or n > self.max_model_len:
+            raise ValueError(f"need 0 < start < len(token_ids) <= max_model_len ({self.max_model_len}); "
+                             f"got start {start} of {n} tokens")
+        # n - 1 prompt tokens and one generated, all computed now: planned for n tokens (as _dummy_run)
+        seq = Sequence("score", token_ids[:-1], SamplingParams(temperature=0, max_tokens=1), 0.0, [])
+        seq.append_token(token_ids[-1])
+        seq.block_table = list(range(self.kv_spec.blocks_at_admission(n, seq.planned_len)))
+        caches = self.kv_spec.allocate(len(seq.block_table), self.device)
+        table = PersistentBlockTable(1, len(seq.block_table), self.device)
+        input_ids, positions, meta = self._tensors(self._eager_inputs([(seq, n)], table.rows([seq])), table)
+        hidden = self.model(input_ids, positions, caches, meta)
+        logits = self._compute_logits(hidden[start - 1:n - 1], [0] * (n - start)).float()
+        targets = torch.tensor(token_ids[start:], device=logits.device)
+        return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The serving KV cache; on CUDA, then the decode graphs (they bake in its addresses)."""
         self._send((tp_workers.ALLOCATE, num_blocks))
@@ -249,7 +274,10 @@ class ModelRunner:
                 rows.append(end - 1)
         return rows
 
-    def _tensors(self, inputs: EagerInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _tensors(self, inputs: EagerInputs, table: PersistentBlockTable | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's device tensors; its rows index `table` (default: the running sequences')."""
+        table = self.block_table if table is None else table
         qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
         num_seqs, num_tokens = len(seq_lens), len(inputs.input_ids)
         # one copy per dtype, each array a contiguous view of it: every copy is a launch
@@ -262,7 +290,7 @@ class ModelRunner:
             seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
             planned_lens=ints[2 * num_seqs + 1:3 * num_seqs + 1],
             # the step's rows of the persistent table, as wide as its widest sequence's
-            block_tables=self.block_table.table[:, :inputs.table_width].index_select(0, ints[3 * num_seqs + 1:]),
+            block_tables=table.table[:, :inputs.table_width].index_select(0, ints[3 * num_seqs + 1:]),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             block_size=self.block_size,

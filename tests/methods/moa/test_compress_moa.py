@@ -30,7 +30,7 @@ LONG = 64  # max_tokens of the requests whose pages are watched
 def _args(model, out, *extra):
     return ["compress", "moa", "--model", str(model), "--out", str(out), "--density", "0.5",
             "--profile-lengths", ",".join(map(str, LENGTHS)), "--block-size", "16", "--items", "2",
-            "--max-new-tokens", "4", "--device", "cpu", *extra]
+            "--max-new-tokens", "4", "--device", "cpu", "--ablation-plans", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,15 @@ def test_output_is_the_input_model_with_a_valid_plan(tiny_llm_dir, compressed):
     assert set(ce) == {"dense", "uniform", "moa"} and ce["moa"] == plan.validation_ce
     assert ce["moa"] == min(p["validation_ce"] for p in info.metrics["pareto"])
     assert "--profile-lengths 192,256,320" in info.recipe["command"]
+
+    # the ablation ladder's middle steps: alpha-0 rules within the same budget, one rule per layer first
+    assert set(info.settings["ablation_plans"]) == {"per-layer", "per-head"}
+    for step, file in info.settings["ablation_plans"].items():
+        ladder = load_plan(compressed / file, AutoConfig.from_pretrained(compressed))
+        assert all(a == 0 for layer in ladder.alphas for a in layer)
+        assert ladder.rule_cap_per_layer == (1 if step == "per-layer" else 2)
+        assert all(0.9 * 0.5 - 1e-9 <= ladder.density(n) <= 0.5 + 1e-9 for n in ladder.lengths())
+        assert info.metrics["ablation"][step]["validation_ce"] == ladder.validation_ce
     assert json.loads((compressed / "progress.json").read_text())["done"]
 
 

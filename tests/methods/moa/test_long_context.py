@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from leanserve.data.long_context import LONG_KINDS, Corpus, long_task
+from leanserve.data.long_context import DEPTH_KINDS, LONG_KINDS, Corpus, long_task
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,18 @@ def test_answers_are_what_the_prompt_says(corpus, count_tokens):
 def test_held_out_corpus_is_other_modules():
     train, held_out = Corpus.load(held_out=False, max_files=8), Corpus.load(held_out=True, max_files=8)
     assert not set(train.code) & set(held_out.code)
+
+
+@pytest.mark.parametrize("kind", DEPTH_KINDS)
+def test_depth_puts_the_needed_context_in_its_bucket(kind, corpus, count_tokens):
+    """At each of 10 depth buckets' centres, the needed context starts inside that bucket of the
+    prompt's tokens (~100 lines at 1500 tiny-tokenizer tokens: a line is ~1% of the prompt)."""
+    for bucket in range(10):
+        task = long_task(kind, random.Random(bucket), corpus, 1500, count_tokens, depth=(bucket + 0.5) / 10)
+        start = task.prompt.rfind("\n", 0, _needed_at(task)) + 1  # the line it opens
+        assert int(10 * count_tokens(task.prompt[:start]) / count_tokens(task.prompt)) == bucket
+        assert task.params["depth"] == (bucket + 0.5) / 10
+    with pytest.raises(ValueError, match="cannot place"):
+        long_task("functions", random.Random(0), corpus, 300, count_tokens, depth=0.5)
+    with pytest.raises(ValueError, match=r"depth must be in \[0, 1\]"):
+        long_task(kind, random.Random(0), corpus, 300, count_tokens, depth=1.5)
