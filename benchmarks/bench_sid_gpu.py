@@ -60,8 +60,9 @@ from common import (
 
 from leanserve.models.image_model import ImageModel
 from leanserve.models.image_params import ImageParams
+from leanserve.server.engine.errors import ImageGenerationError
 from leanserve.server.image_config import ImageEngineConfig
-from leanserve.server.image_engine import AsyncImageEngine, ImageGenerationError
+from leanserve.server.image_engine import AsyncImageEngine
 
 SERVE_BATCHES = (1, 4)
 TRAIN_BATCHES = (1, 2, 4, 8, 16)

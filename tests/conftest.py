@@ -6,6 +6,11 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, here and in every server, CLI and torchrun rank a test starts (they inherit
+# it; set before torch is imported): tiny models gain nothing from more, and two xdist workers'
+# OpenMP pools spinning on a 2-core machine cost several times their work.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Without a GPU, Triton kernels run in its interpreter. Triton reads this when a kernel module is
 # imported, so it is set here, before any test module imports leanserve.kernels.
 if "TRITON_INTERPRET" not in os.environ:

@@ -84,10 +84,30 @@ def check_complete(model_dir: str | Path) -> None:
                             "the model directory is incomplete or corrupt")
     for path in sorted([*root.glob("*.safetensors"), *root.glob("*/*.safetensors")]):
         try:
-            with safe_open(str(path), framework="pt"):
-                pass  # opening reads the header and checks the file holds every tensor it lists
+            # opening reads the header and checks the file holds every tensor it lists; numpy: the
+            # header check needs no tensors, and an LLM server's API process never imports torch
+            with safe_open(str(path), framework="numpy"):
+                pass
         except SafetensorError as e:
             raise UserError(f"{path}: {e}: the model directory is incomplete or corrupt") from None
+
+
+# tokenizer_config.json classes that are exactly transformers' fast tokenizer over tokenizer.json
+# (ours and Llama 3's): loaded without AutoTokenizer, whose class registry costs ~2 s of CPU in
+# every process that starts (the API process and the engine core each load one)
+_PLAIN_FAST_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a model directory, as AutoTokenizer.from_pretrained loads it."""
+    root = Path(model_dir)
+    config_file = root / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("tokenizer_class") in _PLAIN_FAST_TOKENIZERS and (root / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(root)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(root)
 
 
 def merge_metrics(model_dir: str | Path, metrics: dict) -> bool:

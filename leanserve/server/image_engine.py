@@ -32,7 +32,7 @@ import torch
 from leanserve.errors import UserError
 from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.runtime import resolve_device, resolve_dtype
-from leanserve.server.engine.errors import EngineDeadError, QueueFullError
+from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
 
 if TYPE_CHECKING:  # the model layer imports diffusers; load it only when an engine is built
@@ -70,14 +70,6 @@ class ImageEngineStats:
     num_running: int                      # requests with an image started and not all done
     num_waiting: int                      # requests none of whose images has started
     healthy: bool
-
-
-class RequestAbortedError(RuntimeError):
-    """The request was aborted because the server shut down before it finished."""
-
-
-class ImageGenerationError(RuntimeError):
-    """The pipeline call of the request's batch raised; the engine itself keeps serving."""
 
 
 @dataclass(eq=False)

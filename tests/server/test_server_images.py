@@ -259,13 +259,17 @@ def test_disconnect_cancels_waiting_and_running(server, http):
 def test_sigterm_drains_then_aborts(tmp_path):
     """SIGTERM: the running request finishes within --shutdown-timeout, the one behind it is
     aborted with a 503 in the envelope, and the process exits cleanly."""
+    # Margins both ways, so that a loaded CI box cannot flip the outcome: the short request is 2
+    # steps at 16x16 (milliseconds), the long one 200 steps of eight 32x16 images (~16x the work
+    # of LONG at one 16x16 image: many seconds).
     with remote_server(build_tiny_pipeline(tmp_path / "sd"), "--served-model-name", SD,
-                       "--shutdown-timeout", "0.8") as server:
+                       "--shutdown-timeout", "3") as server:
         async def run():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-                short = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=40)))
+                short = asyncio.ensure_future(c.post(URL, json=body()))
                 await asyncio.sleep(0.1)
-                long = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
+                long = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG, n=8,
+                                                                   size="32x16")))
                 await asyncio.sleep(0.1)
                 server.proc.send_signal(signal.SIGTERM)
                 return await short, await long

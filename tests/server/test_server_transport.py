@@ -187,13 +187,19 @@ def test_large_bodies_do_not_block_the_event_loop(server):
             else:  # tokenized, then too long for the context
                 assert status == 400 and b"maximum context length" in payload
 
-    base_gap, base_health = asyncio.run(_measure(server, None))
-    gap, health = asyncio.run(_measure(server, eight_maximal_bodies))
-    # the bound is the issue's; what the idle machine already shows (scheduling on a busy CI
-    # box) is not the server's doing, so it is measured first and allowed on top
-    assert gap < base_gap + LATENCY_BOUND_S, f"stream gap {gap * 1e3:.0f} ms under load, {base_gap * 1e3:.0f} ms idle"
-    assert health < base_health + LATENCY_BOUND_S, \
-        f"/health {health * 1e3:.0f} ms under load, {base_health * 1e3:.0f} ms idle"
+    # The bound is the issue's; what the idle machine already shows (scheduling on a busy CI box)
+    # is not the server's doing, so it is measured first and allowed on top. A blocked event loop
+    # fails every round (eight bodies tokenized on the loop stall it for far longer than the
+    # bound); a neighbour's CPU burst on a 2-core box fails one round, so up to three are run.
+    failures = []
+    for _ in range(3):
+        base_gap, base_health = asyncio.run(_measure(server, None))
+        gap, health = asyncio.run(_measure(server, eight_maximal_bodies))
+        if gap < base_gap + LATENCY_BOUND_S and health < base_health + LATENCY_BOUND_S:
+            return
+        failures.append(f"stream gap {gap * 1e3:.0f} ms under load ({base_gap * 1e3:.0f} ms idle), "
+                        f"/health {health * 1e3:.0f} ms ({base_health * 1e3:.0f} ms idle)")
+    pytest.fail("; ".join(failures))
 
 
 # ---------------------------------------------------------------- connection limits and deadlines

@@ -14,13 +14,13 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from leanserve.models.model_dir import load_tokenizer
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.core import EngineStats
 from leanserve.server.engine.core_client import EngineCoreClient
 from leanserve.server.engine.errors import EngineDeadError, QueueFullError
 from leanserve.server.engine.output_processor import OutputProcessor
-from leanserve.server.engine.outputs import RequestOutput
+from leanserve.server.engine.outputs import EngineStats, RequestOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.validation import validate_request
 
@@ -74,14 +74,12 @@ class AsyncLLMEngine:
 
     def __init__(self, config: EngineConfig):
         """Start the core process and load the model there (blocks until it is ready)."""
-        from transformers import AutoTokenizer
-
         self.config = config
         self.model_name = config.served_model_name or Path(config.model).name
         # two instances: a fast tokenizer's Rust state must not be borrowed by the routes' encode
         # in a worker thread (it may reconfigure truncation/padding) while the loop decodes
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self._processor = OutputProcessor(AutoTokenizer.from_pretrained(config.model))
+        self.tokenizer = load_tokenizer(config.model)
+        self._processor = OutputProcessor(load_tokenizer(config.model))
         self._core = EngineCoreClient(config)
         self.max_model_len: int = self._core.facts["max_model_len"]
         self.vocab_size: int = self._core.facts["vocab_size"]

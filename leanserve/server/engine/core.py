@@ -10,16 +10,16 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from leanserve.errors import UserError
+from leanserve.models.model_dir import load_tokenizer
 from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
-from leanserve.server.engine.outputs import RequestTimes
+from leanserve.server.engine.outputs import CoreOutput, EngineStats, RequestTimes
 from leanserve.server.engine.sampler import SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
@@ -27,41 +27,6 @@ from leanserve.server.engine.sequence import Sequence
 from leanserve.server.engine.validation import validate_request
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float       # 0..1, fraction of KV blocks held by live requests
-    num_kv_blocks: int
-    block_size: int
-    num_preemptions: int        # cumulative
-    prefix_cache_queries: int   # cumulative, tokens
-    prefix_cache_hits: int      # cumulative, tokens
-    healthy: bool
-    enable_prefix_caching: bool
-
-
-@dataclass(slots=True)
-class CoreOutput:
-    """What one step produced for one request, in token ids; the core's finish reasons only
-    ("stop" for EOS or a stop token id, "length", "abort")."""
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: int | None
-    # per new token: (token id, its logprob, top [(id, logprob)] best first), when requested
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    token_times: list[float] = field(default_factory=list)
-    times: RequestTimes | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 def eos_token_ids(model_dir: str, hf_config, tokenizer) -> list[int]:
@@ -77,8 +42,6 @@ def eos_token_ids(model_dir: str, hf_config, tokenizer) -> list[int]:
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoTokenizer
-
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests",
                      "tensor_parallel_size"):
             if getattr(config, name) < 1:
@@ -93,15 +56,13 @@ class EngineCore:
 
     def _setup(self, config: EngineConfig) -> None:
         """Everything after loading: limits, the KV cache (sized, allocated), the scheduler."""
-        from transformers import AutoTokenizer
-
         hf_config = self.model_runner.hf_config
         max_pos = hf_config.max_position_embeddings
         self.max_model_len = config.max_model_len or max_pos
         if self.max_model_len > max_pos:
             raise UserError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_pos}")
         self.vocab_size = self.model_runner.vocab_size
-        self.eos_token_ids = eos_token_ids(config.model, hf_config, AutoTokenizer.from_pretrained(config.model))
+        self.eos_token_ids = eos_token_ids(config.model, hf_config, load_tokenizer(config.model))
 
         kv_spec = self.model_runner.kv_spec
         max_seq_blocks = kv_spec.blocks_for(self.max_model_len)  # what one full-length sequence holds

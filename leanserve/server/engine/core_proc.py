@@ -13,17 +13,24 @@ from __future__ import annotations
 import logging
 import signal
 from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING
 
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.core import CoreOutput, EngineCore
 from leanserve.server.engine.errors import startup_error_to_wire
+from leanserve.server.engine.outputs import CoreOutput
+
+if TYPE_CHECKING:
+    from leanserve.server.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
 
 def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_format: str) -> None:
-    """The process target (spawned: CUDA does not survive a fork)."""
+    """The process target (spawned: CUDA does not survive a fork). The core (torch, the model code)
+    is imported here, in the child: the API process that names this target never loads torch."""
+    from leanserve.server.engine.core import EngineCore
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=log_format)
     try:

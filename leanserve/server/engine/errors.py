@@ -9,6 +9,14 @@ class EngineDeadError(RuntimeError):
     """The engine loop died; the server answers 503 (health) and 500 for in-flight requests."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The image request was aborted because the server shut down before it finished."""
+
+
+class ImageGenerationError(RuntimeError):
+    """The pipeline call of the image request's batch raised; the image engine itself keeps serving."""
+
+
 class InvalidRequestError(ValueError):
     """A request the engine cannot run (validation.py); the server answers 400 with `param`, the
     request field at fault."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from leanserve.models.model_dir import load_tokenizer
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.core import EngineCore, EngineStats
+from leanserve.server.engine.core import EngineCore
 from leanserve.server.engine.output_processor import OutputProcessor
-from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
+from leanserve.server.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
 
 __all__ = ["EngineStats", "GenerationResult", "LLMEngine"]
@@ -33,11 +34,9 @@ class GenerationResult:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoTokenizer
-
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         self.processor = OutputProcessor(self.tokenizer)
         # the core's parts, for tests and benchmarks that look inside
         self.model_runner, self.scheduler, self.block_manager = (self.core.model_runner, self.core.scheduler,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from leanserve.server.engine.core import CoreOutput
+from leanserve.server.engine.outputs import CoreOutput
 from leanserve.server.engine.detokenizer import Detokenizer
 from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams

@@ -38,3 +38,38 @@ class RequestOutput:
     token_times: list[float] = field(default_factory=list)  # monotonic time each new token was produced
     times: RequestTimes | None = None
     error: str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float       # 0..1, fraction of KV blocks held by live requests
+    num_kv_blocks: int
+    block_size: int
+    num_preemptions: int        # cumulative
+    prefix_cache_queries: int   # cumulative, tokens
+    prefix_cache_hits: int      # cumulative, tokens
+    healthy: bool
+    enable_prefix_caching: bool
+
+
+@dataclass(slots=True)
+class CoreOutput:
+    """What one step produced for one request, in token ids; the core's finish reasons only
+    ("stop" for EOS or a stop token id, "length", "abort")."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | None
+    # per new token: (token id, its logprob, top [(id, logprob)] best first), when requested
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    token_times: list[float] = field(default_factory=list)
+    times: RequestTimes | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -12,8 +12,7 @@ import dataclasses
 
 import msgpack
 
-from leanserve.server.engine.core import CoreOutput, EngineStats
-from leanserve.server.engine.outputs import RequestTimes
+from leanserve.server.engine.outputs import CoreOutput, EngineStats, RequestTimes
 from leanserve.server.engine.sampling_params import SamplingParams
 
 ADD, ABORT, SHUTDOWN = 0, 1, 2

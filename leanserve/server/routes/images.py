@@ -22,7 +22,7 @@ from PIL import Image, features
 from leanserve.models.image_params import ImageParamError, ImageParams
 from leanserve.server.cancellation import with_cancellation
 from leanserve.server.errors import APIError
-from leanserve.server.image_engine import ImageGenerationError, RequestAbortedError
+from leanserve.server.engine.errors import ImageGenerationError, RequestAbortedError
 from leanserve.server.json_body import JSONBodyRoute
 from leanserve.server.offload import off_loop
 from leanserve.server.openapi import error_responses

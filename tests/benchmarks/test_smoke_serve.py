@@ -1,0 +1,65 @@
+"""--smoke runs of the serving benchmarks (load, speed through HTTP): the GPU scripts' code paths on CPU at toy sizes, so a script run
+on a lent GPU does not die on an API drift first."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench_smoke import ROOT, script_env
+
+
+def test_load_server_smoke():
+    """benchmarks/load_server.py --smoke: a real server, 2 rounds of 50 streams and 10 slow clients of each kind."""
+    env = script_env()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_server.py"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout)
+    for name in ("round_1", "round_2"):
+        assert r[name]["outcomes"] == {"ok": 50}
+        assert not any(r[name]["gauges_after"].values())
+    clients = r["misbehaving_clients"]
+    assert all(clients[kind]["closed_by_server"] == 10 for kind in ("idle", "slow_headers", "slow_bodies"))
+    assert clients["slow_bodies"]["status_408"] == 10
+    assert clients["slow_reader"]["completed"] and clients["never_reader_cut_after_s"] is not None
+    assert r["server_load_after"] == 0 and r["sigterm"]["exit_code"] == 0 and r["server_log"]["tracebacks"] == 0
+
+
+def test_serve_benchmark_smoke(tmp_path):
+    """bench_serve_gpu.py: the GPU path (a served toy Llama with --load-format dummy, the Poisson run, an
+    image row, --profile) and the CPU mode (zoo/chat-tiny next to transformers generate), side by side."""
+    env = script_env()
+    script = str(ROOT / "benchmarks" / "bench_serve_gpu.py")
+    procs = {mode: subprocess.Popen([sys.executable, script, "--smoke", *flags, "--out-dir", str(tmp_path)], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for mode, flags in (("gpu", ["--profile"]), ("cpu", ["--cpu"]))}
+    for mode, proc in procs.items():
+        output = proc.communicate(timeout=240)[0]
+        assert proc.returncode == 0, f"bench_serve_gpu.py --smoke ({mode}) failed:\n{output[-4000:]}"
+
+    latency = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+    gpu = json.loads(next(tmp_path.glob("serve_gpu_smoke-*.json")).read_text())["results"]
+    assert [r["concurrency"] for r in gpu["rows"]] == [1, 4]
+    for row in gpu["rows"]:
+        assert "error" not in row and not row["truncated"] and row["requests"] == 4, row
+        assert row["output_tokens"] == 4 * 8 and row["out_tok_s"] > 0
+        assert row["bound_tok_s"] is None and row["frac_of_bound"] is None  # no bound on CPU
+        assert all(row[k] > 0 for k in latency) and row["itl_p99_ms"] >= row["itl_p50_ms"]
+    poisson = gpu["poisson"]
+    assert "error" not in poisson and poisson["requests"] == 6 and poisson["output_tokens"] == 6 * 8
+    [image] = gpu["images"]
+    assert "error" not in image, image
+    assert (image["model"], image["steps"], image["concurrency"], image["size"]) == ("shapes-sid", 1, 4, 32)
+    assert image["http_img_s"] > 0 and image["direct_img_s"] > 0
+    assert image["http_over_direct"] == image["http_img_s"] / image["direct_img_s"]
+    assert 1 <= image["http_images_per_call"] <= 4
+    assert set(gpu["profile"]) == {"how", "concurrency_1", "concurrency_4"}
+    assert all("aten::" in gpu["profile"][f"concurrency_{c}"]["table"] for c in (1, 4))
+
+    cpu = json.loads(next(tmp_path.glob("serve_cpu_smoke-*.json")).read_text())["results"]
+    assert [g["batch"] for g in cpu["generate"]] == [1, 4] and all(g["tok_s"] > 0 for g in cpu["generate"])
+    assert [r["concurrency"] for r in cpu["rows"]] == [1, 4]
+    for row in cpu["rows"]:
+        assert "error" not in row and row["output_tokens"] == 4 * 8, row
+        assert row["http_over_generate"] > 0 and all(row[k] > 0 for k in latency)
