@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -19,7 +20,9 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-NUM_WORKERS = 2  # a large body tokenizes beside small ones; more would only contend for the GIL
+# A large body tokenizes beside small ones; more would only contend for the GIL. On a machine of
+# two cores or fewer, one: the pool must never take every core from the event loop's streams.
+NUM_WORKERS = 2 if (os.cpu_count() or 1) > 2 else 1
 _pool = ThreadPoolExecutor(max_workers=NUM_WORKERS, thread_name_prefix="leanserve-offload")
 
 
