@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
+import time
 from pathlib import Path
 
 from leanserve.eval.report import hardware
@@ -26,6 +28,35 @@ def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filen
     path = out / (filename or f"{bench}-{hardware_slug()}.json")
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def run_processes(jobs: list[tuple[str, list[str]]], parallel: int, log_dir: Path, env: dict | None = None,
+                  cwd: Path | None = None) -> float:
+    """Run each (name, argv) as a child process, `parallel` at a time, its output in log_dir/<name>.log.
+    Many tiny training runs share one GPU this way (each is host-bound alone). Raises SystemExit at the
+    first failure (the others are killed); returns the wall seconds."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started, pending, active = time.perf_counter(), list(jobs), []
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                name, argv = pending.pop(0)
+                log = open(log_dir / f"{name}.log", "w")
+                active.append((name, log, subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
+                                                           stderr=subprocess.STDOUT)))
+            time.sleep(0.5)
+            for job in [j for j in active if j[2].poll() is not None]:
+                active.remove(job)
+                name, log, proc = job
+                log.close()
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log.name}")
+                print(f"done {name} ({time.perf_counter() - started:.0f} s)", flush=True)
+    finally:
+        for _, log, proc in active:
+            proc.kill()
+            log.close()
+    return time.perf_counter() - started
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

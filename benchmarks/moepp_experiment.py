@@ -42,11 +42,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import run_processes  # noqa: E402
 
 from leanserve.eval.plots import Series, line_plot  # noqa: E402
 from leanserve.eval.report import emit_json, hardware  # noqa: E402
@@ -79,33 +80,22 @@ def ensure_data(data: Path, build_flags: list[str], env: dict) -> None:
 
 def launch(runs: list[dict], cfg: dict, args, env: dict) -> float:
     """Start every unfinished run at once (at most --parallel at a time); returns the wall seconds."""
-    started, pending, active = time.perf_counter(), [r for r in runs if not (r["dir"] / "config.json").is_file()], []
+    jobs = []
     for r in runs:
-        if r not in pending:
+        if (r["dir"] / "config.json").is_file():
             print(f"reusing {r['dir']}", flush=True)
-    while pending or active:
-        while pending and len(active) < args.parallel:
-            r = pending.pop(0)
-            resume = ["--resume"] if (r["dir"] / "checkpoint.pt").is_file() else []
-            cmd = [sys.executable, "-m", "leanserve.cli", "train", "lm", "--data", str(args.data),
-                   "--tokenizer", str(args.tokenizer), "--out", str(r["dir"]), *cfg["shape"], *r["flags"],
-                   "--experts", str(cfg["experts"]), "--seed", str(r["seed"]), "--pretrain-steps", str(cfg["steps"]),
-                   "--chat-steps", "0", "--mix", "natural", "--batch-size", str(cfg["batch"]),
-                   "--seq-len", str(cfg["seq"]), "--lr", "5e-4", "--warmup", "0.02", "--weight-decay", "0.1",
-                   "--clip", "1.0", "--lb-coef", "0.01", "--eval-every", str(cfg["eval_every"]),
-                   "--eval-batches", str(cfg["eval_batches"]), "--save-every", str(args.save_every or cfg["steps"] + 1),
-                   "--device", cfg["device"], *resume]
-            log = open(args.out / "logs" / f"{r['dir'].name}.log", "w")
-            r["proc"], r["log"] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log
-            active.append(r)
-        time.sleep(0.5)
-        for r in [r for r in active if r["proc"].poll() is not None]:
-            active.remove(r)
-            r["log"].close()
-            if r["proc"].returncode:
-                raise SystemExit(f"{r['dir'].name} failed (exit {r['proc'].returncode}); see {r['log'].name}")
-            print(f"done {r['dir'].name} ({time.perf_counter() - started:.0f} s)", flush=True)
-    return time.perf_counter() - started
+            continue
+        resume = ["--resume"] if (r["dir"] / "checkpoint.pt").is_file() else []
+        jobs.append((r["dir"].name, [
+            sys.executable, "-m", "leanserve.cli", "train", "lm", "--data", str(args.data),
+            "--tokenizer", str(args.tokenizer), "--out", str(r["dir"]), *cfg["shape"], *r["flags"],
+            "--experts", str(cfg["experts"]), "--seed", str(r["seed"]), "--pretrain-steps", str(cfg["steps"]),
+            "--chat-steps", "0", "--mix", "natural", "--batch-size", str(cfg["batch"]),
+            "--seq-len", str(cfg["seq"]), "--lr", "5e-4", "--warmup", "0.02", "--weight-decay", "0.1",
+            "--clip", "1.0", "--lb-coef", "0.01", "--eval-every", str(cfg["eval_every"]),
+            "--eval-batches", str(cfg["eval_batches"]), "--save-every", str(args.save_every or cfg["steps"] + 1),
+            "--device", cfg["device"], *resume]))
+    return run_processes(jobs, args.parallel, args.out / "logs", env=env, cwd=ROOT)
 
 
 def mean_val(losses: dict[str, float]) -> float:

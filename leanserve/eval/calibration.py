@@ -82,7 +82,9 @@ class TokenMetrics:
 class EnsembleMetrics:
     """The mixture's, the logit average's and every member's TokenMetrics, and the members' diversity
     (Jensen gap, mean pairwise top-1 disagreement). `temperatures` may hold fitted temperatures for
-    "mixture" and "logit_average"."""
+    "mixture" and "logit_average". The mixtures of the first S members, S a power of two below the
+    ensemble's size, are scored on the way (the running log-sum passes through them), so that one pass
+    gives NLL against S."""
 
     def __init__(self, num_members: int, temperatures: dict[str, float] | None = None):
         temperatures = temperatures or {}
@@ -90,6 +92,8 @@ class EnsembleMetrics:
         self.mixture = TokenMetrics(temperatures.get("mixture"))
         self.logit_average = TokenMetrics(temperatures.get("logit_average"))
         self.members = [TokenMetrics() for _ in range(num_members)]
+        self.prefixes = {s: TokenMetrics() for s in (2 ** i for i in range(num_members.bit_length()))
+                         if s < num_members}
         self.disagreeing_pairs = 0
 
     def update(self, member_logits: Iterable[torch.Tensor], labels: torch.Tensor) -> None:
@@ -103,6 +107,8 @@ class EnsembleMetrics:
             preds.append(logprobs.argmax(-1))
             mixture = logprobs if mixture is None else torch.logaddexp(mixture, logprobs)
             logit_sum = logits.clone() if logit_sum is None else logit_sum.add_(logits)
+            if len(preds) in self.prefixes:
+                self.prefixes[len(preds)].update(mixture - math.log(len(preds)), labels)
         self.mixture.update(mixture - math.log(self.num_members), labels)
         self.logit_average.update(logit_sum / self.num_members, labels)
         for s in range(self.num_members):
@@ -114,7 +120,7 @@ class EnsembleMetrics:
         mixture = self.mixture.result()
         pairs = self.num_members * (self.num_members - 1) // 2
         return {"num_members": self.num_members, "mixture": mixture, "logit_average": self.logit_average.result(),
-                "members": members,
+                "members": members, "prefix_mixtures": {s: m.result() for s, m in self.prefixes.items()},
                 # NLL(mixture) = mean member NLL − J
                 "jensen_gap": sum(m["nll"] for m in members) / self.num_members - mixture["nll"],
                 "disagreement": self.disagreeing_pairs / (pairs * max(self.mixture.tokens, 1)) if pairs else 0.0}

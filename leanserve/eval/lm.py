@@ -11,8 +11,9 @@ task, greedy-decodes an answer from the chat-templated prompt and checks it exac
 
 An ensemble directory (models/ensemble_dir.py) is scored as its mixture (probability averaging):
 its test loss, calibration and greedy answers are the mixture's; the report adds the logit-averaged
-control, every member's metrics and the members' diversity. `--members K` scores the first K
-members, so that NLL against S comes from one directory.
+control, every member's metrics, the members' diversity and the mixtures of the first S members for
+S = 1, 2, 4, ... below the ensemble's size (NLL against S from one pass). `--members K` scores the
+first K members alone.
 For a MoE / MoE++ model it also reports how the test tokens are routed (eval/moepp_routing.py).
 """
 from __future__ import annotations
@@ -231,6 +232,7 @@ def run(args):
             "num_members": len(members),
             "logit_average": {d: s["logit_average"] for d, s in scores.items()},
             "members": {d: s["members"] for d, s in scores.items()},
+            "prefix_mixtures": {d: s["prefix_mixtures"] for d, s in scores.items()},
             "jensen_gap": {d: s["jensen_gap"] for d, s in scores.items()},
             "disagreement": {d: s["disagreement"] for d, s in scores.items()}}
     if routing is not None:

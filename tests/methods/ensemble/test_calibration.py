@@ -56,6 +56,24 @@ def test_mixture_never_loses_to_the_average_member():
     assert result["logit_average"]["nll"] == pytest.approx(float(direct), rel=1e-5)
 
 
+def test_prefix_mixtures_are_the_first_members_ensembles():
+    """NLL against S from one pass: the mixture of the first S members equals a separate S-member ensemble's."""
+    labels = random_batch()[1]
+    members = [random_batch(seed=s)[0] for s in range(1, 7)]
+    ens = EnsembleMetrics(len(members))
+    ens.update(iter(members), labels)
+    prefixes = ens.result()["prefix_mixtures"]
+    assert sorted(prefixes) == [1, 2, 4]  # powers of two below S = 6; S itself is "mixture"
+    for s, got in prefixes.items():
+        alone = EnsembleMetrics(s)
+        alone.update(iter(members[:s]), labels)
+        expected = alone.result()["mixture"]
+        for key in ("nll", "accuracy", "ece", "brier"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-6), (s, key)
+    assert prefixes[1]["nll"] == pytest.approx(ens.result()["members"][0]["nll"], rel=1e-6)
+    assert prefixes[4]["nll"] != pytest.approx(prefixes[2]["nll"], rel=1e-3)
+
+
 def test_log_mean_exp_is_stable_at_minus_1e4():
     a = torch.tensor([[0.0, -1e4, -1e4]])
     b = torch.tensor([[-1e4, 0.0, -1e4 + 1]])

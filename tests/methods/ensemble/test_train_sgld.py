@@ -151,6 +151,9 @@ def test_eval_lm_scores_the_mixture_and_its_members(corpus, ensemble, tmp_path):
         if domain != "chat":  # at --seq-len 32 no chat val conversation keeps a reply: no temperature fit
             assert {"nll_ts", "temperature"} <= set(cal)
         assert ens["logit_average"][domain]["nll"] > 0
+        prefixes = ens["prefix_mixtures"][domain]  # S = 1, 2 of the 3 members, scored in the same pass
+        assert set(prefixes) == {"1", "2"}
+        assert prefixes["1"]["nll"] == pytest.approx(ens["members"][domain][0]["nll"], rel=1e-6)
     assert sum(full["task_count"].values()) == 4  # mixture greedy decoding answered them
     assert json.loads((ensemble / "leanserve.json").read_text())["metrics"]["calibration"] == full["calibration"]
     assert main(["eval", "lm", "--model", str(ensemble), *flags, "--members", "4"]) == 2  # it has 3
