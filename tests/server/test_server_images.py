@@ -257,24 +257,27 @@ def test_disconnect_cancels_waiting_and_running(server, http):
 
 
 def test_sigterm_drains_then_aborts(tmp_path):
-    """SIGTERM: the running request finishes within --shutdown-timeout, the one behind it is
+    """SIGTERM: the running request finishes within --shutdown-timeout, the ones behind it are
     aborted with a 503 in the envelope, and the process exits cleanly."""
-    # Margins both ways, so that a loaded CI box cannot flip the outcome: the short request is 2
-    # steps at 16x16 (milliseconds), the long one 200 steps of eight 32x16 images (~16x the work
-    # of LONG at one 16x16 image: many seconds).
+    # Margins both ways, so that neither a loaded CI box nor a fast idle one can flip the outcome: the
+    # short request is 2 steps at 16x16 (milliseconds); all are in flight when SIGTERM comes (the long
+    # ones may already run), so together they must outlast the 1 s drain: three requests of 200 steps of
+    # eight 32x16 images (~50x the work of LONG at one 16x16 image, which takes ~0.3 s on a fast VM).
     with remote_server(build_tiny_pipeline(tmp_path / "sd"), "--served-model-name", SD,
-                       "--shutdown-timeout", "3") as server:
+                       "--shutdown-timeout", "1") as server:
         async def run():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
                 short = asyncio.ensure_future(c.post(URL, json=body()))
                 await asyncio.sleep(0.1)
-                long = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG, n=8,
-                                                                   size="32x16")))
+                longs = [asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG, n=8, size="32x16",
+                                                                     seed=seed)))
+                         for seed in range(3)]
                 await asyncio.sleep(0.1)
                 server.proc.send_signal(signal.SIGTERM)
-                return await short, await long
+                return await short, await asyncio.gather(*longs)
 
-        short, long = asyncio.run(run())
+        short, longs = asyncio.run(run())
         assert short.status_code == 200 and len(short.json()["data"]) == 1
-        assert_error(long, 503)
+        for long in longs:
+            assert_error(long, 503)
         assert server.proc.wait(timeout=30) == 0
