@@ -169,16 +169,19 @@ class Seed:
     def pilot_results(self) -> list[dict]:
         out = []
         for lr in self.pilots():
+            if not (self.pilot_dir(lr) / "leanserve.json").is_file():  # train sgld stopped: the chain diverged
+                out.append({"lr": lr, "diverged": True})
+                continue
             val = metrics(self.pilot_dir(lr))["val_nll"]
-            out.append({"lr": lr, "map": val["map"]["code"], "last_sample": val["last_sample"]["code"],
-                        "ensemble": val["ensemble"]["code"]})
+            out.append({"lr": lr, "diverged": False, "map": val["map"]["code"],
+                        "last_sample": val["last_sample"]["code"], "ensemble": val["ensemble"]["code"]})
         return out
 
     def chosen_lr(self) -> float:
         """The largest pilot step size whose last single sample keeps the code val NLL within
         --max-val-increase of the MAP's (the smallest tried if none does)."""
         within = [p["lr"] for p in self.pilot_results()
-                  if p["last_sample"] <= (1 + self.args.max_val_increase) * p["map"]]
+                  if not p["diverged"] and p["last_sample"] <= (1 + self.args.max_val_increase) * p["map"]]
         return max(within) if within else min(self.args.sgld_lrs)
 
     def chain_name(self, t: float) -> str:
@@ -198,19 +201,21 @@ def row(arm: str, s: int, seed: int, domain: str, m: dict, temperature: float | 
 def run_phases(args, seeds: list[Seed]) -> None:
     """MAP, then pilot chains and the MAP's eval, then the sampling chains, then their evals: each phase's
     unfinished runs side by side (--parallel processes). A run whose output exists is not repeated."""
-    def run_jobs(jobs):
-        if jobs:
-            run_processes(jobs, args.parallel, Path(args.work) / "logs", env=env)
+    def run_jobs(jobs, allow_failure=False) -> list[str]:
+        return run_processes(jobs, args.parallel, Path(args.work) / "logs", env=env, allow_failure=allow_failure)
 
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel)), "TOKENIZERS_PARALLELISM": "false"}
     done = lambda d: (d / "leanserve.json").is_file()  # noqa: E731
     run_jobs([(f"seed{s.seed}_map", s.train_map()) for s in seeds if not done(s.map_dir)])
-    run_jobs([(f"seed{s.seed}_eval_map", s.evaluate(s.map_dir, s.work / "eval_map.json"))
-              for s in seeds if not (s.work / "eval_map.json").is_file()]
-             + [(f"seed{s.seed}_pilot_lr{lr:g}", s.chain(s.pilot_dir(lr), args.temperatures[0], lr, 2))
-                for s in seeds for lr in s.pilots() if not done(s.pilot_dir(lr))])
+    # a pilot may diverge (train sgld stops with an error): it is a step size too large, not a failure
+    failed = run_jobs([(f"seed{s.seed}_eval_map", s.evaluate(s.map_dir, s.work / "eval_map.json"))
+                       for s in seeds if not (s.work / "eval_map.json").is_file()]
+                      + [(f"seed{s.seed}_pilot_lr{lr:g}", s.chain(s.pilot_dir(lr), args.temperatures[0], lr, 2))
+                         for s in seeds for lr in s.pilots() if not done(s.pilot_dir(lr))], allow_failure=True)
+    if broken := [name for name in failed if "_pilot_" not in name]:
+        raise SystemExit(f"failed: {', '.join(broken)}; see {args.work}/logs")
     chains = [(s, t, s.chain_name(t)) for s in seeds for t in args.temperatures]
     run_jobs([(f"seed{s.seed}_{name}", s.chain(s.work / name, t, s.chosen_lr(), args.members))
               for s, t, name in chains if not done(s.work / name)])

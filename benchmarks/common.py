@@ -31,12 +31,12 @@ def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filen
 
 
 def run_processes(jobs: list[tuple[str, list[str]]], parallel: int, log_dir: Path, env: dict | None = None,
-                  cwd: Path | None = None) -> float:
+                  cwd: Path | None = None, allow_failure: bool = False) -> list[str]:
     """Run each (name, argv) as a child process, `parallel` at a time, its output in log_dir/<name>.log.
-    Many tiny training runs share one GPU this way (each is host-bound alone). Raises SystemExit at the
-    first failure (the others are killed); returns the wall seconds."""
+    Many tiny training runs share one GPU this way (each is host-bound alone). A failure raises
+    SystemExit (the others are killed) unless allow_failure; returns the names of the failed jobs."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    started, pending, active = time.perf_counter(), list(jobs), []
+    started, pending, active, failed = time.perf_counter(), list(jobs), [], []
     try:
         while pending or active:
             while pending and len(active) < parallel:
@@ -49,14 +49,17 @@ def run_processes(jobs: list[tuple[str, list[str]]], parallel: int, log_dir: Pat
                 active.remove(job)
                 name, log, proc = job
                 log.close()
-                if proc.returncode:
+                if proc.returncode and not allow_failure:
                     raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log.name}")
-                print(f"done {name} ({time.perf_counter() - started:.0f} s)", flush=True)
+                if proc.returncode:
+                    failed.append(name)
+                print(f"{'failed' if proc.returncode else 'done'} {name} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
     finally:
         for _, log, proc in active:
             proc.kill()
             log.close()
-    return time.perf_counter() - started
+    return failed
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

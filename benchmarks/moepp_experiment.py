@@ -42,6 +42,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,9 @@ def launch(runs: list[dict], cfg: dict, args, env: dict) -> float:
             "--clip", "1.0", "--lb-coef", "0.01", "--eval-every", str(cfg["eval_every"]),
             "--eval-batches", str(cfg["eval_batches"]), "--save-every", str(args.save_every or cfg["steps"] + 1),
             "--device", cfg["device"], *resume]))
-    return run_processes(jobs, args.parallel, args.out / "logs", env=env, cwd=ROOT)
+    started = time.perf_counter()
+    run_processes(jobs, args.parallel, args.out / "logs", env=env, cwd=ROOT)
+    return time.perf_counter() - started
 
 
 def mean_val(losses: dict[str, float]) -> float:

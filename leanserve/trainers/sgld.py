@@ -288,8 +288,17 @@ class Trainer(TrainingLoop):
 
     # ---- evaluation
 
+    def _check_finite(self, value: float, what: str):
+        """A chain that left for infinity would write NaN members with exit status 0: stop it instead."""
+        if not math.isfinite(value):
+            raise UserError(f"the chain diverged at step {self.step} ({what} {value}): --lr {self.args.lr:g} is too "
+                            "large for this model and preconditioner; lower it (short pilot chains find the largest "
+                            "step size whose single sample stays within a few % of the MAP's val NLL)")
+
     def _evaluate(self) -> dict[str, float]:
         losses = mean_losses(self.model, self.val, self.device, self.autocast, self.dist)
+        for domain, value in losses.items():
+            self._check_finite(value, f"{domain} val NLL")
         self.history.append({"step": self.step, "val_loss": losses})
         self._log(f"step {self.step}: single-sample val NLL " + ", ".join(f"{d} {v:.4f}" for d, v in losses.items()))
         return losses
@@ -314,6 +323,7 @@ class Trainer(TrainingLoop):
                                     else [torch.logaddexp(r, lp) for r, lp in zip(prev, logprobs)])
             count = sum(len(lp) for lp in logprobs)
             single[domain] = -float(sum(lp.double().sum() for lp in logprobs)) / count
+            self._check_finite(single[domain], f"member {s}'s {domain} val NLL")
             ensemble[domain] = -float(sum((r.double() - math.log(s)).sum() for r in self.running[domain])) / count
         self.member_log.append({"member": s, "step": self.step, "val_nll": single, "ensemble_val_nll": ensemble})
         self._log(f"member {s} at step {self.step}: val NLL " +
@@ -345,6 +355,7 @@ class Trainer(TrainingLoop):
         if self.step in self.plan.member_steps:
             self._add_member()
         value = loss.item()
+        self._check_finite(value, "training loss")
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
         phase = "burn-in" if self.step <= self.plan.burn_in else "sample" if noise else "explore"
         return {"phase": phase, "loss": f"{self.loss_ema:.3f}", "lr": f"{lr:.2e}", "members": len(self.members)}

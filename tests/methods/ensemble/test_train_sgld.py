@@ -193,6 +193,13 @@ def test_bad_options_fail_with_one_line(corpus, tmp_path, capsys, flags, message
     assert "\n" not in err and err.startswith("leanserve train sgld: error: ") and message in err, err
 
 
+def test_a_diverging_chain_stops_with_an_error_not_nan_members(corpus, tmp_path, capsys):
+    """Found on a GPU pilot at η 1e-3: the chain wrote an ensemble of NaN members and exit status 0."""
+    assert sgld(corpus, tmp_path / "hot", "--lr", "1e6") == 2
+    assert "leanserve train sgld: error: the chain diverged at step" in capsys.readouterr().err
+    assert not (tmp_path / "hot" / "leanserve.json").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--members", "2"], "not an ensemble directory"),
     (["--domains", "code,video"], "--domains: choose from"),
