@@ -30,9 +30,9 @@ the clients' own CPU does not cap what is measured. Each row is written to the r
 it is done; --budget-s bounds the whole run (a phase that would start past it is skipped, a row
 running into it stops sending and is marked truncated).
 
-CPU (--cpu): zoo/chat-tiny served on CPU, 1 and 16 streams of 128 prompt and 64 output tokens, next to
-transformers `generate` on the same weights at batch 1 and 16 (greedy, min = max new tokens), both
-with --threads intra-op threads.
+CPU (--cpu): zoo/chat-tiny served on CPU, 1 and 16 streams (--concurrency) of 128 prompt and 64 output
+tokens, next to transformers `generate` on the same weights at the same batches (greedy, min = max new
+tokens), both with --threads intra-op threads; --profile adds the engine's decode-step profile as above.
 """
 from __future__ import annotations
 
@@ -501,6 +501,9 @@ def cpu_mode(args) -> None:
                            startup_timeout=args.startup_timeout) as server:
             warm_up(server.url, "chat-tiny", (4, vocab))
             bench.text_rows(server.url, "chat-tiny", (4, vocab), lambda c: None)
+        if args.profile:  # where a CPU decode step's time goes (same weights' shapes, random values)
+            results["profile"] = profile_engine(path, args, torch.device("cpu"))
+            bench.save()
     finally:
         bench.load.close()
     generate = {g["batch"]: g["tok_s"] for g in results["generate"]}
