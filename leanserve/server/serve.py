@@ -64,7 +64,8 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep Engi
     "--seed": ("seed", int),
     "--tensor-parallel-size": ("tensor_parallel_size", int),
 }
-_UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory"}
+_UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory",
+                "max_num_batched_tokens": "2048 on CUDA, 512 on CPU"}
 _HELP = {"tensor_parallel_size": "LLMs: split each over this many GPUs (CPU: processes), one process per rank; "
                                  "image models run unsplit; "}
 # flags that also configure image engines: EngineConfig field -> ImageEngineConfig field

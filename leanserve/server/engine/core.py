@@ -10,12 +10,14 @@ import copy
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from leanserve.errors import UserError
 from leanserve.models.model_dir import load_tokenizer
+from leanserve.runtime import resolve_device
 from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
@@ -40,8 +42,17 @@ def eos_token_ids(model_dir: str, hf_config, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def default_batched_tokens(device: str) -> int:
+    """The step token budget when none is given: 2048 on CUDA; 512 on CPU, where (zoo/chat-tiny, 64
+    streams, BENCHMARKS.md) it cut ITL p99 from ~0.4 s to ~0.13 s and TTFT p50 from ~0.8 s to ~0.26 s
+    without losing throughput."""
+    return 2048 if resolve_device(device).type == "cuda" else 512
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig):
+        if config.max_num_batched_tokens is None:
+            config = replace(config, max_num_batched_tokens=default_batched_tokens(config.device))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests",
                      "tensor_parallel_size"):
             if getattr(config, name) < 1:
