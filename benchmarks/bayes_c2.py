@@ -29,7 +29,8 @@ their evals) run side by side, --parallel at a time: each tiny run is host-bound
 one GPU. A run whose output directory or JSON exists is not repeated, so an interrupted sweep continues.
 One `eval lm` per chain scores every S: the ensemble's report carries the mixtures of its first S members.
 
-    python benchmarks/bayes_c2.py --parallel 12               # GPU; data built into --work if missing
+    python benchmarks/bayes_c2.py --parallel 15 --sgld-lrs 1e-4 3e-4 1e-3 3e-3   # GPU: 430 s on an H100
+                                                                                 # (data built into --work if missing)
     python benchmarks/bayes_c2.py --smoke --work /tmp/c2      # CPU, toy sizes, about a minute
 """
 from __future__ import annotations
