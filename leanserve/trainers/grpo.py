@@ -84,10 +84,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               mask: torch.Tensor, *, clip_eps: float, beta: float) -> tuple[torch.Tensor, dict]:
     """The GRPO loss over N = P·G completions ([N, T] token tensors, [N] advantages) and its parts:
     the mean per-completion KL (k3) and the share of tokens whose ratio was clipped."""
-    ratio = torch.exp(logp - old_logp)
+    # the log-ratios are zeroed off the completions before exp: after a stop token the policy and the
+    # reference can disagree by > 88 nats on the padding, and exp overflows to inf, which the mask (inf * 0)
+    # would turn into a NaN loss
+    own = mask > 0
+    ratio = torch.exp(torch.where(own, logp - old_logp, 0.0))
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    log_ref_ratio = ref_logp - logp
+    log_ref_ratio = torch.where(own, ref_logp - logp, 0.0)
     k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1
     lengths = mask.sum(1).clamp(min=1)
 

@@ -208,6 +208,9 @@ class Trainer(TrainingLoop):
             # one update: π_old is the policy that sampled, i.e. the current one (ratio 1, its gradient kept)
             loss, stats = grpo.grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp,
                                          advantages, rollout.completion_mask, clip_eps=args.clip_eps, beta=args.beta)
+            if not torch.isfinite(loss):  # a NaN update would poison the weights and fail later, in sampling
+                raise UserError(f"the policy diverged at step {self.step} (loss {loss.item()}): lower --lr "
+                                f"{args.lr:g} or raise --beta {args.beta:g}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
             self.optimizer.step()

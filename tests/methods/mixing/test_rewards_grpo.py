@@ -109,3 +109,15 @@ def test_rollout_logprobs_match_unpadded_forwards(tiny_llm_dir):
             logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
         want = logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
         torch.testing.assert_close(lp[row, :n], want, atol=1e-4, rtol=0)
+
+
+def test_padding_with_a_huge_log_ratio_leaves_the_loss_finite():
+    # after the stop token the reference can put ~100 nats more on the padding than the policy: exp of that
+    # overflows, and a masked inf would still make the loss NaN
+    logp = torch.tensor([[-1.0, -1.0, -150.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0, -0.1]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), ref, torch.ones(1), mask, clip_eps=0.2, beta=0.04)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["kl"] == pytest.approx(0.0)
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
