@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call
-from transformers import AutoModelForCausalLM
 
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.calibration import mixture_logprobs
 from leanserve.models.ensemble_dir import METHOD, read_members
+from leanserve.models.hf_causal_lm import load_for_padded_batches
 from leanserve.models.model_dir import load_model_info
 
 
@@ -52,7 +52,7 @@ def load_members(model_dir: str | Path, device: torch.device, dtype: torch.dtype
     if ensemble and num_members is not None and not 1 <= num_members <= info.settings.get("num_members", 0):
         raise UserError(f"--members must be between 1 and the directory's {info.settings.get('num_members')} "
                         f"members, got {num_members}")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = load_for_padded_batches(model_dir, dtype, device)  # greedy eval decodes left-padded batches
     if not ensemble:
         return Members(model)
     params = read_members(model_dir, info.settings, device=device, dtype=dtype)

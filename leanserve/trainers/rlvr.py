@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
 from leanserve.data.build import load_manifest
 from leanserve.data.lm_data import load_tokenizer
@@ -34,6 +34,7 @@ from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.lm import greedy_answers, prompt_ids
 from leanserve.eval.plots import Series, line_plot
+from leanserve.models.hf_causal_lm import load_for_padded_batches
 from leanserve.models.model_dir import ModelInfo, load_model_info, make_recipe, save_model_info, weights_sha256
 from leanserve.runtime import DistInfo, resolve_device
 from leanserve.trainers import grpo
@@ -141,8 +142,9 @@ class Trainer(TrainingLoop):
         self.tokenizer = load_tokenizer(self.model_dir)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.autocast = bf16_autocast(args.bf16, device)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(device).eval()
-        self.reference = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(device).eval()
+        # rollouts are left-padded batches: sampling, log-probs and eval all need padding-safe attention
+        self.model = load_for_padded_batches(self.model_dir, torch.float32, device)
+        self.reference = load_for_padded_batches(self.model_dir, torch.float32, device)
         self.reference.requires_grad_(False)
         max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
         self.train_tasks = [self._tasks(g, "train", max_prompt) for g in groups]
