@@ -133,6 +133,9 @@ def attention_us(engine: LLMEngine, batch: int, n: int, device: str) -> tuple[fl
     return seconds / spec.num_layers * 1e6, kv_bytes / seconds / 1e9
 
 
+ARMS = ("dense", "uniform", "moa", "moa_max", "hf_generate")
+
+
 def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, args, device: str) -> dict:
     """One engine for one arm at one context; batch None = the largest the KV memory holds."""
     n = context + steps
@@ -206,6 +209,8 @@ def main():
                     help="an arm that would start with less of the budget left is skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, contexts 64 and 128, 8 steps")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+                    help="the arms to run (uniform and moa need dense: it sets their batch)")
     args = ap.parse_args()
     deadline = Deadline(args.budget_s)  # the plans' MILP counts too
     logging.basicConfig(level=logging.WARNING)
@@ -238,6 +243,8 @@ def main():
 
     def arm(name: str, context: int, measure) -> dict | None:
         """One row, unless the budget is nearly spent; the JSON is rewritten either way."""
+        if name not in args.arms:
+            return None
         if deadline.left() < args.arm_min_s:
             results["skipped"].append(f"{name} at {context}")
             print(f"{name} at {context}: skipped, {deadline.left():.0f} s of the budget left", flush=True)
