@@ -25,7 +25,7 @@ from leanserve.kernels.paged_attention import BLOCK_N, _reduce_splits_kernel, _s
 @triton.jit
 def _moa_decode_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, page_offsets_ptr, valid_lens_ptr,
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, scale_log2e, tokens_per_split,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, scale_log2e, tokens_per_split, table_width,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_bt, stride_pb, stride_pu, stride_vb, stride_vu,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -55,12 +55,16 @@ def _moa_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt + first_page
+    row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
         slot = start + n
         loaded = slot < hi
-        # masked loads: slots past valid_len are empty or another request's (never attended)
-        page = tl.load(table + slot // PAGE_SIZE, mask=loaded, other=0).to(tl.int64)
+        # masked loads: slots past valid_len are empty or another request's (never attended). Columns
+        # are clamped into the row and pages to >= 0, as moa_reference.page_rows does: a CUDA-graph
+        # padding row is [PAD_BLOCK, -1, ...] and its units start past column 0, so unclamped it reads
+        # page -1, before the pool (an illegal address on an H100 once the pool was ~50 GB)
+        col = tl.minimum(first_page + slot // PAGE_SIZE, table_width - 1)
+        page = tl.maximum(tl.load(row_ptr + col, mask=loaded, other=0), 0).to(tl.int64)
         row = page * stride_kp + (slot % PAGE_SIZE) * stride_ks
         k = tl.load(k_pool_ptr + row[:, None] + d[None, :], mask=loaded[:, None], other=0.0)
         v = tl.load(v_pool_ptr + row[:, None] + d[None, :], mask=loaded[:, None], other=0.0)
@@ -127,7 +131,7 @@ def moa_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         part_m = part_l = part_out = out  # unused
     _moa_decode_kernel[(num_seqs, num_units, num_splits)](
         q, k_pool, v_pool, block_tables, page_offsets, valid_lens, out, part_out, part_m, part_l,
-        scale * math.log2(math.e), tokens_per_split,
+        scale * math.log2(math.e), tokens_per_split, block_tables.shape[1],
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
         page_offsets.stride(0), page_offsets.stride(1), valid_lens.stride(0), valid_lens.stride(1),
         out.stride(0), out.stride(1),

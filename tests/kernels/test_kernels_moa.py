@@ -150,3 +150,27 @@ def test_the_store_writes_each_slot_once():
     trash = (layout.k_pool.shape[0] - 1) * 16
     kept = rows[rows != trash]
     assert kept.numel() == 32 + 70 and kept.unique().numel() == kept.numel()
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_decode_of_a_cuda_graph_padding_row_reads_only_the_pool(triton):
+    """A CUDA-graph padding row (the table's last: [PAD_BLOCK, -1, ...]) whose units start past column
+    0, one even past the row's end, reads clamped pages: what the reference reads, never page -1
+    (here NaN memory just before the pool) nor memory past the table."""
+    gen = torch.Generator().manual_seed(0)
+    page_size, head_dim, units = 8, 16, 3
+    memory = torch.randn(7, page_size, head_dim, generator=gen)
+    memory[0] = float("nan")  # page -1 of the pool below
+    k_pool, v_pool = memory[1:4].to(DEVICE), memory[4:].to(DEVICE)
+    tables = torch.tensor([[2, 1, 0, 2], [0, -1, -1, -1]], dtype=torch.int32, device=DEVICE)
+    offsets = torch.tensor([[0, 1, 2], [0, 2, 6]], dtype=torch.int32, device=DEVICE)
+    valid = torch.tensor([[8, 8, 12], [1, 8, 8]], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, units * 2, head_dim, generator=gen).to(DEVICE)
+    if triton:
+        from leanserve.kernels.moa_decode import moa_decode_attention
+        got = moa_decode_attention(q, k_pool, v_pool, tables, offsets, valid, head_dim ** -0.5, 12, block_n=16)
+    else:
+        got = moa_decode_attention_ref(q, k_pool, v_pool, tables, offsets, valid, head_dim ** -0.5, 12)
+    want = moa_decode_attention_ref(q, k_pool, v_pool, tables, offsets, valid, head_dim ** -0.5, 12)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
