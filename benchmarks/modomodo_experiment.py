@@ -366,8 +366,8 @@ def experiment(work: Path, scale: Scale, out: Path, smoke: bool):
             "best_beats_best_pilot": vs_pilot["mean"] > 0},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    from leanserve.eval.report import emit_json
-    emit_json(report, out)
+    from leanserve.eval.report import emit_json, hardware
+    emit_json({**report, "hardware": hardware(scale.device)}, out)
     plot(report, out.with_suffix(".png"))
     print(json.dumps({"fits": {k: v["loo_r2"] for k, v in fits.items()}, "claims": report["claims"],
                       "best": best_name, "vs_uniform": vs_uniform[best_name]}, indent=1))
