@@ -27,9 +27,10 @@ runs and resumes interrupted ones, so it can be time-boxed (--budget-min) and si
     python benchmarks/aioli_experiment.py --smoke --work /tmp/aioli-smoke --out /tmp/aioli-smoke/eval.json  # CPU
 
 Cost (--plan): 108 runs, 3.5B tokens, ~305 PFLOP of training. On a 2-thread CPU this model trains at
-~750 tokens/s, so the sweep is GPU-only. On one H200 (~790 TFLOP/s bf16 dense) it takes ~16 minutes at
-40% of peak and ~32 at 20%; how much of the peak 12 eager processes of a d-384 model reach is not
-measured yet (the printed ETA says so after the first wave). --steps 2000 halves everything. A run's
+~750 tokens/s, so the sweep is GPU-only. Measured on one H100 (--steps 2000, 8 processes, beside another
+experiment): 535k tokens/s together, 46 TFLOP/s, ~5% of the bf16 peak (the processes time-slice the GPU, and a
+d-384 step is a few hundred small kernels; not profiled yet), so --steps 2000 takes ~55 minutes and the full sweep ~2 hours; overlapping the
+processes' kernels (CUDA MPS) is the first thing to try. A run's
 eval.json is all the report needs: `tar czf runs.tgz build/aioli/runs/*/*/*/eval.json` keeps finished
 runs across machines (unpacked into a new --work, they are skipped).
 """
