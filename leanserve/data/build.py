@@ -83,6 +83,8 @@ class BuildOptions:
     max_retrieval_lines: int = 128
     task_kinds: tuple[str, ...] = KINDS  # kinds of the tasks and of the chat task pairs
     answer_tags: bool = False  # chat task replies as <answer>…</answer> (data/rewards.py's format)
+    long_tasks: tuple[int, int, int] = (0, 0, 0)  # long-context tasks per split, again for `chat`
+    long_tokens: tuple[int, int] = (512, 4096)  # their approximate token lengths (log-uniform)
 
 
 def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict],
@@ -99,6 +101,19 @@ def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict
         task = generate_task(kind, rng, **task_params.get(kind, {}))
         if task.prompt not in seen:
             tasks.append(task)
+
+
+def _add_long_tasks(rows: dict[str, dict[str, list[dict]]], opts: BuildOptions) -> None:
+    """Long-context tasks (data/long_context.py: the answer far from the question) into `tasks` and,
+    as many again, `chat`: what a model needs to learn before MoA can compress it (a uniform window
+    must fail where it succeeds). Train from the train modules; val and test from the held-out ones."""
+    from leanserve.data.long_context import training_tasks  # it imports split_of from here
+
+    for split, n in tqdm(list(zip(SPLITS, opts.long_tasks)), desc="long tasks", unit=" splits"):
+        tasks = training_tasks(derive_seed(opts.seed, "long", split), 2 * n, split != "train", opts.long_tokens)
+        rows["tasks"][split] += [t.to_row(f"long-{split}-{i}") for i, t in enumerate(tasks[:n])]
+        rows["chat"][split] += [task_chat_row(t, f"chat-long-{split}-{i}", opts.answer_tags)
+                                for i, t in enumerate(tasks[n:])]
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
@@ -148,6 +163,8 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
                                     for i, t in enumerate(chat_tasks)]
             seen.update(t.prompt for t in tasks + chat_tasks)
             bar.update(2 * n)
+    if any(opts.long_tasks):
+        _add_long_tasks(rows, opts)
 
     splits: dict[str, dict[str, dict]] = {}
     for domain in DOMAINS:
@@ -168,6 +185,8 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "max_retrieval_lines": opts.max_retrieval_lines,
             "task_kinds": list(opts.task_kinds),
             "answer_tags": opts.answer_tags,
+            "long_tasks": dict(zip(SPLITS, opts.long_tasks)),
+            "long_tokens": list(opts.long_tokens),
             "split_bounds": list(SPLIT_BOUNDS),
         },
         "splits": splits,
@@ -187,6 +206,16 @@ def _split_sizes(text: str) -> tuple[int, int, int]:
     if len(sizes) != 3 or min(sizes) < 0:
         raise argparse.ArgumentTypeError(f"expected N or TRAIN,VAL,TEST (non-negative integers), got {text!r}")
     return tuple(sizes)
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(part) for part in text.split(","))
+    except ValueError:
+        lo = hi = 0
+    if not 64 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 64 <= MIN <= MAX, got {text!r}")
+    return lo, hi
 
 
 def _positive_int(text: str) -> int:
@@ -215,6 +244,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--task-kinds", default=",".join(KINDS),
                    help="task kinds of the tasks and chat splits, comma-separated (default: all); kinds left out "
                         "stay unseen, e.g. out-of-distribution tasks of an RLVR experiment")
+    p.add_argument("--long-tasks", type=_split_sizes, default=defaults.long_tasks, metavar="N|TRAIN,VAL,TEST",
+                   help="long-context tasks per split (retrieval, passkey, copy, functions: the answer far from "
+                        "the question), for `tasks` and again for `chat` (default none)")
+    p.add_argument("--long-tokens", type=_token_range, default=defaults.long_tokens, metavar="MIN,MAX",
+                   help="approximate token lengths of the long-context tasks, log-uniform (default 512,4096)")
     p.add_argument("--answer-tags", action="store_true",
                    help="chat task replies as <answer>ANSWER</answer>: the format `train rlvr` rewards")
 
@@ -231,7 +265,8 @@ def run(args):
         raise UserError(f"--task-kinds: distinct kinds from {', '.join(KINDS)}, got {args.task_kinds!r}")
     opts = BuildOptions(seed=args.seed, num_tasks=args.num_tasks, max_docs=args.max_docs,
                         max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines,
-                        task_kinds=kinds, answer_tags=args.answer_tags)
+                        task_kinds=kinds, answer_tags=args.answer_tags, long_tasks=args.long_tasks,
+                        long_tokens=args.long_tokens)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

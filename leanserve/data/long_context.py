@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 import re
 import textwrap
@@ -191,6 +192,24 @@ def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_toke
     n = _fit_lines(build, target_tokens, count_tokens, len(lines) - 1)
     names = _TOP_LEVEL_DEF.findall("\n".join(lines[:n + 1]))
     return Task("functions", build(n), ", ".join(names), {"lines": n + 1})
+
+
+CHARS_PER_TOKEN = 3.5  # a rough BPE rate on stdlib text: training items are built before any tokenizer
+
+
+def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, int]) -> list[Task]:
+    """n long-context tasks for a model to learn these kinds from (`data build --long-tasks`): the kinds
+    in turn, each at a log-uniform target length in token_range, from the train modules (held_out: the
+    val and test ones). Lengths are estimated at CHARS_PER_TOKEN, so they are approximate; the items of
+    `compress moa` and `eval moa` fit the model's own tokenizer."""
+    lo, hi = token_range
+    rng, corpus = random.Random(seed), Corpus.load(held_out)
+    count = lambda text: int(len(text) / CHARS_PER_TOKEN)  # noqa: E731
+    tasks = []
+    for i in range(n):
+        target = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        tasks.append(long_task(LONG_KINDS[i % len(LONG_KINDS)], rng, corpus, target, count))
+    return tasks
 
 
 class PromptEncoder:

@@ -261,6 +261,31 @@ def test_task_kinds_and_answer_tags(tmp_path, capsys):
     assert "--task-kinds" in capsys.readouterr().err
 
 
+def test_long_tasks_are_far_dependencies_in_tasks_and_chat(tmp_path):
+    """--long-tasks adds the long-context kinds to `tasks` and `chat` of every split, at lengths in the
+    --long-tokens range, each answerable (its checker accepts the answer) from far back in the prompt."""
+    from leanserve.data.long_context import CHARS_PER_TOKEN, LONG_KINDS
+
+    out = tmp_path / "d"
+    assert main(["data", "build", "--out", str(out), "--max-docs", "2", "--num-tasks", "4,2,2",
+                 "--long-tasks", "8,4,4", "--long-tokens", "256,1024"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["options"]["long_tasks"] == {"train": 8, "val": 4, "test": 4}
+    prompts = {}
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        long = [Task.from_row(r) for r in _rows(out, manifest, "tasks", split) if r["id"].startswith("long-")]
+        chats = [r for r in _rows(out, manifest, "chat", split) if r["id"].startswith("chat-long-")]
+        assert len(long) == len(chats) == n and {t.kind for t in long} == set(LONG_KINDS)
+        for task in long + [Task.from_row(r["task"]) for r in chats]:
+            assert check(task, task.answer)
+            assert len(task.prompt) / CHARS_PER_TOKEN <= 1024
+            if task.kind == "retrieval":  # the asked record lies in the prompt's first half
+                key = re.search(r"in line (\d+)\?$", task.prompt).group(1)
+                assert task.prompt.index(f"line {key}:") < len(task.prompt) / 2
+        prompts[split] = {t.prompt for t in long}
+    assert not prompts["train"] & (prompts["val"] | prompts["test"])
+
+
 def test_docs_summary_is_the_first_sentence():
     assert summary("Return the sum, e.g. 1 + 2.  More text.\n\nDetails.") == "Return the sum, e.g. 1 + 2."
     assert summary("Serialize ``obj`` as\nJSON text.\n\nMore.") == "Serialize ``obj`` as JSON text."
@@ -281,7 +306,8 @@ def test_cli_rejects_an_unusable_output_path(tmp_path, capsys, sub):
     assert "error" in err and str(out) in err and "\n" not in err
 
 
-@pytest.mark.parametrize("argv", [["--num-tasks", "ten"], ["--num-tasks", "1,2"], ["--max-docs", "0"], []])
+@pytest.mark.parametrize("argv", [["--num-tasks", "ten"], ["--num-tasks", "1,2"], ["--max-docs", "0"],
+                                  ["--long-tokens", "4096,512"], ["--long-tokens", "8,100"], []])
 def test_cli_rejects_bad_options(tmp_path, capsys, argv):
     out = [] if not argv else ["--out", str(tmp_path / "out")]  # [] = --out missing
     with pytest.raises(SystemExit) as exc:
