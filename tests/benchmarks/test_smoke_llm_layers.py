@@ -86,3 +86,21 @@ def test_moa_benchmark_smoke(tmp_path):
         assert moa["batch"] == dense["batch"] < most["batch"] and all(row["tok_s"] > 0 for row in (dense, moa, most))
         assert moa["kv_gb_per_request"] < dense["kv_gb_per_request"]
         assert set(r["summary"][str(c)]) >= {"moa_max_over_dense_tok_s", "kv_per_request_dense_over_moa"}
+
+
+def test_moa_experiment_smoke_and_resume(tmp_path):
+    """moa_experiment.py --smoke: long-task data, a trained toy model, a compressed plan and eval moa's JSON;
+    run again, every stage is found done (what lets a time-limited GPU job continue)."""
+    env = script_env()
+    argv = [sys.executable, str(ROOT / "benchmarks" / "moa_experiment.py"), "--smoke", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "moa_eval.json")]
+    for run in range(2):
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, f"moa_experiment.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        if run == 1:
+            assert "train lm" not in proc.stdout + proc.stderr and "compress moa: profiling" not in proc.stderr
+    data = json.loads((tmp_path / "moa_eval.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"dense", "uniform", "per-layer", "per-head", "moa"}
+    assert (tmp_path / "moa_eval.png").is_file()
+    manifest = json.loads((tmp_path / "w" / "data" / "manifest.json").read_text())
+    assert manifest["options"]["long_tasks"]["train"] == 12

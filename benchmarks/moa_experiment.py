@@ -1,0 +1,136 @@
+"""MoA end to end on a model worth compressing (issue 15, spec §11): a small Llama trained here on long-context
+tasks, compressed at KV density 0.5 and 0.25, and evaluated against dense and the uniform window.
+
+  1. data: `leanserve data build --long-tasks` (retrieval, passkey, copy and functions items whose answer lies
+     in the first third of the prompt, 256-3,584 tokens) beside the usual code, docs and short tasks, and its
+     BPE tokenizer
+  2. model: `leanserve train lm`, a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
+     8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows with the long tasks weighted up,
+     then chat SFT (the eval asks through the chat template)
+  3. `leanserve compress moa` at density 0.5 and 0.25 (profile lengths 512, 1024, 2048: validation at 4096),
+     the 0.25 one with the ablation ladder's plans
+  4. `leanserve eval moa`: dense, the uniform sink + window at each density, the ladder, both MoA plans; retrieval
+     by position bucket at 512-4,096 tokens and response perplexity, 3 item seeds
+     -> benchmarks/results/moa_eval.json (+ .png)
+Data, training and compression are skipped once done and resume where they stopped (training from its
+checkpoint, compression from its profiles), so a time-boxed GPU job (--stop-after, or its time limit) is
+continued by running the same command again; the eval runs every time.
+
+    python benchmarks/moa_experiment.py --work build/moa                  # GPU
+    python benchmarks/moa_experiment.py --smoke --work /tmp/moa-smoke     # CPU, toy sizes, ~1 minute
+
+GPU time: not measured yet.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+STAGES = ("data", "train", "compress", "eval")
+
+
+@dataclass(frozen=True)
+class Scale:
+    build: tuple[str, ...]
+    vocab_size: int
+    train: tuple[str, ...]
+    compress: tuple[str, ...]
+    eval: tuple[str, ...]
+    densities: tuple[float, ...]
+    device: str
+
+
+FULL = Scale(
+    build=("--long-tasks", "12000,300,300", "--long-tokens", "256,3584"),
+    vocab_size=8192,
+    train=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",
+           "--intermediate-size", "1024", "--max-len", "4096", "--seq-len", "4096", "--batch-size", "16",
+           "--pretrain-steps", "4000", "--chat-steps", "1500", "--mix", "code=1,docs=1,tasks=4",
+           "--eval-every", "500", "--save-every", "250"),
+    compress=("--profile-lengths", "512,1024,2048", "--block-size", "32", "--items", "50"),
+    eval=("--lengths", "512", "1024", "2048", "3072", "4096", "--seeds", "0", "1", "2"),
+    densities=(0.5, 0.25),
+    device="cuda")
+SMOKE = Scale(
+    build=("--max-docs", "6", "--num-tasks", "40,8,8", "--long-tasks", "12,4,4", "--long-tokens", "96,160"),
+    vocab_size=400,
+    train=("--preset", "tiny", "--max-len", "256", "--seq-len", "256", "--batch-size", "4", "--pretrain-steps", "4",
+           "--chat-steps", "2", "--mix", "tasks=1", "--eval-every", "1000", "--eval-batches", "1"),
+    compress=("--profile-lengths", "96,128,160", "--block-size", "16", "--items", "1", "--max-new-tokens", "4"),
+    eval=("--lengths", "128", "192", "--buckets", "2", "--items-per-bucket", "1", "--seeds", "0",
+          "--ppl-items", "1", "--max-new-tokens", "4", "--batch-size", "4"),
+    densities=(0.5,),
+    device="cpu")
+
+
+def leanserve(*argv: str) -> None:
+    from leanserve.cli import main
+
+    if main(list(argv)) != 0:
+        raise SystemExit(f"leanserve {' '.join(argv[:2])} failed")
+
+
+def run(work: Path, scale: Scale, out: Path, stop_after: str | None) -> None:
+    data, tok, dense = work / "data", work / "tok", work / "dense"
+    stages = {
+        "data": lambda: _data(data, tok, scale),
+        "train": lambda: _train(data, tok, dense, scale),
+        "compress": lambda: _compress(dense, work, scale),
+        "eval": lambda: leanserve("eval", "moa", "--model", str(dense), "--plans",
+                                  *(str(plan_dir(work, d)) for d in scale.densities), "--out", str(out),
+                                  "--device", scale.device, *scale.eval),
+    }
+    for name in STAGES:
+        started = time.perf_counter()
+        stages[name]()
+        print(f"stage {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        if name == stop_after:
+            return
+
+
+def plan_dir(work: Path, density: float) -> Path:
+    return work / f"moa-{round(100 * density)}"
+
+
+def _data(data: Path, tok: Path, scale: Scale) -> None:
+    if not (data / "manifest.json").is_file():
+        leanserve("data", "build", "--out", str(data), *scale.build)
+    if not (tok / "tokenizer.json").is_file():
+        leanserve("data", "tokenizer", "--data", str(data), "--out", str(tok), "--vocab-size", str(scale.vocab_size))
+
+
+def _train(data: Path, tok: Path, dense: Path, scale: Scale) -> None:
+    if (dense / "leanserve.json").is_file():
+        return
+    resume = ["--resume"] if (dense / "checkpoint.pt").is_file() else []
+    leanserve("train", "lm", "--data", str(data), "--tokenizer", str(tok), "--out", str(dense), "--device",
+              scale.device, *scale.train, *resume)
+
+
+def _compress(dense: Path, work: Path, scale: Scale) -> None:
+    for i, density in enumerate(scale.densities):
+        out = plan_dir(work, density)
+        if (out / "moa_plan.json").is_file():
+            continue
+        resume = ["--resume"] if (out / "moa_work").is_dir() else []
+        ablation = ["--ablation-plans"] if i == len(scale.densities) - 1 else []
+        leanserve("compress", "moa", "--model", str(dense), "--out", str(out), "--density", str(density),
+                  "--device", scale.device, *scale.compress, *ablation, *resume)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, help="data, tokenizer, model and plan directories (kept: rerun to continue)")
+    p.add_argument("--out", default=str(RESULTS / "moa_eval.json"))
+    p.add_argument("--smoke", action="store_true", help="CPU, toy sizes: the code paths in about a minute")
+    p.add_argument("--stop-after", choices=STAGES, help="stop after this stage (continue later)")
+    args = p.parse_args()
+    run(Path(args.work), SMOKE if args.smoke else FULL, Path(args.out), args.stop_after)
+
+
+if __name__ == "__main__":
+    main()
