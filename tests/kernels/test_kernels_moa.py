@@ -174,3 +174,26 @@ def test_decode_of_a_cuda_graph_padding_row_reads_only_the_pool(triton):
     want = moa_decode_attention_ref(q, k_pool, v_pool, tables, offsets, valid, head_dim ** -0.5, 12)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_store_writes_what_the_reference_keeps(dtype):
+    """The Triton store against moa_store_kv: a chunk longer than the ring (its early ring positions
+    dropped), a short prompt inside the sink, and a padding token (write False) — every page but the
+    reference's trash page equal, NaN where nothing was written."""
+    from leanserve.kernels.moa_store import moa_store_kv as fused
+
+    layout = Layout([70, 9], [[32, 80], [48, 32]], 1, 8, dtype, seed=5)
+    q, k, v, qsl, seq_lens, token_seq, positions, _ = layout.step([(0, 70), (0, 9)])
+    write = torch.ones_like(positions, dtype=torch.bool)
+    write[-1] = False  # the last token stands for a padding row
+    pools = []
+    for store in (moa_store_kv, fused):
+        k_pool, v_pool = layout.k_pool.clone(), layout.v_pool.clone()
+        store(k, v, k_pool, v_pool, layout.tables, layout.offsets, layout.sink, layout.ring, token_seq, positions,
+              seq_lens, write)
+        pools.append((k_pool[:-1], v_pool[:-1]))
+    (k_ref, v_ref), (k_got, v_got) = pools
+    assert torch.equal(k_ref.isnan(), k_got.isnan()) and not k_got.isnan().all()
+    torch.testing.assert_close(k_got, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_got, v_ref, equal_nan=True, rtol=0, atol=0)

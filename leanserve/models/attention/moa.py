@@ -141,8 +141,11 @@ class MoAAttention(nn.Module):
         triton = q.is_cuda and uses_triton_decode(self.head_dim, k_pool.shape[1])
 
         def store() -> None:
-            moa_store_kv(k, v, k_pool, v_pool, meta.block_tables, offsets, sink, ring, step.token_seq,
-                         step.positions, meta.seq_lens, step.write)
+            store_kv = moa_store_kv
+            if q.is_cuda:  # one launch per layer instead of ~12 (CPU installs may lack Triton)
+                from leanserve.kernels.moa_store import moa_store_kv as store_kv
+            store_kv(k, v, k_pool, v_pool, meta.block_tables, offsets, sink, ring, step.token_seq, step.positions,
+                     meta.seq_lens, step.write)
 
         if meta.max_query_len == 1:  # the new token overwrites only a position it no longer sees
             store()
