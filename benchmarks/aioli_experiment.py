@@ -27,10 +27,9 @@ runs and resumes interrupted ones, so it can be time-boxed (--budget-min) and si
     python benchmarks/aioli_experiment.py --smoke --work /tmp/aioli-smoke --out /tmp/aioli-smoke/eval.json  # CPU
 
 Cost (--plan): 108 runs, 3.5B tokens, ~305 PFLOP of training. On a 2-thread CPU this model trains at
-~750 tokens/s, so the sweep is GPU-only. Measured on one H100 (--steps 2000, 8 processes, beside another
-experiment): 535k tokens/s together, 46 TFLOP/s, ~5% of the bf16 peak (the processes time-slice the GPU, and a
-d-384 step is a few hundred small kernels; not profiled yet), so --steps 2000 takes ~55 minutes and the full sweep ~2 hours; overlapping the
-processes' kernels (CUDA MPS) is the first thing to try. A run's
+~750 tokens/s, so the sweep is GPU-only. Measured on one H100 (--steps 2000, 8 processes, while 10
+MoDoMoDo processes shared the GPU: a confounded rate): 535k tokens/s together, 46 TFLOP/s, ~5% of the bf16 peak,
+which would make --steps 2000 take ~55 minutes; alone it should be faster (the first wave's ETA says). A run's
 eval.json is all the report needs: `tar czf runs.tgz build/aioli/runs/*/*/*/eval.json` keeps finished
 runs across machines (unpacked into a new --work, they are skipped).
 """
