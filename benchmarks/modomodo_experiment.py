@@ -1,10 +1,12 @@
 """MoDoMoDo at small scale (the data-mixing spec's B.9 experiment): pilot RLVR runs over task mixtures, a
 Scheffé surrogate of their Out-Score, and multi-seed confirmation of its best mixtures against uniform.
 
-  1. data: `leanserve data build --task-kinds add,sort,reverse,count --answer-tags` (the out-of-distribution
-     tasks are never built, so never trained: not in pretraining, SFT or RL) and its BPE tokenizer
-  2. policy: `leanserve train lm` (chat-tiny, ~6.8M params): a pretraining phase on the task text, then a chat
-     phase on the tagged answers (the SFT warm-up). Its pass rates per task are recorded (`base`); GRPO
+  1. data: `leanserve data build --task-kinds add,sort,reverse,count --answer-tags --max-digits 3` (the
+     out-of-distribution tasks are never built, so never trained: not in pretraining, SFT or RL) and its BPE
+     tokenizer. Sums of 2-3 digits: with 2-5 the SFT policy solved 0.2% of them (results/modomodo_eval.json,
+     commit 5fc4f2d), which gives GRPO no signal
+  2. policy: `leanserve train lm` (chat-tiny, ~5.3M params): 1,500 pretraining steps on the task text, then
+     500 chat steps on the tagged answers (the SFT warm-up; 600 + 400 in that first run). Its pass rates per task are recorded (`base`); GRPO
      needs them strictly between 0 and 1 (the spec aims at 10-60%; `warnings` names tasks outside that)
   3. pilots (seed 0): the 2m+1 seed mixtures (each task alone, each left out, uniform) and Dirichlet(1)
      mixtures, then the heuristics computed from their scores (Norm, A_bal, A_in, A_out, Coli):
@@ -18,8 +20,10 @@ Scheffé surrogate of their Out-Score, and multi-seed confirmation of its best m
      excluding 0; it beats the best observed pilot on mean Out-Score
 Scores: greedy replies to fixed task sets, format-gated accuracy in [0, 1] (sort: positional partial credit;
 data/rewards.py). In-tasks: the build's test split of add, sort, reverse, count (held out by prompt). Out-tasks
-(generated here, --eval-items each): subtraction, and longer inputs than training: 6-digit addition, 11-14
-letter reversal, sorting 9-10 numbers, counting in 21-30 letters. In-/Out-Score: size-weighted means.
+(generated here, --eval-items each), one step past training: subtraction of 2-3 digits, and inputs just longer
+than trained: 4-digit addition, 11-12 letter reversal, sorting 9 numbers, counting in 21-25 letters (the first
+run asked 6 digits, 11-14 letters, 9-10 numbers, 21-30 letters: three of its five tasks scored 0 for every
+policy). In-/Out-Score: size-weighted means.
 
 Writes benchmarks/results/modomodo_eval.json: settings, base scores, pilots [{name, kind, mixture, seed,
 in_score, out_score, by_task}], fits (loo_r2 per surrogate), candidates, confirm [{name, mixture, seed,
@@ -75,10 +79,10 @@ class Scale:
 
 FULL = Scale(
     in_tasks=("add", "sort", "reverse", "count"),
-    build=("--max-docs", "40", "--num-tasks", "20000,400,2000"),
+    build=("--max-docs", "40", "--num-tasks", "20000,400,2000", "--max-digits", "3"),
     vocab_size=2048,
-    sft=("--preset", "chat-tiny", "--seq-len", "128", "--batch-size", "64", "--pretrain-steps", "600",
-         "--chat-steps", "400", "--mix", "tasks=1", "--eval-every", "200", "--save-every", "10000"),
+    sft=("--preset", "chat-tiny", "--seq-len", "128", "--batch-size", "64", "--pretrain-steps", "1500",
+         "--chat-steps", "500", "--mix", "tasks=1", "--eval-every", "200", "--save-every", "10000"),
     rl=("--steps", "300", "--prompts", "8", "--group-size", "8", "--lr", "1e-4", "--beta", "0.04",
         "--max-new-tokens", "40", "--eval-every", "100", "--eval-prompts", "32", "--save-every", "100"),
     dirichlet=7, heuristics=("norm", "a_bal", "a_in", "a_out", "coli"), top_k=3, seeds=3, eval_items=500,
@@ -99,11 +103,12 @@ def out_tasks(n: int, seed: int = 7) -> dict[str, list]:
     """The out-of-distribution eval sets: kinds never trained, and longer inputs than training's."""
     from leanserve.data.tasks import generate_task
 
-    specs = {"sub": ("sub", {}), "add_6_digits": ("add", {"digits": 6}),
+    # one step past training: new operation at the trained sizes, or inputs just longer than trained
+    specs = {"sub": ("sub", {"max_digits": 3}), "add_4_digits": ("add", {"digits": 4}),
              "reverse_long": ("reverse", {"items": "letters", "length": None}),
              "sort_long": ("sort", {"items": "numbers", "length": None}),
              "count_long": ("count", {"items": "letters", "length": None})}
-    lengths = {"reverse_long": (11, 14), "sort_long": (9, 10), "count_long": (21, 30)}
+    lengths = {"reverse_long": (11, 12), "sort_long": (9, 9), "count_long": (21, 25)}
     sets = {}
     for name, (kind, params) in specs.items():
         rng = random.Random(f"{seed}/{name}")

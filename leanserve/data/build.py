@@ -81,6 +81,7 @@ class BuildOptions:
     max_docs: int | None = None  # cap on stdlib files and on pydoc topics (quick test builds)
     max_file_bytes: int = MAX_FILE_BYTES
     max_retrieval_lines: int = 128
+    max_digits: int = 5  # add and sub operands get 2 to this many digits
     task_kinds: tuple[str, ...] = KINDS  # kinds of the tasks and of the chat task pairs
     answer_tags: bool = False  # chat task replies as <answer>…</answer> (data/rewards.py's format)
     long_tasks: tuple[int, int, int] = (0, 0, 0)  # long-context tasks per split, again for `chat`
@@ -151,7 +152,8 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
     for doc in topic_documents(opts.max_docs):
         rows["docs"][split_of(doc["id"])].append(doc)
 
-    task_params = {"retrieval": {"max_lines": opts.max_retrieval_lines}}
+    task_params = {"retrieval": {"max_lines": opts.max_retrieval_lines}, "add": {"max_digits": opts.max_digits},
+                   "sub": {"max_digits": opts.max_digits}}
     seen: set[str] = set()
     with tqdm(total=2 * sum(opts.num_tasks), desc="tasks", unit=" tasks") as bar:
         for split, n in zip(SPLITS, opts.num_tasks):
@@ -183,6 +185,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "max_docs": opts.max_docs,
             "max_file_bytes": opts.max_file_bytes,
             "max_retrieval_lines": opts.max_retrieval_lines,
+            "max_digits": opts.max_digits,
             "task_kinds": list(opts.task_kinds),
             "answer_tags": opts.answer_tags,
             "long_tasks": dict(zip(SPLITS, opts.long_tasks)),
@@ -241,6 +244,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="longer source files are cut at a line end (default %(default)s)")
     p.add_argument("--max-retrieval-lines", type=_positive_int, default=defaults.max_retrieval_lines,
                    help="retrieval tasks get 8 to this many lines, log-uniform (default %(default)s)")
+    p.add_argument("--max-digits", type=int, default=defaults.max_digits, choices=range(2, 10), metavar="2..9",
+                   help="add and sub operands get 2 to this many digits (default %(default)s)")
     p.add_argument("--task-kinds", default=",".join(KINDS),
                    help="task kinds of the tasks and chat splits, comma-separated (default: all); kinds left out "
                         "stay unseen, e.g. out-of-distribution tasks of an RLVR experiment")
@@ -265,6 +270,7 @@ def run(args):
         raise UserError(f"--task-kinds: distinct kinds from {', '.join(KINDS)}, got {args.task_kinds!r}")
     opts = BuildOptions(seed=args.seed, num_tasks=args.num_tasks, max_docs=args.max_docs,
                         max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines,
+                        max_digits=args.max_digits,
                         task_kinds=kinds, answer_tags=args.answer_tags, long_tasks=args.long_tasks,
                         long_tokens=args.long_tokens)
     try:

@@ -56,15 +56,15 @@ def _join(items: Sequence) -> str:
     return ", ".join(str(x) for x in items)
 
 
-def add_task(rng: random.Random, digits: int | None = None) -> Task:
-    digits = digits or rng.randint(2, 5)
+def add_task(rng: random.Random, digits: int | None = None, max_digits: int = 5) -> Task:
+    digits = digits or rng.randint(2, max_digits)
     a, b = _number(rng, digits), _number(rng, digits)
     template = rng.choice(("What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} ="))
     return Task("add", template.format(a=a, b=b), str(a + b), {"digits": digits, "a": a, "b": b})
 
 
-def sub_task(rng: random.Random, digits: int | None = None) -> Task:
-    digits = digits or rng.randint(2, 5)
+def sub_task(rng: random.Random, digits: int | None = None, max_digits: int = 5) -> Task:
+    digits = digits or rng.randint(2, max_digits)
     a, b = sorted((_number(rng, digits), _number(rng, digits)), reverse=True)  # non-negative results
     template = rng.choice(("What is {a} - {b}?", "Compute {a} - {b}.", "{a} - {b} ="))
     return Task("sub", template.format(a=a, b=b), str(a - b), {"digits": digits, "a": a, "b": b})

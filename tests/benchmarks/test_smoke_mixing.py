@@ -55,7 +55,7 @@ def test_modomodo_experiment_smoke(tmp_path):
     assert sorted({c["seed"] for c in r["confirm"]}) == [0, 1]
     for row in r["pilots"] + r["confirm"]:
         assert 0 <= row["in_score"] <= 1 and 0 <= row["out_score"] <= 1
-    assert set(r["base"]["out_by_task"]) == {"sub", "add_6_digits", "reverse_long", "sort_long", "count_long"}
+    assert set(r["base"]["out_by_task"]) == {"sub", "add_4_digits", "reverse_long", "sort_long", "count_long"}
     assert (tmp_path / "eval.png").stat().st_size > 0
     model = json.loads(next((tmp_path / "work" / "runs").glob("*/leanserve.json")).read_text())
     assert model["settings"]["mixture"]["kind"] == "static"

@@ -261,6 +261,15 @@ def test_task_kinds_and_answer_tags(tmp_path, capsys):
     assert "--task-kinds" in capsys.readouterr().err
 
 
+def test_max_digits_bounds_add_and_sub(tmp_path):
+    out = tmp_path / "d"
+    assert main(["data", "build", "--out", str(out), "--max-docs", "2", "--num-tasks", "40,4,4",
+                 "--task-kinds", "add,sub", "--max-digits", "3"]) == 0
+    manifest = load_manifest(out)
+    rows = _rows(out, manifest, "tasks", "train")
+    assert manifest["options"]["max_digits"] == 3 and {r["params"]["digits"] for r in rows} == {2, 3}
+
+
 def test_long_tasks_are_far_dependencies_in_tasks_and_chat(tmp_path):
     """--long-tasks adds the long-context kinds to `tasks` and `chat` of every split, at lengths in the
     --long-tokens range, each answerable (its checker accepts the answer) from far back in the prompt."""
@@ -307,7 +316,7 @@ def test_cli_rejects_an_unusable_output_path(tmp_path, capsys, sub):
 
 
 @pytest.mark.parametrize("argv", [["--num-tasks", "ten"], ["--num-tasks", "1,2"], ["--max-docs", "0"],
-                                  ["--long-tokens", "4096,512"], ["--long-tokens", "8,100"], []])
+                                  ["--long-tokens", "4096,512"], ["--long-tokens", "8,100"], ["--max-digits", "12"], []])
 def test_cli_rejects_bad_options(tmp_path, capsys, argv):
     out = [] if not argv else ["--out", str(tmp_path / "out")]  # [] = --out missing
     with pytest.raises(SystemExit) as exc:
