@@ -31,7 +31,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """With `residual` (vLLM's fused add): normalises x + residual and also returns that sum,
-        which is the residual stream for the next sub-layer."""
+        which is the residual stream for the next sub-layer. CUDA: one Triton launch (kernels/elementwise.py)."""
+        if x.is_cuda and x.dim() == 2 and self.weight.dtype == x.dtype:
+            from leanserve.kernels.elementwise import rms_norm as fused  # CPU installs may lack Triton
+            return fused(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -56,6 +59,9 @@ class MergedLinear(nn.Linear):
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2:
+            from leanserve.kernels.elementwise import silu_and_mul  # one launch instead of three
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -104,6 +110,9 @@ class RotaryEmbedding(nn.Module):
         """q [T, Hq, D], k [T, Hkv, D] -> rotated, same dtype."""
         if self.cos_sin_cache.device != positions.device:
             self.cos_sin_cache = self.cos_sin_cache.to(positions.device)  # one-time move to the model's device
+        if q.is_cuda:
+            from leanserve.kernels.elementwise import rotary  # q and k in one launch instead of ~20
+            return rotary(q, k, self.cos_sin_cache, positions)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
 
