@@ -134,16 +134,16 @@ def in_tasks(data: Path, kinds: tuple[str, ...], n: int) -> dict[str, list]:
 def score(model_dir: Path, data: Path, scale: Scale) -> dict:
     """Format-gated greedy accuracy per task; In-/Out-Score as size-weighted means."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from leanserve.data.lm_data import load_tokenizer
     from leanserve.data.rewards import reward
     from leanserve.eval.lm import greedy_answers
-    from leanserve.models.hf_causal_lm import load_for_padded_batches
     from leanserve.trainers.loop import bf16_autocast
 
     device = torch.device(scale.device)
     tok = load_tokenizer(model_dir)
-    model = load_for_padded_batches(model_dir, torch.float32, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     result = {}
     for part, sets in (("in", in_tasks(data, scale.in_tasks, scale.eval_items)), ("out", out_tasks(scale.eval_items))):
         by_task, sizes = {}, {}

@@ -44,6 +44,7 @@ from leanserve.eval.lm_members import Members, load_members, mixture_greedy_answ
 from leanserve.eval.moepp_routing import routing_stats
 from leanserve.eval.report import emit_json
 from leanserve.eval.token_loss import labelled, next_token_targets
+from leanserve.models.hf_causal_lm import padding_safe
 from leanserve.models.model_dir import merge_metrics
 from leanserve.models.moepp_hf import MODEL_TYPE as MOEPP_MODEL_TYPE  # importing it registers the Auto classes
 from leanserve.runtime import DistInfo, resolve_device, resolve_dtype
@@ -110,7 +111,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], *, batch_size: int, max
         for row, i in enumerate(idx):
             input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attention_mask[row, width - len(encoded[i]):] = 1
-        with torch.no_grad():
+        with torch.no_grad(), padding_safe(model):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
                                  pad_token_id=tokenizer.pad_token_id)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call
+from transformers import AutoModelForCausalLM
 
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
 from leanserve.eval.calibration import mixture_logprobs
 from leanserve.models.ensemble_dir import METHOD, read_members
-from leanserve.models.hf_causal_lm import load_for_padded_batches
+from leanserve.models.hf_causal_lm import padding_safe
 from leanserve.models.model_dir import load_model_info
 
 
@@ -52,7 +53,7 @@ def load_members(model_dir: str | Path, device: torch.device, dtype: torch.dtype
     if ensemble and num_members is not None and not 1 <= num_members <= info.settings.get("num_members", 0):
         raise UserError(f"--members must be between 1 and the directory's {info.settings.get('num_members')} "
                         f"members, got {num_members}")
-    model = load_for_padded_batches(model_dir, dtype, device)  # greedy eval decodes left-padded batches
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if not ensemble:
         return Members(model)
     params = read_members(model_dir, info.settings, device=device, dtype=dtype)
@@ -78,7 +79,7 @@ def mixture_greedy_answers(members: Members, tokenizer, encoded: list[list[int]]
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-            with torch.no_grad():
+            with torch.no_grad(), padding_safe(members.model):
                 last = torch.stack([lg[:, -1].float().log_softmax(-1) for lg in
                                     members.each_logits(input_ids=ids, attention_mask=mask, position_ids=positions)])
             token = mixture_logprobs(last).argmax(-1)
