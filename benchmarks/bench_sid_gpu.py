@@ -25,7 +25,10 @@ in place of that directory (RandomTextTeacher below); everything else is the Tra
 that k is fixed instead of drawn (sid_iteration). Per configuration: median seconds per iteration
 (CUDA events, warm-up excluded) and torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_sid_gpu.py [--parts serve train] [--out-dir benchmarks/results]
+(c) SiD on the real shapes teacher (zoo/shapes-teacher): generator images/s at batch 64, bf16, eager UNets
+against `distill sid --compile` (issue 20's "SiD at GPU speed": ~100 img/s eager on an H200 before).
+
+    python benchmarks/bench_sid_gpu.py [--parts serve train shapes] [--out-dir benchmarks/results]
     python benchmarks/bench_sid_gpu.py --smoke --out-dir /tmp/bench-smoke   # CPU, toy sizes, < 1 minute
 """
 from __future__ import annotations
@@ -64,6 +67,7 @@ from leanserve.server.engine.errors import ImageGenerationError
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.image_engine import AsyncImageEngine
 
+ROOT = RESULTS.parents[1]
 SERVE_BATCHES = (1, 4)
 TRAIN_BATCHES = (1, 2, 4, 8, 16)
 CHAINS = (1, 4)
@@ -265,11 +269,52 @@ def bench_training(args, device: torch.device, deadline: Deadline) -> dict:
     return out
 
 
+def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
+    """(c) SiD on the real shapes teacher (zoo/shapes-teacher, a 6M-parameter pixel UNet at 32x32): a
+    small UNet's iteration is bound by Python and kernel launches, so this is where --compile should pay.
+    bf16 autocast, eager against compiled UNets, k = 1 and 4, one batch size."""
+    from leanserve.trainers import sid
+
+    arms = (False,) if args.smoke else (False, True)  # inductor's CPU compile of three UNets takes minutes
+    batch = 2 if args.smoke else args.shapes_batch
+    out = {"teacher": args.shapes_teacher, "batch": batch, "precision": "fp32 weights, bf16 autocast",
+           "compile_arm": "skipped on CPU (--smoke)" if args.smoke else "torch.compile of the teacher, generator "
+           "and fake UNets (Trainer --compile); its first iterations (compilation) are the warm-up",
+           "configs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-sid-shapes-") as tmp:
+        for compiled in arms:
+            parser = argparse.ArgumentParser()
+            sid.add_arguments(parser)
+            trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--bf16",
+                                                     "--guidance", args.guidance, "--batch-size", str(batch)]
+                                                    + (["--compile"] if compiled else [])), device)
+            for k in CHAINS:
+                row = {"compile": compiled, "k": k, "batch": batch}
+                if deadline.left() < args.config_budget + 60:
+                    out["configs"].append({**row, "skipped": "script time limit"})
+                    continue
+                # compilation happens in the first calls of each k's chain: warm up longer when compiled
+                warmup = args.warmup + (3 if compiled else 0)
+                times = time_calls(lambda k=k: sid_iteration(trainer, k), device, args.iterations, warmup=warmup,
+                                   budget_s=args.config_budget)
+                s = statistics.median(times)
+                row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s})
+                out["configs"].append(row)
+                print(f"  shapes compile={compiled!s:5} k={k}: {s:.3f} s/it, {batch / s:.0f} generator img/s",
+                      flush=True)
+            del trainer
+            free_device_memory(device)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["serve", "train"], choices=["serve", "train"])
+    ap.add_argument("--parts", nargs="+", default=["serve", "train", "shapes"], choices=["serve", "train", "shapes"])
+    ap.add_argument("--shapes-teacher", default=str(ROOT / "zoo" / "shapes-teacher"),
+                    help="(c)'s pixel-space teacher directory")
+    ap.add_argument("--shapes-batch", type=int, default=64, help="(c)'s images per phase")
     ap.add_argument("--teacher-steps", type=int, default=25)
     ap.add_argument("--runs", type=int, default=5, help="timed calls per few-step serving configuration")
     ap.add_argument("--teacher-runs", type=int, default=3, help="timed calls per teacher configuration")
@@ -310,6 +355,8 @@ def main():
                       f"{e['unet_ms_per_eval'] or 0:.1f} ms/eval"), flush=True)
     if "train" in args.parts:
         results["train"] = bench_training(args, device, deadline)
+    if "shapes" in args.parts:
+        results["shapes"] = bench_shapes(args, device, deadline)
     results["wall_s"] = args.time_limit - deadline.left()
     path = write_result("sid_gpu_smoke" if args.smoke else "sid_gpu", results, args.out_dir)
     print(f"total {results['wall_s']:.0f} s -> {path}")
