@@ -275,11 +275,12 @@ def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
     bf16 autocast, eager against compiled UNets, k = 1 and 4, one batch size."""
     from leanserve.trainers import sid
 
-    arms = (False,) if args.smoke else (False, True)  # inductor's CPU compile of three UNets takes minutes
+    arms = (None,) if args.smoke else (None, "default", "reduce-overhead")  # inductor's CPU compile takes minutes
     batch = 2 if args.smoke else args.shapes_batch
     out = {"teacher": args.shapes_teacher, "batch": batch, "precision": "fp32 weights, bf16 autocast",
-           "compile_arm": "skipped on CPU (--smoke)" if args.smoke else "torch.compile of the teacher, generator "
-           "and fake UNets (Trainer --compile); its first iterations (compilation) are the warm-up",
+           "compile_arms": "skipped on CPU (--smoke)" if args.smoke else "torch.compile of the teacher, generator "
+           "and fake UNets (Trainer --compile MODE: default, reduce-overhead = + CUDA graphs); the first "
+           "iterations (compilation) are the warm-up",
            "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-sid-shapes-") as tmp:
         for compiled in arms:
@@ -287,7 +288,7 @@ def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
             sid.add_arguments(parser)
             trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--bf16",
                                                      "--guidance", args.guidance, "--batch-size", str(batch)]
-                                                    + (["--compile"] if compiled else [])), device)
+                                                    + (["--compile", compiled] if compiled else [])), device)
             for k in CHAINS:
                 row = {"compile": compiled, "k": k, "batch": batch}
                 if deadline.left() < args.config_budget + 60:
@@ -300,7 +301,7 @@ def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
                 s = statistics.median(times)
                 row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s})
                 out["configs"].append(row)
-                print(f"  shapes compile={compiled!s:5} k={k}: {s:.3f} s/it, {batch / s:.0f} generator img/s",
+                print(f"  shapes compile={compiled or 'off'} k={k}: {s:.3f} s/it, {batch / s:.0f} generator img/s",
                       flush=True)
             del trainer
             free_device_memory(device)

@@ -106,10 +106,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the UNets (cuDNN's tensor-core convolutions are NHWC; "
                         "NCHW weights cost a layout transform around each convolution)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
                    help="torch.compile the teacher, generator and fake UNets (fused kernels, far fewer launches: "
                         "a small UNet's iteration is otherwise bound by Python and kernel launches; the first "
-                        "iterations pay the compilation)")
+                        "iterations pay the compilation); reduce-overhead also replays them as CUDA graphs")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in backward: the generator loss backpropagates through the "
                         "generator, the teacher and the fake network, so memory is ~3 UNets' activations (x2 with CFG)")
@@ -245,7 +245,7 @@ class Trainer(TrainingLoop):
         self.ema = copy.deepcopy(teacher)
         if args.compile:  # in place, after the copies: state_dict keys and checkpoints stay those of the UNets
             for unet in (self.teacher, self.generator, self.fake):
-                unet.compile()
+                unet.compile(mode=args.compile)
         # one module and one optimizer for the checkpoint; Adam steps only parameters with a .grad,
         # and each phase leaves exactly its own network's gradients
         self.state = torch.nn.ModuleDict({"generator": self.generator, "fake": self.fake, "ema": self.ema})

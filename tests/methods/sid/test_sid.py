@@ -480,13 +480,19 @@ def test_compiled_unets_train_the_same_generator(teacher_dir, tmp_path, monkeypa
     # dynamo's graphs and AOTAutograd's forward/backward split as on a GPU, without inductor's code generation
     # (its CPU compile of these UNets takes ~2.5 minutes; the GPU benchmark measures the compiled speed)
     compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager"))
+    modes = []
+
+    def aot_eager(self, mode):
+        modes.append(mode)
+        return compile_module(self, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
     common = ("--iterations", "2", "--guidance", "lsg", "--kappa", "1.5")
     assert distill(teacher_dir, tmp_path / "eager", *common) == 0
     assert distill(teacher_dir, tmp_path / "compiled", *common, "--compile") == 0
     a, b = unet_weights(tmp_path / "eager"), unet_weights(tmp_path / "compiled")
     teacher = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys()  # compiled in place: the saved names are the UNet's
+    assert modes == ["default"] * 3 and a.keys() == b.keys()  # compiled in place: the saved names are the UNet's
     # fused kernels round differently; as with channels_last, compare the updates as a whole
     update = torch.cat([(a[k] - teacher[k]).flatten() for k in a])
     gap = torch.cat([(b[k] - a[k]).flatten() for k in a])
