@@ -124,12 +124,12 @@ def _check_args(args):
 
 
 def run(args):
-    from leanserve.eval.report import emit_json_section
+    from leanserve.eval.report import emit_json_section, hardware
 
     _check_args(args)
     ns = sorted(set(args.n))
     c1 = run_c1(ns, args.seeds, list(dict.fromkeys(args.ctw_depths)), args.kt_depth)
-    emit_json_section("c1", c1, args.out)
+    emit_json_section("c1", {"hardware": hardware("cpu"), **c1}, args.out)
     plot = Path(args.out).parent / C1_PLOT
     plot_c1(c1, plot)
     print(f"wrote {plot}")

@@ -42,7 +42,7 @@ from leanserve.errors import UserError
 from leanserve.eval.calibration import EnsembleMetrics, HeldOutSample, TokenMetrics, mixture_logprobs
 from leanserve.eval.lm_members import Members, load_members, mixture_greedy_answers
 from leanserve.eval.moepp_routing import routing_stats
-from leanserve.eval.report import emit_json
+from leanserve.eval.report import emit_json, hardware
 from leanserve.eval.token_loss import labelled, next_token_targets
 from leanserve.models.hf_causal_lm import padding_safe
 from leanserve.models.model_dir import merge_metrics
@@ -224,7 +224,7 @@ def run(args):
     accuracy, counts = score_tasks(questions, generate)
 
     result = {
-        "model": str(model_dir), "data_sha256": manifest.get("sha256"), "max_docs": args.max_docs, "seq_len": seq_len,
+        "model": str(model_dir), "hardware": hardware(device), "data_sha256": manifest.get("sha256"), "max_docs": args.max_docs, "seq_len": seq_len,
         "test_loss": test_loss, "test_ppl": {d: math.exp(v) for d, v in test_loss.items()},
         "calibration": calibration, "task_accuracy": accuracy, "task_count": counts, "task_skipped": skipped,
     }

@@ -19,7 +19,7 @@ import torch
 
 from leanserve.errors import UserError
 from leanserve.eval import scheffe
-from leanserve.eval.report import emit_json
+from leanserve.eval.report import emit_json, hardware
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -91,7 +91,8 @@ def run(args):
     groups, W, y, pilots = read_pilots(Path(args.pilots), args.target)
     result = fit_report(groups, W, y, k=args.top_k, radius=args.radius, kappa=args.kappa,
                         min_separation=args.min_separation, samples=args.samples, seed=args.seed)
-    result = {"pilots_file": str(args.pilots), "target": args.target, **result, "pilots": pilots}
+    result = {"pilots_file": str(args.pilots), "target": args.target, "hardware": hardware("cpu"), **result,
+              "pilots": pilots}
     emit_json(result, args.out)
     if args.out:
         fits = result["fits"]

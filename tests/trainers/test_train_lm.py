@@ -153,7 +153,7 @@ def test_eval_lm_writes_metrics(corpus, trained, tmp_path):
     assert main(["eval", "lm", "--model", str(trained), "--data", str(corpus / "data"), "--max-docs", "6",
                  "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["test_ppl"]) == {"code", "docs", "tasks", "chat"}
+    assert set(result["test_ppl"]) == {"code", "docs", "tasks", "chat"} and result["hardware"].startswith("CPU")
     for domain, ppl in result["test_ppl"].items():
         assert ppl == pytest.approx(math.exp(result["test_loss"][domain]))
         assert 1 < ppl < 400  # better than uniform over the 400-token vocabulary

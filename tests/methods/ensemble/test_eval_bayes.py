@@ -18,7 +18,7 @@ def test_c1_writes_its_section_beside_other_sections_and_the_plot(tmp_path):
     results = json.loads(out.read_text())
     assert results["c2"] == {"git_commit": "abc", "rows": [1]}
     c1 = results["c1"]
-    assert c1["git_commit"] and c1["date"]
+    assert c1["git_commit"] and c1["date"] and c1["hardware"].startswith("CPU")
     assert c1["settings"]["n"] == [100, 300]
     learners = {(r["learner"], r["depth"]) for r in c1["rows"]}
     assert learners == {("oracle", 2), ("kt", 4), ("order0", 0), ("ctw", 3), ("ctw", 5)}

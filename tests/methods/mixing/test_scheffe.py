@@ -160,6 +160,6 @@ def test_mixture_fit_command(tmp_path):
     assert set(fit["fits"]["quadratic"]["coefficients"]) == set(groups) | {
         f"{a}*{b}" for i, a in enumerate(groups) for b in groups[i + 1:]}
     assert len(fit["candidates"]) == 3 and all(c["distance"] <= 0.4 + 1e-12 for c in fit["candidates"])
-    assert fit["pilots"][0]["name"] == "p0"
+    assert fit["pilots"][0]["name"] == "p0" and fit["hardware"].startswith("CPU")
     path.write_text(json.dumps({"groups": groups, "pilots": [{"mixture": {"add": 1.0}, "out_score": 0.1}]}))
     assert main(["mixture", "fit", "--pilots", str(path)]) == 2
