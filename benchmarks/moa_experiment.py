@@ -2,7 +2,7 @@
 tasks, compressed at KV density 0.5 and 0.25, and evaluated against dense and the uniform window.
 
   1. data: `leanserve data build --long-tasks` (retrieval, passkey, copy and functions items whose answer lies
-     in the first third of the prompt, 256-3,584 tokens) beside the usual code, docs and short tasks, and its
+     in the first third of the prompt, ~256-3,072 tokens) beside the usual code, docs and short tasks, and its
      BPE tokenizer
   2. model: `leanserve train lm`, a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
      8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows with the long tasks weighted up,
@@ -45,7 +45,8 @@ class Scale:
 
 
 FULL = Scale(
-    build=("--long-tasks", "12000,300,300", "--long-tokens", "256,3584"),
+    # lengths are estimated at 3.5 characters a token: 3,072 keeps a margin under the 4,096-token windows
+    build=("--long-tasks", "12000,300,300", "--long-tokens", "256,3072"),
     vocab_size=8192,
     train=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",
            "--intermediate-size", "1024", "--max-len", "4096", "--seq-len", "4096", "--batch-size", "16",

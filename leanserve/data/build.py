@@ -16,7 +16,7 @@ import json
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 
@@ -107,11 +107,14 @@ def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict
 def _add_long_tasks(rows: dict[str, dict[str, list[dict]]], opts: BuildOptions) -> None:
     """Long-context tasks (data/long_context.py: the answer far from the question) into `tasks` and,
     as many again, `chat`: what a model needs to learn before MoA can compress it (a uniform window
-    must fail where it succeeds). Train from the train modules; val and test from the held-out ones."""
+    must fail where it succeeds). Train from the train modules; val and test from the held-out ones.
+    Their kinds are prefixed long_ (long_retrieval, ...): per-kind scores and `tasks:KIND` groups of the
+    short tasks stay theirs, and --task-kinds does not apply to them."""
     from leanserve.data.long_context import training_tasks  # it imports split_of from here
 
     for split, n in tqdm(list(zip(SPLITS, opts.long_tasks)), desc="long tasks", unit=" splits"):
-        tasks = training_tasks(derive_seed(opts.seed, "long", split), 2 * n, split != "train", opts.long_tokens)
+        tasks = [replace(t, kind=f"long_{t.kind}") for t in
+                 training_tasks(derive_seed(opts.seed, "long", split), 2 * n, split != "train", opts.long_tokens)]
         rows["tasks"][split] += [t.to_row(f"long-{split}-{i}") for i, t in enumerate(tasks[:n])]
         rows["chat"][split] += [task_chat_row(t, f"chat-long-{split}-{i}", opts.answer_tags)
                                 for i, t in enumerate(tasks[n:])]

@@ -77,17 +77,17 @@ def mixture_greedy_answers(members: Members, tokenizer, encoded: list[list[int]]
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-            with torch.no_grad(), padding_safe(members.model):
+        with torch.no_grad(), padding_safe(members.model):
+            for _ in range(max_new_tokens):
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
                 last = torch.stack([lg[:, -1].float().log_softmax(-1) for lg in
                                     members.each_logits(input_ids=ids, attention_mask=mask, position_ids=positions)])
-            token = mixture_logprobs(last).argmax(-1)
-            token = torch.where(done, tokenizer.pad_token_id, token)  # finished rows only pad
-            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, (~done).long()[:, None]], 1)
-            done |= torch.isin(token, stops)
-            if done.all():
-                break
+                token = mixture_logprobs(last).argmax(-1)
+                token = torch.where(done, tokenizer.pad_token_id, token)  # finished rows only pad
+                ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, (~done).long()[:, None]], 1)
+                done |= torch.isin(token, stops)
+                if done.all():
+                    break
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(ids[row, width:], skip_special_tokens=True)
     return replies

@@ -4,7 +4,8 @@ reductions, the rotary halves), which at batch 1 cost 2.4 of a 6.2 ms decode ste
 3.8 ms of weight-bound GEMMs (BENCHMARKS.md). Each is memory-bound: it reads and writes its activations
 once. PyTorch references: models/layers.py (rms_norm, _apply_rotary, SiluAndMul), whose rounding order
 these follow (fp32 statistics; the sum, the normalised row and the gate rounded to the input dtype where
-transformers rounds them), so bf16 outputs match them to the last bit up to fp32 summation order.
+transformers rounds them): bf16 outputs differ from them only where fp32 summation order or Triton's
+approximate exp / rsqrt / division moves a value across a bf16 rounding boundary.
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (rows contiguous) -> weight * rmsnorm(x); with `residual`, normalises x + residual and
     also returns that sum (models/layers.RMSNorm.forward's contract). weight [H], x's dtype."""
-    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
-        raise ValueError(f"rms_norm needs x [T, H] with contiguous rows and weight [H]: x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],) or weight.stride(0) != 1:
+        raise ValueError(f"rms_norm needs x [T, H] with contiguous rows and a contiguous weight [H]: x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype} with contiguous rows")
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
     res = residual if residual is not None else x
@@ -81,7 +84,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positi
     [T] with cos_sin_cache [max_position, D] fp32 (cos halves then sin halves); new contiguous tensors."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if head_dim % 2 or k.shape[2] != head_dim or q.stride(-1) != 1 or k.stride(-1) != 1:
+    if head_dim % 2 or k.shape[2] != head_dim or k.shape[0] != num_tokens or q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError(f"rotary needs an even head_dim shared by q {tuple(q.shape)} and k {tuple(k.shape)}, "
                          "contiguous along it")
     if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1:
@@ -90,7 +93,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positi
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if num_tokens:
         _rotary_kernel[(num_tokens,)](
-            q, k, q_out, k_out, cos_sin_cache, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q, k, q_out, k_out, cos_sin_cache, positions.contiguous(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos_sin_cache.stride(0), num_q_heads, num_kv_heads, HALF=head_dim // 2,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS_PAD=triton.next_power_of_2(max(num_q_heads,
                                                                                                     num_kv_heads)))

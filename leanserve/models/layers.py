@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """With `residual` (vLLM's fused add): normalises x + residual and also returns that sum,
         which is the residual stream for the next sub-layer. CUDA: one Triton launch (kernels/elementwise.py)."""
-        if x.is_cuda and x.dim() == 2 and self.weight.dtype == x.dtype:
+        fusable = residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1)
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and self.weight.dtype == x.dtype and fusable:
             from leanserve.kernels.elementwise import rms_norm as fused  # CPU installs may lack Triton
             return fused(x, self.weight, self.eps, residual)
         if residual is None:
@@ -59,7 +60,7 @@ class MergedLinear(nn.Linear):
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2:
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
             from leanserve.kernels.elementwise import silu_and_mul  # one launch instead of three
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

@@ -16,6 +16,7 @@ and the L2 term), κ4 evaluates the teacher.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,11 +171,13 @@ def discriminator_logits(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.T
     """The fake network's encoder as discriminator, zero extra parameters (SiDA): the bottleneck (the
     mid block's output) of its text-conditioned pass, averaged over channels -> logits [B, 1, h, w].
     Always the conditional pass, whatever κ the fake network's denoising output uses; the decoder's
-    output of this pass is unused."""
+    output of this pass is unused. The pass calls `unet.forward` itself, eagerly: a UNet compiled in place
+    (distill sid --compile) runs a graph traced without this hook, which would then never fire."""
     captured = []
     handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        unet_fn(unet, autocast)(x_t, t, cond)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            unet.forward(x_t, t, encoder_hidden_states=cond, return_dict=False)
     finally:
         handle.remove()
     return captured[0].float().mean(dim=1, keepdim=True)

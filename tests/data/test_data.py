@@ -284,11 +284,12 @@ def test_long_tasks_are_far_dependencies_in_tasks_and_chat(tmp_path):
     for split, n in (("train", 8), ("val", 4), ("test", 4)):
         long = [Task.from_row(r) for r in _rows(out, manifest, "tasks", split) if r["id"].startswith("long-")]
         chats = [r for r in _rows(out, manifest, "chat", split) if r["id"].startswith("chat-long-")]
-        assert len(long) == len(chats) == n and {t.kind for t in long} == set(LONG_KINDS)
+        # kinds of their own: per-kind scores and tasks:KIND groups of the short tasks stay unmixed
+        assert len(long) == len(chats) == n and {t.kind for t in long} == {f"long_{k}" for k in LONG_KINDS}
         for task in long + [Task.from_row(r["task"]) for r in chats]:
             assert check(task, task.answer)
             assert len(task.prompt) / CHARS_PER_TOKEN <= 1024
-            if task.kind == "retrieval":  # the asked record lies in the prompt's first half
+            if task.kind == "long_retrieval":  # the asked record lies in the prompt's first half
                 key = re.search(r"in line (\d+)\?$", task.prompt).group(1)
                 assert task.prompt.index(f"line {key}:") < len(task.prompt) / 2
         prompts[split] = {t.prompt for t in long}
