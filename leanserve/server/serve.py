@@ -55,6 +55,7 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep Engi
     "--max-num-seqs": ("max_num_seqs", int),
     "--max-model-len": ("max_model_len", int),
     "--max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "--max-prefill-tokens-with-decodes": ("max_prefill_tokens_with_decodes", int),
     "--num-kv-blocks": ("num_kv_blocks", int),
     "--block-size": ("block_size", int),
     "--max-queued-requests": ("max_queued_requests", int),
@@ -65,8 +66,11 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type); unset flags keep Engi
     "--tensor-parallel-size": ("tensor_parallel_size", int),
 }
 _UNSET_MEANS = {"max_model_len": "the model's max_position_embeddings", "num_kv_blocks": "sized from memory",
-                "max_num_batched_tokens": "2048 on CUDA, 512 on CPU"}
-_HELP = {"tensor_parallel_size": "LLMs: split each over this many GPUs (CPU: processes), one process per rank; "
+                "max_num_batched_tokens": "2048 on CUDA, 512 on CPU",
+                "max_prefill_tokens_with_decodes": "the whole step budget"}
+_HELP = {"max_prefill_tokens_with_decodes": "prompt tokens in a step that also decodes: bounds the inter-token "
+                                            "gaps' tail at some TTFT cost; ",
+         "tensor_parallel_size": "LLMs: split each over this many GPUs (CPU: processes), one process per rank; "
                                  "image models run unsplit; "}
 # flags that also configure image engines: EngineConfig field -> ImageEngineConfig field
 _IMAGE_OPTIONS = {"device": "device", "dtype": "dtype", "max_queued_requests": "max_queued_images"}

@@ -76,6 +76,28 @@ def test_chunked_prefill_mixes_with_decodes():
     assert chunks == [15, 15, 10] and long.num_computed_tokens == 40
 
 
+def test_prefill_cap_applies_only_beside_decodes():
+    sched = Scheduler(BlockManager(64, dense_spec(4)), 8, 16, 100, max_prefill_tokens_with_decodes=4)
+    first, second = make_seq("first", 10, max_tokens=20), make_seq("second", 9, max_tokens=20)
+    sched.add(first)
+    sched.add(second)
+    out = run_step(sched)  # no decodes yet: prompts get the whole budget
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("first", 10), ("second", 6)]
+    out = run_step(sched)  # first decodes now: second's last 3 prompt tokens fit under the cap
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("first", 1), ("second", 3)]
+    third, fourth = make_seq("third", 10), make_seq("fourth", 5)
+    sched.add(third)
+    sched.add(fourth)
+    chunks = []
+    while third.num_computed_tokens < 10:  # beside two decodes, third's prompt goes 4 tokens a step
+        out = run_step(sched)
+        step = dict((s.request_id, n) for s, n in out.scheduled)
+        assert step["first"] == step["second"] == 1 and sum(step.values()) - 2 <= 4
+        chunks.append(step.get("third", 0))
+    assert chunks == [4, 4, 2]  # and fourth takes the 2 left in the last of those steps
+    assert fourth.num_computed_tokens == 2
+
+
 def test_fcfs_head_is_not_overtaken():
     sched = scheduler(num_blocks=8, block_size=4, budget=64)
     sched.add(make_seq("a", 20))  # 5 blocks

@@ -14,6 +14,9 @@ class EngineConfig:
     # token budget of one engine step (chunked prefill); None = 2048 on CUDA, 512 on CPU, where a
     # 2,048-token prefill step of even the tiny chat model stalls every decoding stream for ~0.4 s
     max_num_batched_tokens: int | None = None
+    # prompt tokens of a step that also decodes; None = the whole budget. What a decoding stream waits
+    # for in such a step, so it bounds the inter-token gaps' tail (a step with no decodes is not capped)
+    max_prefill_tokens_with_decodes: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None    # None = size from memory (gpu_memory_utilization / cpu_kv_cache_gib)
     gpu_memory_utilization: float = 0.9

@@ -54,8 +54,8 @@ class EngineCore:
         if config.max_num_batched_tokens is None:
             config = replace(config, max_num_batched_tokens=default_batched_tokens(config.device))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queued_requests",
-                     "tensor_parallel_size"):
-            if getattr(config, name) < 1:
+                     "tensor_parallel_size", "max_prefill_tokens_with_decodes"):
+            if getattr(config, name) is not None and getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
         self.config = config
         self.model_runner = ModelRunner(config)
@@ -103,7 +103,7 @@ class EngineCore:
                         type(kv_spec).__name__)
         self.block_manager = BlockManager(num_blocks, kv_spec, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_queued_requests)
+                                   config.max_queued_requests, config.max_prefill_tokens_with_decodes)
         self.requests: dict[str, Sequence] = {}
 
     def close(self) -> None:

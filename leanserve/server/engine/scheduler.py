@@ -3,7 +3,10 @@
 There are no prefill or decode phases: every step hands out a token budget
 (max_num_batched_tokens) as {sequence: num_tokens}. Running sequences go first (a decode takes
 1 token, an unfinished prefill its next chunk), then waiting ones are admitted FCFS with what is
-left, so long prompts are split across steps while decodes keep flowing.
+left, so long prompts are split across steps while decodes keep flowing. With
+max_prefill_tokens_with_decodes, a step that carries decodes gives prompts at most that many tokens:
+the prefill chunk is what a decoding stream waits for, so it bounds the inter-token gap's tail, while a
+step without decodes still prefills with the whole budget.
 """
 from __future__ import annotations
 
@@ -31,10 +34,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_queued_requests: int):
+                 max_queued_requests: int, max_prefill_tokens_with_decodes: int | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_with_decodes = max_prefill_tokens_with_decodes
         self.max_queued_requests = max_queued_requests
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
@@ -51,11 +55,18 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = prefill_budget = self.max_num_batched_tokens
+        cap = self.max_prefill_tokens_with_decodes
+        if cap is not None and any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+            prefill_budget = cap
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
+            if num_new == 0:  # a prompt chunk with the step's prefill share spent: it goes on next step
+                i += 1
+                continue
             while not self.block_manager.allocate_slots(seq, num_new):
                 # out of blocks: recompute the most recently admitted sequence later. It is never
                 # one already scheduled this step (those come before i).
@@ -67,13 +78,16 @@ class Scheduler:
             else:
                 out.scheduled.append((seq, num_new))
                 budget -= num_new
+                if remaining > 1:
+                    prefill_budget -= num_new
                 i += 1
         # after a preemption the pool is exhausted: admitting now would only thrash
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+        while (self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs
+               and not out.num_preempted):
             seq = self.waiting[0]
             computed_blocks = self.block_manager.get_computed_blocks(seq)
             num_cached = len(computed_blocks) * self.block_manager.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - num_cached, budget, prefill_budget)
             if not self.block_manager.allocate_slots(seq, num_new, computed_blocks):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -84,6 +98,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, num_new))
             budget -= num_new
+            prefill_budget -= num_new
         out.freed, self._freed = self._freed, []
         return out
 
