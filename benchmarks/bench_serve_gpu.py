@@ -430,7 +430,8 @@ def gpu_mode(args) -> None:
     bound = (lambda c: bound_tok_s(c, ctx, wbytes, bw)) if bw is not None and config is LLAMA3_8B else (lambda c: None)
     results = {"model": "Llama-3-8B shape, random bf16 weights (--load-format dummy)" if not smoke else
                "toy Llama shape (smoke)", "weight_bytes": wbytes, "copy_bandwidth_gbs": bw,
-               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": [], "poisson": None,
+               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "server_args": args.server_args,
+               "rows": [], "poisson": None,
                "images": [], "notes": "closed-loop streams per concurrency, distinct random token-id prompts; "
                                       "see benchmarks/bench_serve_gpu.py's docstring"}
     bench = Bench(args, "serve_gpu_smoke" if smoke else "serve_gpu", results)
@@ -483,7 +484,7 @@ def cpu_mode(args) -> None:
     path = ROOT / "zoo" / "chat-tiny"
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     results = {"model": "zoo/chat-tiny (float32 on CPU)", "threads": args.threads, "prompt_len": args.prompt_len,
-               "max_tokens": args.max_tokens, "rows": [], "generate": [],
+               "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
                "notes": "HTTP rows: closed-loop streams against `leanserve serve --device cpu`; generate: "
                         "transformers LlamaForCausalLM.generate on the same weights, all prompts as one batch"}
     bench = Bench(args, "serve_cpu_smoke" if args.smoke else "serve_cpu", results)

@@ -59,6 +59,7 @@ def test_serve_benchmark_smoke(tmp_path):
 
     cpu = json.loads(next(tmp_path.glob("serve_cpu_smoke-*.json")).read_text())["results"]
     assert [g["batch"] for g in cpu["generate"]] == [1, 4] and all(g["tok_s"] > 0 for g in cpu["generate"])
+    assert isinstance(cpu["server_args"], str) and isinstance(gpu["server_args"], str)  # the served options
     assert [r["concurrency"] for r in cpu["rows"]] == [1, 4]
     for row in cpu["rows"]:
         assert "error" not in row and row["output_tokens"] == 4 * 8, row
