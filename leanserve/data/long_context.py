@@ -204,7 +204,10 @@ def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, in
     `compress moa` and `eval moa` fit the model's own tokenizer."""
     lo, hi = token_range
     rng, corpus = random.Random(seed), Corpus.load(held_out)
-    count = lambda text: int(len(text) / CHARS_PER_TOKEN)  # noqa: E731
+
+    def count(text: str) -> int:
+        return int(len(text) / CHARS_PER_TOKEN)
+
     tasks = []
     for i in range(n):
         target = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))

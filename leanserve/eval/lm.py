@@ -224,7 +224,8 @@ def run(args):
     accuracy, counts = score_tasks(questions, generate)
 
     result = {
-        "model": str(model_dir), "hardware": hardware(device), "data_sha256": manifest.get("sha256"), "max_docs": args.max_docs, "seq_len": seq_len,
+        "model": str(model_dir), "hardware": hardware(device), "data_sha256": manifest.get("sha256"),
+        "max_docs": args.max_docs, "seq_len": seq_len,
         "test_loss": test_loss, "test_ppl": {d: math.exp(v) for d, v in test_loss.items()},
         "calibration": calibration, "task_accuracy": accuracy, "task_count": counts, "task_skipped": skipped,
     }

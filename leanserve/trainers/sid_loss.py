@@ -16,7 +16,6 @@ and the L2 term), κ4 evaluates the teacher.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,7 +79,7 @@ def guidance_kappas(guidance: str, kappa: float | None = None) -> Kappas:
 
 
 def unet_fn(unet, autocast: Callable | None = None) -> ModelFn:
-    """A diffusers UNet2DConditionModel as a ModelFn (output in fp32; autocast optional)."""
+    """A diffusers UNet2DConditionModel (or its bound `forward`) as a ModelFn (output in fp32; autocast optional)."""
     def output(x_t, t, embeds):
         if autocast is None:
             return unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0].float()
@@ -171,13 +170,12 @@ def discriminator_logits(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.T
     """The fake network's encoder as discriminator, zero extra parameters (SiDA): the bottleneck (the
     mid block's output) of its text-conditioned pass, averaged over channels -> logits [B, 1, h, w].
     Always the conditional pass, whatever κ the fake network's denoising output uses; the decoder's
-    output of this pass is unused. The pass calls `unet.forward` itself, eagerly: a UNet compiled in place
+    output of this pass is unused. The pass calls `unet.forward`, eagerly: a UNet compiled in place
     (distill sid --compile) runs a graph traced without this hook, which would then never fire."""
     captured = []
     handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            unet.forward(x_t, t, encoder_hidden_states=cond, return_dict=False)
+        unet_fn(unet.forward, autocast)(x_t, t, cond)
     finally:
         handle.remove()
     return captured[0].float().mean(dim=1, keepdim=True)
