@@ -15,3 +15,7 @@ class ImageEngineConfig:
     # process sizes against what is free at its start), and for sizes above the native one scaled by area
     max_image_batch: int | None = None
     max_queued_images: int = 64           # waiting images beyond this -> QueueFullError (429)
+    # when the previous loop of a shape ran several images, wait up to this fraction of its time for as
+    # many new images as it ran before starting the next loop: closed-loop clients whose answers just went
+    # out come back, and without the wait they alternate in half-size cohorts; 0 = start at once
+    batch_wait: float = 0.5

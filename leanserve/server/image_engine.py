@@ -4,7 +4,9 @@ samplers its directory offers) driven by one worker thread, requests batched per
 Every request is split into its n images; the worker takes the oldest waiting image and every
 other waiting image with the same batch key (size, steps, guidance, sampler, negative prompt or
 not) up to the batch limit, and runs them as ONE pipeline call, i.e. one denoising loop: images that
-arrive while a loop runs all go into the next one. The limit is `max_image_batch`, or when that is
+arrive while a loop runs all go into the next one. When the previous loop of that key ran several
+images, the worker first waits (up to `batch_wait` of that loop's time) for as many images to arrive as
+it ran: the clients it just answered come back, and would otherwise form their own half-size loop. The limit is `max_image_batch`, or when that is
 None (auto) what the model measures fits in device memory at start (ImageModel.auto_batch_size),
 scaled down by area for sizes above the native one. Image i
 of a request has its own CPU generator seeded seed + i, so an image does not depend on what it
@@ -137,6 +139,8 @@ class AsyncImageEngine:
         for name in ("max_image_batch", "max_queued_images"):
             if getattr(config, name) is not None and getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if config.batch_wait < 0:
+            raise UserError(f"batch_wait must be >= 0, got {config.batch_wait}")
         self.config = config
         self.model_name = config.served_model_name or Path(config.model).name
         if model is None:
@@ -156,6 +160,7 @@ class AsyncImageEngine:
         self._waiting: set[_Request] = set()
         self._running: set[_Request] = set()
         self._batch: list[tuple[_Request, int]] = []
+        self._last_loop: dict[tuple, tuple[int, float, float]] = {}  # batch key -> (images, seconds, end)
         self._interrupt_all = False
         self._stop = False
         self._dead: BaseException | None = None
@@ -270,11 +275,17 @@ class AsyncImageEngine:
                 with self._lock:
                     while not (self._stop or self._queue):
                         self._wakeup.wait()
+                    self._wait_for_returning_clients()
                     if self._stop:
                         return
+                    if not self._queue:  # every waiting image was cancelled meanwhile
+                        continue
                     self._batch = batch = self._take_batch()
+                start = time.monotonic()
                 stats, images, error = self._run_batch(batch)
+                end = time.monotonic()
                 with self._lock:
+                    self._last_loop[batch[0][0].batch_key] = (len(batch), end - start, end)
                     self._batch = []
                     for req, _ in batch:
                         req.num_done += 1
@@ -284,6 +295,27 @@ class AsyncImageEngine:
             with self._lock:
                 self._dead = e
             self._post(self._fail_all, f"image engine error: {type(e).__name__}: {e}")
+
+    def _wait_for_returning_clients(self) -> None:
+        """Before a loop of the oldest image's key (under the lock): if the previous loop of that key
+        ran k >= 2 images, wait until k images of the key have arrived since it ended, the batch is full
+        or `batch_wait` of that loop's time has passed. A lone client (k = 1) never waits."""
+        if not self._queue or self.config.batch_wait <= 0:
+            return
+        key = self._queue[0][0].batch_key
+        ran, seconds, ended = self._last_loop.get(key, (0, 0.0, 0.0))
+        if ran < 2:
+            return
+        limit = self._batch_limit(self._queue[0][0].params)
+        deadline = time.monotonic() + self.config.batch_wait * seconds
+        while not self._stop and self._queue and self._queue[0][0].batch_key == key:
+            same = [req for req, _ in self._queue if req.batch_key == key]
+            if len(same) >= limit or sum(req.times.queued > ended for req in same) >= ran:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.wait(left)
 
     def _take_batch(self) -> list[tuple[_Request, int]]:
         """The oldest waiting image and the next ones with its batch key (called under the lock)."""

@@ -115,6 +115,10 @@ def add_arguments(p):
     image.add_argument("--max-image-batch", type=int, default=None, metavar="INT",
                        help="images per denoising loop; concurrent requests of one shape share it (default: "
                             "auto, what fits in the free GPU memory as measured at startup; a small batch on CPU)")
+    image.add_argument("--image-batch-wait", type=float, default=None, metavar="FRAC",
+                       help="after a loop of several images of one shape, wait up to FRAC of its time for as many "
+                            "new images before the next loop, so that clients just answered join it (default: "
+                            f"{_IMAGE_DEFAULTS.batch_wait}; 0 starts at once)")
     jobs = p.add_argument_group("jobs API (/v1/jobs)")
     jobs.add_argument("--jobs-dir", default=DEFAULT_JOBS_DIR, metavar="DIR",
                       help="workspace of the jobs API: its database, each job's output and log, the inputs jobs "
@@ -203,6 +207,8 @@ def run(args) -> int:
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch
+    if args.image_batch_wait is not None:
+        image_kwargs["batch_wait"] = args.image_batch_wait
 
     def make_engine(path: str, name: str | None, kind: str | None = None):
         """An unstarted engine with this server's engine options (also for models published later)."""

@@ -78,6 +78,66 @@ def test_burst_during_a_loop_joins_the_next_loop_up_to_the_limit(pixel_dir):
     assert asyncio.run(burst_while_a_loop_runs(engine, PIXEL_NATIVE, PIXEL_NATIVE, burst=6)) == [1, 4, 2]
 
 
+async def clients_return_after_a_loop(engine: AsyncImageEngine, returning: list[int]) -> list[int]:
+    """A gated loop of 1 image, then a loop of 4 (a burst that waited); once those 4 are answered, the
+    clients come back in waves of `returning` images, 0.2 s apart. Returns the images per pipeline call."""
+    gate, calls = gate_first_call(engine)
+    params = ImageParams(PIXEL_NATIVE, PIXEL_NATIVE, 2, 1.0, seed=0)
+
+    def send(name: str) -> asyncio.Future:
+        return asyncio.ensure_future(engine.generate(name, "a red circle", 1, params, time.monotonic()))
+
+    await engine.start()
+    try:
+        first = send("first")
+        await until(lambda: calls == [1])
+        burst = [send(f"b{i}") for i in range(4)]
+        await until(lambda: engine.stats().num_waiting == 4)
+        gate.set()
+        await asyncio.gather(first, *burst)
+        back = []
+        for wave, size in enumerate(returning):
+            back += [send(f"w{wave}-{i}") for i in range(size)]
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*back)
+    finally:
+        gate.set()
+        await engine.shutdown()
+    return calls
+
+
+def test_returning_clients_join_one_loop_instead_of_splitting(pixel_dir):
+    # the deadline (a million loops) is never what ends the wait here: the fourth returning image is
+    engine = AsyncImageEngine(ImageEngineConfig(model=str(pixel_dir), device="cpu", max_image_batch=8,
+                                                batch_wait=1e6))
+    assert asyncio.run(clients_return_after_a_loop(engine, [2, 2])) == [1, 4, 4]
+    # without the wait the first wave runs alone
+    engine = AsyncImageEngine(ImageEngineConfig(model=str(pixel_dir), device="cpu", max_image_batch=8,
+                                                batch_wait=0))
+    assert asyncio.run(clients_return_after_a_loop(engine, [2, 2])) == [1, 4, 2, 2]
+    # a short deadline ends the wait when fewer clients come back
+    engine = AsyncImageEngine(ImageEngineConfig(model=str(pixel_dir), device="cpu", max_image_batch=8,
+                                                batch_wait=0.5))
+    assert asyncio.run(clients_return_after_a_loop(engine, [1])) == [1, 4, 1]
+
+
+def test_a_lone_client_never_waits(pixel_dir):
+    # after a loop of one image a new image starts at once, however long the wait could be
+    engine = AsyncImageEngine(ImageEngineConfig(model=str(pixel_dir), device="cpu", max_image_batch=8,
+                                                batch_wait=1e9))
+    params = ImageParams(PIXEL_NATIVE, PIXEL_NATIVE, 2, 1.0, seed=0)
+
+    async def one_at_a_time():
+        await engine.start()
+        try:
+            for i in range(3):
+                await asyncio.wait_for(engine.generate(f"r{i}", "a circle", 1, params, time.monotonic()), WAIT_S)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(one_at_a_time())
+
+
 def test_automatic_limit_on_cpu_and_scaled_down_by_area(sd_dir):
     engine = AsyncImageEngine(ImageEngineConfig(model=str(sd_dir), device="cpu"))
     assert engine.max_image_batch is None  # sized when the engine starts
