@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import RESULTS, Deadline, copy_bandwidth_gbs, free_device_memory, write_result
+from common import RESULTS, Deadline, copy_bandwidth_gbs, free_device_memory, matmul_peak_tflops, write_result
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,6 @@ class Timer:
         ms = self.median_ms(graph.replay)
         del graph
         return ms
-
-
-def matmul_peak_tflops(device, size: int) -> float:
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    ms = Timer(device, runs=10, warmup=3).median_ms(lambda: a @ b)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
 
 
 def fused_fn(x, w, prev, layout, ids, tiles=None):
@@ -406,7 +399,7 @@ def main() -> None:
     if device.type == "cuda":
         import triton
         results |= {"triton": triton.__version__, "copy_bandwidth_gbs": copy_bandwidth_gbs(),
-                    "matmul_peak_tflops": matmul_peak_tflops(device, 8192)}
+                    "matmul_peak_tflops": matmul_peak_tflops(8192)}
     else:  # nominal H200 numbers: the smoke run only exercises the arithmetic
         results |= {"copy_bandwidth_gbs": 4300.0, "matmul_peak_tflops": 790.0}
     print(f"copy {results['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul {results['matmul_peak_tflops']:.0f} TFLOP/s, "

@@ -19,6 +19,11 @@ sends requests at a fixed rate with exponential gaps (Poisson arrivals) and no c
 - bound_tok_s: bench_decode_gpu.bound_tok_s at batch c, mean context prompt + max_tokens / 2: c tokens
   per (weight + KV bytes) / measured copy bandwidth. It counts decode only, so the prefills of a closed
   loop make it unreachable by their share;
+- roofline_tok_s: the same loop with its prefills: a step runs c decode tokens and, on average,
+  c * prompt_len / max_tokens prefill tokens (each stream's next prompt) through the weights, a GEMM
+  taking the longer of reading them and its FLOPs (2 per matmul parameter per token at the measured
+  bf16 GEMM peak), plus the decode KV reads; attention FLOPs (<1% at 400 tokens) are left out.
+  frac_of_roofline = out_tok_s / roofline_tok_s;
 - images: per (model, steps), direct = ImageModel.generate in this process at batch --image-clients,
   HTTP = --image-clients closed-loop clients asking n=1 each, images finished in a window after a warm-up;
 - --profile: torch profiler tables of an in-process LLMEngine with the server's engine config under the
@@ -198,6 +203,8 @@ def fmt(row: dict) -> str:
     parts = [f"{row['out_tok_s']:.0f} tok/s"]
     if row.get("frac_of_bound") is not None:
         parts.append(f"{row['frac_of_bound']:.2f} of bound {row['bound_tok_s']:.0f}")
+    if row.get("frac_of_roofline") is not None:
+        parts.append(f"{row['frac_of_roofline']:.2f} of roofline {row['roofline_tok_s']:.0f}")
     parts.append(f"TTFT p50/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms")
     if row["itl_p50_ms"]:
         parts.append(f"ITL p50/p99 {row['itl_p50_ms']:.2f}/{row['itl_p99_ms']:.2f} ms")
@@ -251,8 +258,10 @@ class Bench:
                 records = self.load.run(spec, c)
                 row |= text_summary(records)
                 row["truncated"] = len(records) < requests
-                row["bound_tok_s"] = bound(c)
-                row["frac_of_bound"] = row["bound_tok_s"] and row["out_tok_s"] / row["bound_tok_s"]
+                bounds = bound(c) or {"bound_tok_s": None}
+                row |= bounds
+                for name, value in bounds.items():  # bound_tok_s -> frac_of_bound, roofline_tok_s -> ...
+                    row["frac_of_" + name.removesuffix("_tok_s")] = value and row["out_tok_s"] / value
                 log(f"concurrency {c}: {fmt(row)}")
             except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -355,6 +364,15 @@ def image_counts(url: str, model: str) -> tuple[float, float]:
     return total("leanserve:images_generated_total"), total("leanserve:text_encode_seconds_count")
 
 
+def roofline_tok_s(c: int, args, ctx: float, wbytes: int, matmul_params: int, bw_gbs: float, tflops: float) -> float:
+    """Closed-loop output tok/s at concurrency c if every step were at the roof (module docstring)."""
+    from bench_decode_gpu import LLAMA3_8B, bound_tok_s
+    tokens = c * (1 + args.prompt_len / args.max_tokens)
+    weights_s = max(wbytes / (bw_gbs * 1e9), tokens * 2 * matmul_params / (tflops * 1e12))
+    kv_s = c / bound_tok_s(c, ctx, 0, bw_gbs, LLAMA3_8B)
+    return c / (weights_s + kv_s)
+
+
 def weight_bytes(model_dir: Path) -> int:
     """Parameter bytes of the model as the engine builds it (on the meta device: no memory)."""
     import torch
@@ -420,16 +438,24 @@ def gpu_mode(args) -> None:
                   num_key_value_heads=2, vocab_size=1024) if smoke else LLAMA3_8B
     path = model_dir(config)
     wbytes = weight_bytes(path)
-    bw = None
+    bw = tflops = None
     if device.type == "cuda":
-        from common import copy_bandwidth_gbs
-        bw = copy_bandwidth_gbs()
+        from common import copy_bandwidth_gbs, matmul_peak_tflops
+        bw, tflops = copy_bandwidth_gbs(), matmul_peak_tflops()
         torch.cuda.empty_cache()
     ctx = args.prompt_len + args.max_tokens / 2
-    # the bound's KV term is the 8B shape's: no bound for the toy model
-    bound = (lambda c: bound_tok_s(c, ctx, wbytes, bw)) if bw is not None and config is LLAMA3_8B else (lambda c: None)
+    # every matmul but the input embedding's lookup
+    matmul_params = wbytes // 2 - config["vocab_size"] * config["hidden_size"]
+
+    def bound(c: int) -> dict | None:
+        # the KV terms are the 8B shape's: no bound for the toy model
+        if bw is None or config is not LLAMA3_8B:
+            return None
+        return {"bound_tok_s": bound_tok_s(c, ctx, wbytes, bw),
+                "roofline_tok_s": roofline_tok_s(c, args, ctx, wbytes, matmul_params, bw, tflops)}
     results = {"model": "Llama-3-8B shape, random bf16 weights (--load-format dummy)" if not smoke else
                "toy Llama shape (smoke)", "weight_bytes": wbytes, "copy_bandwidth_gbs": bw,
+               "matmul_peak_tflops": tflops,
                "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "server_args": args.server_args,
                "rows": [], "poisson": None,
                "images": [], "notes": "closed-loop streams per concurrency, distinct random token-id prompts; "

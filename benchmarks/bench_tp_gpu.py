@@ -72,7 +72,7 @@ def run_shape(bench: TPBench, name: str, config: dict, path: Path, wbytes: int, 
     measure every concurrency (one run entry)."""
     a = bench.args
     ctx = a.prompt_len + a.max_tokens / 2
-    bound = (lambda c: bound_tok_s(c, ctx, wbytes, tp * bw, config)) if bw is not None else (lambda c: None)
+    bound = (lambda c: {"bound_tok_s": bound_tok_s(c, ctx, wbytes, tp * bw, config)}) if bw is not None else (lambda c: None)
     run = {"shape": name, "tensor_parallel_size": tp, "weight_bytes": wbytes, "rows": []}
     bench.start_run(run)
     server_args = ["--served-model-name", "llm", "--load-format", "dummy", "--tensor-parallel-size", str(tp),

@@ -72,6 +72,17 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
+def matmul_peak_tflops(size: int = 8192) -> float:
+    """Measured bf16 GEMM throughput (a size^3 matmul), in TFLOP/s: the compute roof that bounds are
+    taken against, as copy_bandwidth_gbs is the memory one."""
+    import torch
+    import triton.testing
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
 def time_calls(fn, device, runs: int, *, warmup: int = 1, budget_s: float = float("inf")) -> list[float]:
     """Seconds per call of fn(), warm-up calls excluded. On GPU, CUDA events around each call with the
     device idle before it (so host gaps inside the call count, as they do for a user); on CPU,

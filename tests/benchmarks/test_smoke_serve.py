@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import pytest
 
 from bench_smoke import ROOT, script_env
 
@@ -64,3 +65,27 @@ def test_serve_benchmark_smoke(tmp_path):
     for row in cpu["rows"]:
         assert "error" not in row and row["output_tokens"] == 4 * 8, row
         assert row["http_over_generate"] > 0 and all(row[k] > 0 for k in latency)
+
+
+def test_roofline_adds_the_prefills_of_the_closed_loop(monkeypatch):
+    """bench_serve_gpu.roofline_tok_s: with an infinitely fast GEMM it is the decode-only bandwidth bound;
+    once the prefill FLOPs dominate, output tok/s stops growing with concurrency, at the GEMM peak over the
+    FLOPs of one output token and its share of a prompt (KV reads off)."""
+    import types
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_decode_gpu import bound_tok_s
+    from bench_serve_gpu import roofline_tok_s
+    args = types.SimpleNamespace(prompt_len=400, max_tokens=128)
+    wbytes, params, ctx = 16_000_000_000, 7_500_000_000, 464.0
+    for c in (1, 64, 256):
+        assert roofline_tok_s(c, args, ctx, wbytes, params, 4000.0, float("inf")) == pytest.approx(
+            bound_tok_s(c, ctx, wbytes, 4000.0))
+    flops_per_out_token = (1 + 400 / 128) * 2 * params
+    at_roof = 800e12 / flops_per_out_token
+    huge_bw = 1e12  # GB/s: weights and KV read in no time
+    for c in (64, 256):
+        assert roofline_tok_s(c, args, ctx, wbytes, params, huge_bw, 800.0) == pytest.approx(at_roof, rel=1e-6)
+    # decode-bound at one stream, compute-bound at 256: the roofline sits below the bandwidth bound there
+    assert roofline_tok_s(1, args, ctx, wbytes, params, 4000.0, 800.0) == pytest.approx(
+        bound_tok_s(1, ctx, wbytes, 4000.0), rel=0.03)
+    assert roofline_tok_s(256, args, ctx, wbytes, params, 4000.0, 800.0) < 0.5 * bound_tok_s(256, ctx, wbytes, 4000.0)
