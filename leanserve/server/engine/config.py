@@ -10,7 +10,7 @@ class EngineConfig:
     device: str = "auto"                # auto = cuda if available else cpu
     dtype: str = "auto"                 # auto = bfloat16 on cuda, float32 on cpu
     max_model_len: int | None = None    # default: config.max_position_embeddings
-    max_num_seqs: int = 64
+    max_num_seqs: int = 256             # vLLM's default; CUDA graphs are captured up to it
     # token budget of one engine step (chunked prefill); None = 2048 on CUDA, 512 on CPU, where a
     # 2,048-token prefill step of even the tiny chat model stalls every decoding stream for ~0.4 s
     max_num_batched_tokens: int | None = None
