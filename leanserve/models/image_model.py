@@ -30,6 +30,7 @@ from leanserve.models.image_pipeline import (
     set_sampler,
     size_limits,
 )
+from leanserve.models.unet_graphs import graph_forward
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,16 @@ class ImageModel:
             return self.ot_sampler.generate(self.pipe, **kwargs)
         self._use_sampler(p.sampler)
         return self.pipe(**kwargs).images
+
+    def enable_cuda_graphs(self, max_images: int) -> bool:
+        """Replay the denoiser's forward as CUDA graphs (models/unet_graphs.py) in calls of up to
+        `max_images` images (twice that many rows with guidance). CUDA pipelines with a `unet` only;
+        returns whether it did."""
+        unet = getattr(self.pipe, "unet", None)
+        if self.device.type != "cuda" or not isinstance(unet, torch.nn.Module):
+            return False
+        graph_forward(unet, max_batch=2 * max_images)
+        return True
 
     def auto_batch_size(self) -> int:
         """Images per call at the native size: on CUDA what fits in the free memory (probed with two

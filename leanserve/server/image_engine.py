@@ -183,6 +183,8 @@ class AsyncImageEngine:
             # what the other engines of this process (an LLM's KV cache) leave
             self.max_image_batch = await asyncio.to_thread(self.model.auto_batch_size)
             logger.info("%s: up to %d images per pipeline call", self.model_name, self.max_image_batch)
+        if self.config.cuda_graphs and not self.model.enable_cuda_graphs(self.max_image_batch):
+            logger.warning("%s: CUDA graphs need a CUDA pipeline with a UNet; running eagerly", self.model_name)
         self._thread = threading.Thread(target=self._run, name="leanserve-image-engine", daemon=True)
         self._thread.start()
 

@@ -119,6 +119,9 @@ def add_arguments(p):
                        help="after a loop of several images of one shape, wait up to FRAC of its time for as many "
                             "new images before the next loop, so that clients just answered join it (default: "
                             f"{_IMAGE_DEFAULTS.batch_wait}; 0 starts at once)")
+    image.add_argument("--image-cuda-graphs", action="store_true",
+                       help="CUDA: replay the UNet's forward as CUDA graphs, one per padded batch size (a small "
+                            "UNet is bound by kernel launches; the first call at each size captures)")
     jobs = p.add_argument_group("jobs API (/v1/jobs)")
     jobs.add_argument("--jobs-dir", default=DEFAULT_JOBS_DIR, metavar="DIR",
                       help="workspace of the jobs API: its database, each job's output and log, the inputs jobs "
@@ -209,6 +212,8 @@ def run(args) -> int:
         image_kwargs["max_image_batch"] = args.max_image_batch
     if args.image_batch_wait is not None:
         image_kwargs["batch_wait"] = args.image_batch_wait
+    if args.image_cuda_graphs:
+        image_kwargs["cuda_graphs"] = True
 
     def make_engine(path: str, name: str | None, kind: str | None = None):
         """An unstarted engine with this server's engine options (also for models published later)."""

@@ -48,3 +48,13 @@ def test_sid_and_dpm_ot_benchmarks_smoke(tmp_path):
     for r in ot["solve"]:  # toy problems converge well inside the budget
         assert r["solve"]["converged"], r
         assert r["solve"]["best"]["chi2_excess"] <= 1e-3 and r["solve"]["best"]["empty"] == 0
+
+
+def test_image_graphs_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_image_graphs_gpu.py"), "--smoke",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, f"bench_image_graphs_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    rows = json.loads(next(tmp_path.glob("image_graphs_smoke-*.json")).read_text())["results"]["rows"]
+    assert [(r["batch"], r["steps"]) for r in rows] == [(1, 2), (2, 2)]
+    assert all(r["eager_img_s"] > 0 and "graphed_ms" not in r for r in rows)  # no graphs on CPU
