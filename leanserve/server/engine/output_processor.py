@@ -5,11 +5,11 @@ the core cannot see: `process` returns those requests' ids for the caller to abo
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 from leanserve.server.engine.outputs import CoreOutput
 from leanserve.server.engine.detokenizer import Detokenizer
-from leanserve.server.engine.outputs import RequestOutput, TokenLogprob
+from leanserve.server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
 
 
@@ -17,6 +17,7 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.detokenizers: dict[str, Detokenizer] = {}
+        self.times: dict[str, RequestTimes] = {}  # the core sends them with the first token and at the end
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.detokenizers[request_id] = Detokenizer(self.tokenizer, prompt_token_ids, params.stop,
@@ -24,6 +25,7 @@ class OutputProcessor:
 
     def drop(self, request_id: str) -> None:
         self.detokenizers.pop(request_id, None)
+        self.times.pop(request_id, None)
 
     def process(self, outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """(outputs of requests still tracked here, ids of requests a stop string finished)."""
@@ -32,9 +34,11 @@ class OutputProcessor:
             detok = self.detokenizers.get(core_out.request_id)
             if detok is None:  # finished here already (stop string): the core's late output
                 continue
+            if core_out.times is not None:
+                self.times[core_out.request_id] = core_out.times
             out = self._process(detok, core_out)
             if out.finished:
-                del self.detokenizers[out.request_id]
+                self.drop(out.request_id)
                 if not core_out.finished:
                     stopped.append(out.request_id)
             results.append(out)
@@ -47,9 +51,9 @@ class OutputProcessor:
                 detok.flush()
             elif (stop_str := detok.update(token)) is not None:  # the text is cut before it
                 finish_reason, stop_reason = "stop", stop_str
-                if not o.finished:
-                    times = copy.copy(times)
-                    times.finished = o.token_times[-1]
+                if not o.finished:  # the core's times of the first token, ended here
+                    times = dataclasses.replace(self.times[o.request_id], last_token=o.token_times[-1],
+                                                finished=o.token_times[-1])
             elif finish_reason is not None:
                 detok.flush()
             new_text += detok.take_delta(finish_reason is not None)

@@ -36,7 +36,7 @@ class RequestOutput:
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
     num_output_tokens: int = 0        # cumulative
     token_times: list[float] = field(default_factory=list)  # monotonic time each new token was produced
-    times: RequestTimes | None = None
+    times: RequestTimes | None = None  # with the first token and at the end; None in between
     error: str | None = None
 
 
@@ -68,7 +68,7 @@ class CoreOutput:
     num_cached_tokens: int
     num_output_tokens: int
     token_times: list[float] = field(default_factory=list)
-    times: RequestTimes | None = None
+    times: RequestTimes | None = None  # with the first token and at the end; None in between
 
     @property
     def finished(self) -> bool:

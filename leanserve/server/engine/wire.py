@@ -50,8 +50,9 @@ def stats_from_wire(values: list) -> EngineStats:
 
 def output_to_wire(o: CoreOutput) -> list:
     return [o.request_id, o.new_token_ids, o.finish_reason, o.stop_reason, o.logprobs, o.num_prompt_tokens,
-            o.num_cached_tokens, o.num_output_tokens, o.token_times, [getattr(o.times, name) for name in _TIMES]]
+            o.num_cached_tokens, o.num_output_tokens, o.token_times,
+            None if o.times is None else [getattr(o.times, name) for name in _TIMES]]
 
 
 def output_from_wire(v: list) -> CoreOutput:
-    return CoreOutput(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], RequestTimes(*v[9]))
+    return CoreOutput(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], None if v[9] is None else RequestTimes(*v[9]))
