@@ -137,20 +137,22 @@ class GraphedForward:
     def record(self, args: tuple, kwargs: dict) -> tuple[Callable[[], None], object] | None:
         """Capture the forward over these static inputs: (replay, its static output: a tensor or a
         tuple of them), or None when the forward returns something else."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture: cuDNN's autotuning, lazy allocations
-            for _ in range(2):
+        device = next(v for _, v in _leaves(args, kwargs) if isinstance(v, torch.Tensor)).device
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up off the capture: cuDNN's autotuning, lazy allocations
+                for _ in range(2):
+                    out = self.eager(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(stream)
+            if not returns_tensors(out):
+                logger.warning("CUDA graphs off for this call: the forward returned %s, not tensors "
+                               "(call it with return_dict=False)", type(out).__name__)
+                return None
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the image engine's worker thread captures while others (HTTP, PNG encoding) run
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.eager(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        if not returns_tensors(out):
-            logger.warning("CUDA graphs off for this call: the forward returned %s, not tensors "
-                           "(call it with return_dict=False)", type(out).__name__)
-            return None
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the image engine's worker thread captures while others (HTTP, PNG encoding) run
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self.eager(*args, **kwargs)
         self._pool = graph.pool()
         return graph.replay, out
 
