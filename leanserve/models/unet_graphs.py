@@ -154,7 +154,11 @@ class GraphedForward:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.eager(*args, **kwargs)
         self._pool = graph.pool()
-        return graph.replay, out
+
+        def replay():  # on the graph's device, whichever is current in the calling thread
+            with torch.cuda.device(device):
+                graph.replay()
+        return replay, out
 
 
 def returns_tensors(out) -> bool:
