@@ -6,7 +6,7 @@ images (BENCHMARKS.md, serving images). Replaying a captured graph removes that 
 swaps a module's forward for a `GraphedForward`, which captures one graph per input signature (shapes,
 dtypes, non-tensor arguments) and replays it after copying the call's tensors into the graph's static
 inputs. The batch is padded up to a bucket (BUCKETS, capped by `max_batch`) so that a server's varying
-batches share a few graphs: a UNet treats every sample on its own (group norm, attention within a
+batches share a few dozen graphs: a UNet treats every sample on its own (group norm, attention within a
 sample), so the padding rows never touch the real ones, and they hold the inputs of an earlier call
 (finite) or zeros.
 
@@ -25,7 +25,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# vLLM's spacing, coarser past 64: a padded row costs GPU time where the GPU is the bottleneck (big batches)
+BUCKETS = (1, 2, 4, *range(8, 65, 8), *range(80, 129, 16), *range(160, 257, 32), *range(320, 513, 64))
 
 
 def padded_batch(n: int, max_batch: int) -> int:
@@ -71,7 +72,7 @@ class GraphedForward:
     graphs are kept (least recently used dropped); they share one memory pool, which is safe because
     they never run at the same time."""
 
-    def __init__(self, forward, max_batch: int, max_graphs: int = 16):
+    def __init__(self, forward, max_batch: int, max_graphs: int = 32):
         self.eager = forward
         self.max_batch = max_batch
         self.max_graphs = max_graphs
@@ -166,7 +167,7 @@ def returns_tensors(out) -> bool:
                                              and all(isinstance(o, torch.Tensor) for o in out))
 
 
-def graph_forward(module: nn.Module, max_batch: int, max_graphs: int = 16) -> GraphedForward:
+def graph_forward(module: nn.Module, max_batch: int, max_graphs: int = 32) -> GraphedForward:
     """Make `module(...)` replay CUDA graphs (module hooks still run around it); returns the wrapper."""
     if isinstance(module.forward, GraphedForward):
         return module.forward

@@ -52,8 +52,9 @@ def eager_replay(unet, max_batch: int = 64, max_graphs: int = 16) -> EagerReplay
 
 
 def test_padded_batch_rounds_up_to_a_bucket_within_the_sized_batch():
-    assert [padded_batch(n, 64) for n in (1, 3, 5, 17, 33, 49, 64)] == [1, 4, 8, 24, 48, 64, 64]
-    assert padded_batch(33, 40) == 40    # the bucket (48) would pass the batch memory was sized for
+    assert [padded_batch(n, 512) for n in (1, 3, 5, 17, 33, 63, 65, 129, 300, 512)] == \
+        [1, 4, 8, 24, 40, 64, 80, 160, 320, 512]
+    assert padded_batch(33, 36) == 36    # the bucket (40) would pass the batch memory was sized for
     assert padded_batch(65, 64) == 65    # above it: as it is
 
 
