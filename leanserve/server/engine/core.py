@@ -6,6 +6,7 @@ runs next to it offline (LLMEngine) and in the API process when the core runs in
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from leanserve.runtime import resolve_device
 from leanserve.server.engine.block_manager import BlockManager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
-from leanserve.server.engine.outputs import CoreOutput, EngineStats, RequestTimes
+from leanserve.server.engine.outputs import CoreOutput, EngineStats
 from leanserve.server.engine.sampler import SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
@@ -216,11 +217,7 @@ class EngineCore:
                 with_times: bool = False) -> CoreOutput:
         """The request's times travel with its first token and its end only (CoreOutput.times): copying
         them into every token's output was a third of the core's host work per step at batch 256."""
-        times = None
-        if with_times or seq.finish_reason is not None:
-            t = seq.times
-            times = RequestTimes(arrival=t.arrival, queued=t.queued, scheduled=t.scheduled, first_token=t.first_token,
-                                 last_token=t.last_token, finished=t.finished)
+        times = copy.copy(seq.times) if with_times or seq.finish_reason is not None else None
         return CoreOutput(request_id=seq.request_id, new_token_ids=new_token_ids, finish_reason=seq.finish_reason,
                           stop_reason=seq.stop_reason, logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
                           num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens,
