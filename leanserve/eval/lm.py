@@ -39,7 +39,13 @@ from leanserve.data.lm_data import (
 from leanserve.data.tasks import Task, check
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
-from leanserve.eval.calibration import EnsembleMetrics, HeldOutSample, TokenMetrics, mixture_logprobs
+from leanserve.eval.calibration import (
+    EnsembleMetrics,
+    HeldOutSample,
+    TokenMetrics,
+    logit_average_logprobs,
+    mixture_logprobs,
+)
 from leanserve.eval.lm_members import Members, load_members, mixture_greedy_answers
 from leanserve.eval.moepp_routing import routing_stats
 from leanserve.eval.report import emit_json, hardware
@@ -137,7 +143,7 @@ def fit_temperatures(members: Members, batches: list[dict], device, autocast, ma
                                   for lg in members.each_logits(input_ids=batch["input_ids"].to(device))])
         samples["mixture"].add(len(targets), mixture_logprobs(chosen.log_softmax(-1)), targets[pos])
         if members.ensemble:
-            samples["logit_average"].add(len(targets), chosen.mean(0).log_softmax(-1), targets[pos])
+            samples["logit_average"].add(len(targets), logit_average_logprobs(chosen), targets[pos])
     return {name: t for name, sample in samples.items() if (t := sample.fit()) is not None}
 
 
