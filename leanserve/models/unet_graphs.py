@@ -1,8 +1,8 @@
 """CUDA graphs for a denoiser's forward (a diffusers UNet, or any module called the same way).
 
-A small UNet at a small image size is bound by Python and kernel launches, not by the GPU: the
-6M-parameter shapes UNet at 32x32 took ~25 ms per forward on an H200 whether the batch held 64 or 128
-images (BENCHMARKS.md, serving images). Replaying a captured graph removes that host work. `graph_forward`
+A small UNet at a small image size is bound by Python and kernel launches, not by the GPU: a denoising
+step of the 6M-parameter shapes UNets at 32x32 took 23-29 ms on an H200 whether it ran 64 or 128 UNet rows
+(64 images, with and without guidance; BENCHMARKS.md, serving images). Replaying a captured graph removes that host work. `graph_forward`
 swaps a module's forward for a `GraphedForward`, which captures one graph per input signature (shapes,
 dtypes, non-tensor arguments) and replays it after copying the call's tensors into the graph's static
 inputs. The batch is padded up to a bucket (BUCKETS, capped by `max_batch`) so that a server's varying
