@@ -19,5 +19,6 @@ class ImageEngineConfig:
     # many new images as it ran before starting the next loop: closed-loop clients whose answers just went
     # out come back, and without the wait they alternate in half-size cohorts; 0 = start at once
     batch_wait: float = 0.5
-    # CUDA: replay the UNet's forward as CUDA graphs (one per padded batch size; models/unet_graphs.py)
+    # CUDA: replay the UNet's forward as CUDA graphs (one per padded batch size; models/unet_graphs.py). Off by
+    # default: the graphs' memory beside a large UNet's memory-sized batch is not measured yet
     cuda_graphs: bool = False
