@@ -1,14 +1,13 @@
 """CUDA graphs for a denoiser's forward (a diffusers UNet, or any module called the same way).
 
-A small UNet at a small image size is bound by Python and kernel launches, not by the GPU: a denoising
-step of the 6M-parameter shapes UNets at 32x32 took 23-29 ms on an H200 whether it ran 64 or 128 UNet rows
-(64 images, with and without guidance; BENCHMARKS.md, serving images). Replaying a captured graph removes that host work. `graph_forward`
-swaps a module's forward for a `GraphedForward`, which captures one graph per input signature (shapes,
-dtypes, non-tensor arguments) and replays it after copying the call's tensors into the graph's static
-inputs. The batch is padded up to a bucket (BUCKETS, capped by `max_batch`) so that a server's varying
-batches share a few dozen graphs: a UNet treats every sample on its own (group norm, attention within a
-sample), so the padding rows never touch the real ones, and they hold the inputs of an earlier call
-(finite) or zeros.
+A small UNet at a small image size is bound by Python and kernel launches, not by the GPU: a denoising step of
+the 6M-parameter shapes UNets at 32x32 took 23-29 ms on an H200 whether it ran 64 or 128 UNet rows (64 images,
+with and without guidance; BENCHMARKS.md, serving images). Replaying a captured graph removes that host work.
+`graph_forward` swaps a module's forward for a `GraphedForward`, which captures one graph per input signature
+(shapes, dtypes, non-tensor arguments) and replays it after copying the call's tensors into the graph's static
+inputs. The batch is padded up to a bucket (BUCKETS, capped by `max_batch`) so that a server's varying batches
+share a few dozen graphs: a UNet treats every sample on its own (group norm, attention within a sample), so
+the padding rows never touch the real ones, and they hold the inputs of an earlier call (finite) or zeros.
 
 Falls back to the eager forward, never to a wrong answer, for what a graph cannot replay: autograd,
 Python-number arguments (a graph would bake the first call's value in), outputs other than tensors.

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from leanserve.server.engine.outputs import CoreOutput
 from leanserve.server.engine.detokenizer import Detokenizer
-from leanserve.server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
+from leanserve.server.engine.outputs import CoreOutput, RequestOutput, RequestTimes, TokenLogprob
 from leanserve.server.engine.sampling_params import SamplingParams
 
 
