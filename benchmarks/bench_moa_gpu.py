@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from bench_decode_gpu import LLAMA3_8B, hf_generate, model_dir
 from common import Deadline, copy_bandwidth_gbs, free_device_memory, peak_memory_gib, time_calls, write_result
-from engine_timing import time_engine
+from engine_timing import profile_steps, time_engine
 
 from leanserve.compressors.moa_milp import Problem, solve
 from leanserve.compressors.moa_rules import default_extend_length, default_validation_length, rule_grid, slots_table
@@ -154,13 +154,17 @@ def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, a
         raise RuntimeError(f"{arm}: batch {batch} does not fit {bm.num_blocks} blocks ({per_request} per request)")
     rng = random.Random(context)
     prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(batch)]
-    timing = time_engine(engine, prompts, steps)
+    profile = {}
+    hook = (lambda e: profile.update(profile_steps(e, args.profile_steps))) if args.profile_steps else None
+    timing = time_engine(engine, prompts, steps, on_decode=hook)
     row = {"arm": arm, "context": context, "batch": batch, "tok_s": timing["decode_tok_s"],
            "prefill_s": timing["prefill_s"], "peak_mem_gb": peak_memory_gib(device),
            "kv_gb_per_request": per_request * spec.bytes_per_block / 1e9, "kv_blocks_total": bm.num_blocks}
     attn = attention_us(engine, batch, n, device)
     if attn is not None:
         row["attention_us_per_layer_step"], row["attention_kv_gbs"] = attn
+    if profile:
+        row["profile"] = profile
     del engine
     free_device_memory(device)
     print(json.dumps(row))
@@ -207,6 +211,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="wall-clock budget of the whole run")
     ap.add_argument("--arm-min-s", type=float, default=90,
                     help="an arm that would start with less of the budget left is skipped")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="CUDA: profile this many decode steps of each arm (not timed) into its row")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, contexts 64 and 128, 8 steps")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,

@@ -3,6 +3,7 @@ CPU and GPU benchmarks."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -14,9 +15,12 @@ def sync(engine: LLMEngine) -> None:
         torch.cuda.synchronize()
 
 
-def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
+                on_decode: Callable[[LLMEngine], None] | None = None) -> dict:
     """Admit all prompts at once, step to completion. Decode rate counts only the steps after
-    every sequence has its first token, so prefill cost is reported separately (as TTFT)."""
+    every sequence has its first token, so prefill cost is reported separately (as TTFT).
+    on_decode(engine), if given, runs once when every sequence decodes, outside the timed span
+    (a profiler stepping the engine: the steps it takes are not counted)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params, check_queue=False)
@@ -31,6 +35,8 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) ->
                 decode_tokens += len(out.new_token_ids)
             started.add(out.request_id)
         if t_all_started is None and len(started) == len(prompts):
+            if on_decode is not None:
+                on_decode(engine)
             sync(engine)
             t_all_started = time.perf_counter()
     sync(engine)
@@ -62,3 +68,32 @@ def time_generate(model, prompts: list[list[int]], max_tokens: int) -> dict:
     return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
             "output_tokens": len(prompts) * max_tokens, "wall_s": total_s, "tok_s": len(prompts) * max_tokens / total_s,
             "prefill_s": prefill_s, "decode_tok_s": len(prompts) * (max_tokens - 1) / (total_s - prefill_s)}
+
+
+def profile_steps(engine: LLMEngine, steps: int, top: int = 25) -> dict:
+    """Step the engine `steps` times under torch.profiler: wall ms per step, busy ms per step (on CUDA
+    the kernels and copies, graph replays included, summed; on CPU the ops' self time) and the `top`
+    kernels (ops) by time per step. Busy well under wall is an idle GPU between kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.model_runner.device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(engine)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(engine)
+        wall = time.perf_counter() - t0
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    # one device's events only: a CPU op also carries its kernels' device time, which would count twice
+    events = sorted((e for e in prof.key_averages() if e.device_type == kind), key=self_us, reverse=True)
+    busy_us = sum(self_us(e) for e in events)
+    return {"steps": steps, "wall_ms_per_step": wall / steps * 1e3, "busy_ms_per_step": busy_us / steps / 1e3,
+            "top": [{"name": e.key[:160], "ms_per_step": self_us(e) / steps / 1e3, "calls_per_step": e.count / steps}
+                    for e in events[:top]]}

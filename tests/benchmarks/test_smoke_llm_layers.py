@@ -72,10 +72,12 @@ def test_moepp_benchmark_smoke(tmp_path, tiny_llm_dir):
 
 def test_moa_benchmark_smoke(tmp_path):
     """bench_moa_gpu.py: dense, uniform, MoA at dense's batch and at the batch its smaller cache holds
-    (a synthetic plan from the MILP), on the tiny shape through the engine's CPU paths."""
+    (a synthetic plan from the MILP), on the tiny shape through the engine's CPU paths, each with a profile of 2
+    decode steps."""
     env = script_env()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moa_gpu.py"), "--smoke", "--out-dir",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moa_gpu.py"), "--smoke", "--profile-steps",
+                           "2", "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, f"bench_moa_gpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
     r = json.loads(next(tmp_path.glob("moa_gpu_smoke-*.json")).read_text())["results"]
     assert r["complete"] and r["skipped"] == []
@@ -86,6 +88,10 @@ def test_moa_benchmark_smoke(tmp_path):
         assert moa["batch"] == dense["batch"] < most["batch"] and all(row["tok_s"] > 0 for row in (dense, moa, most))
         assert moa["kv_gb_per_request"] < dense["kv_gb_per_request"]
         assert set(r["summary"][str(c)]) >= {"moa_max_over_dense_tok_s", "kv_per_request_dense_over_moa"}
+    for row in r["rows"]:
+        prof = row["profile"]
+        assert prof["steps"] == 2 and 0 < prof["busy_ms_per_step"] and prof["top"]
+        assert all(op["ms_per_step"] > 0 for op in prof["top"])
 
 
 def test_moa_experiment_smoke_and_resume(tmp_path):
