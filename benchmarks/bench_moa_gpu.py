@@ -97,9 +97,12 @@ def moa_dir(base: Path, plan: MoAPlan) -> Path:
     return d
 
 
-def attention_us(engine: LLMEngine, batch: int, n: int, device: str) -> tuple[float, float] | None:
+def attention_us(engine: LLMEngine, batch: int, n: int, device: str, scattered: bool = False
+                 ) -> tuple[float, float] | None:
     """(µs per layer-step, KV GB/s) of the arm's decode attention kernel alone: all layers over a cache
-    as the engine lays it out for `batch` requests of n tokens (CUDA only)."""
+    as the engine lays it out for `batch` requests of n tokens (CUDA only). Pages are consecutive, or
+    with `scattered` a random draw from the whole pool, as a long-running server's free list hands them
+    out (the reads then spread over the pool's tens of GB: page-table reach, not bandwidth, may bound them)."""
     if device != "cuda":
         return None
     mr = engine.model_runner
@@ -108,7 +111,8 @@ def attention_us(engine: LLMEngine, batch: int, n: int, device: str) -> tuple[fl
     pool_k, pool_v = mr.kv_caches[0]
     if blocks * batch > pool_k.shape[0] - 1:
         return None
-    tables = torch.arange(blocks * batch, dtype=torch.int32, device=device).view(batch, blocks)
+    order = torch.randperm if scattered else torch.arange
+    tables = order(pool_k.shape[0] - 1, device=device)[:blocks * batch].int().view(batch, blocks)
     heads, hd = model.config.num_attention_heads, spec.head_dim
     q = torch.randn(batch, heads, hd, dtype=pool_k.dtype, device=device)
     lens = torch.full((batch,), n, dtype=torch.int32, device=device)
@@ -163,6 +167,7 @@ def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, a
     attn = attention_us(engine, batch, n, device)
     if attn is not None:
         row["attention_us_per_layer_step"], row["attention_kv_gbs"] = attn
+        row["attention_us_per_layer_step_scattered"], _ = attention_us(engine, batch, n, device, scattered=True)
     if profile:
         row["profile"] = profile
     del engine
