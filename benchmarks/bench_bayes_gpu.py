@@ -128,8 +128,8 @@ def main():
     results = {"model": "toy Llama shape (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",
                "members": S, "scope": "full", "ideal_token_mean_ratio": 1 / S, "copy_bandwidth_gbs": bw,
                "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows,
-               "notes": "greedy decode, all batch prompts admitted at once; decode_tok_s counts the steps after "
-                        "every sequence has its first token; bound_tok_s: weights read per step (token_mean and "
+               "notes": "greedy decode, all batch prompts admitted at once; decode_tok_s counts the full-batch steps, "
+                        "from every sequence having its first token to the first finish; bound_tok_s: weights read per step (token_mean and "
                         "sequence_sample's captured step read all S members) + KV at the mean context, over the "
                         "measured copy bandwidth; peak_memory_gib: torch's peak while serving (weights + KV + "
                         "activations + graphs' pool)"}

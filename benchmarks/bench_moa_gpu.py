@@ -140,28 +140,44 @@ def attention_us(engine: LLMEngine, batch: int, n: int, device: str, scattered: 
 ARMS = ("dense", "uniform", "moa", "moa_max", "hf_generate")
 
 
+def prefill_steps(batch: int, context: int, budget: int) -> int:
+    """At most the engine steps until `batch` prompts of `context` tokens are prefilled at `budget`
+    tokens a step, of which the decodes of the requests already started take up to one each."""
+    return -(-batch * context // max(1, budget - batch))
+
+
 def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, args, device: str) -> dict:
-    """One engine for one arm at one context; batch None = the largest the KV memory holds."""
-    n = context + steps
+    """One engine for one arm at one context; batch None = the largest the KV memory holds. Every
+    request gets room to decode `steps` tokens at the full batch after the last prompt's prefill: the
+    first requests decode (and would finish) while the later prompts prefill, one step per `budget`
+    prompt tokens, so max_tokens adds those steps and the profiled ones (time_engine's window)."""
     cap = batch or args.max_batch
-    config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype, max_model_len=n,
-                          max_num_seqs=cap, max_num_batched_tokens=max(args.prefill_tokens, n),
+    budget = max(args.prefill_tokens, context)
+    extra = steps + args.profile_steps
+
+    def planned(b: int) -> int:  # a request's planned length (prompt + max_tokens) in a batch of b
+        return context + extra + prefill_steps(b, context, budget)
+
+    config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype,
+                          max_model_len=planned(cap), max_num_seqs=cap, max_num_batched_tokens=budget,
                           gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                           block_size=args.block_size, enable_prefix_caching=False)
     free_device_memory(device)
     engine = LLMEngine(config)
     spec, bm = engine.model_runner.kv_spec, engine.core.block_manager
+    if batch is None:  # the largest batch whose own planned length fits
+        batch = next((b for b in range(cap, 0, -1) if b * spec.blocks_for(planned(b)) <= bm.num_blocks), 0)
+    n = planned(batch)
     per_request = spec.blocks_for(n)
-    fits = bm.num_blocks // per_request
-    batch = min(cap, fits) if batch is None else batch
-    if batch > fits:
+    if batch == 0 or batch * per_request > bm.num_blocks:
         raise RuntimeError(f"{arm}: batch {batch} does not fit {bm.num_blocks} blocks ({per_request} per request)")
     rng = random.Random(context)
     prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(batch)]
     profile = {}
     hook = (lambda e: profile.update(profile_steps(e, args.profile_steps))) if args.profile_steps else None
-    timing = time_engine(engine, prompts, steps, on_decode=hook)
+    timing = time_engine(engine, prompts, n - context, on_decode=hook)
     row = {"arm": arm, "context": context, "batch": batch, "tok_s": timing["decode_tok_s"],
+           "decode_steps": timing["decode_steps"],
            "prefill_s": timing["prefill_s"], "peak_mem_gb": peak_memory_gib(device),
            "kv_gb_per_request": per_request * spec.bytes_per_block / 1e9, "kv_blocks_total": bm.num_blocks}
     attn = attention_us(engine, batch, n, device)
@@ -231,7 +247,10 @@ def main():
         config, device = TINY, "cpu"
         args.contexts, args.decode_steps, args.max_batch, args.prefill_tokens = [64, 128], 8, 8, 256
         args.block_size, args.dtype, args.cpu_kv_cache_gib = 16, "float32", 2 * 2 * 2 * 16 * 16 * 4 * 24 / 2**30
-    longest = max(args.contexts) + args.decode_steps
+    # the longest planned length run_arm asks for (decode, profile and prefill steps)
+    budget = max(args.prefill_tokens, max(args.contexts))
+    longest = max(args.contexts) + args.decode_steps + args.profile_steps + prefill_steps(args.max_batch, max(args.contexts),
+                                                                                          budget)
     config = dict(config, max_position_embeddings=max(config["max_position_embeddings"], longest))
     base = model_dir(config)
     # the optimiser's lengths, as MoA profiles at N1, 2N1, 4N1: from half the shortest context, but
