@@ -10,7 +10,9 @@ Requests start as if prefilled (all their blocks allocated, the prompt counted a
 decode steps go through the CUDA-graph runner whose replay does nothing: on a GPU a replay runs
 asynchronously, so what this times is the host work a step puts in front of it (scheduling, step
 inputs, block-table copies, sampling a tiny vocabulary, outputs). Also counted: the bytes a step
-hands to the device (the graph's input buffers and the block-table rows' new entries).
+hands to the device (the graph's input buffers and the block-table rows' new entries), admitting a
+request (its blocks and table row) and a step in which one request finishes (its blocks freed), as a
+server pays them whenever requests come and go.
 Results: benchmarks/results/engine_host-<cpu>.json, {"arms": {arm: {step_ms, first_step_ms, ...}}}.
 """
 from __future__ import annotations
@@ -75,8 +77,13 @@ def blocks_per_request(plan: MoAPlan | None, n: int, block_size: int) -> int:
     return sum(-(-c // block_size) for layer in plan.slots(n) for c in layer)
 
 
+def planned_len(args) -> int:
+    """The longest request's prompt + max_tokens (run_arm staggers max_tokens by the request's index)."""
+    return args.context + args.steps + 2 + args.batch
+
+
 def run_arm(path: Path, plan: MoAPlan | None, args) -> dict:
-    n = args.context + args.steps + 2
+    n = planned_len(args)
     config = EngineConfig(model=str(path), load_format="dummy", device="cpu", dtype="float32", max_model_len=n,
                           max_num_seqs=args.batch, max_num_batched_tokens=args.batch * n, block_size=args.block_size,
                           enable_prefix_caching=False,
@@ -89,12 +96,14 @@ def run_arm(path: Path, plan: MoAPlan | None, args) -> dict:
     runner.capture()
     mr.graph_runner = runner
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 2, ignore_eos=True)
-    for i in range(args.batch):
+    for i in range(args.batch):  # request i finishes i + 1 steps after the timed ones: one finish per step
+        params = SamplingParams(temperature=0, max_tokens=args.steps + 3 + i, ignore_eos=True)
         core.add_request(str(i), [rng.randrange(3, SHAPE["vocab_size"]) for _ in range(args.context)], params)
+    t = time.perf_counter()
     for seq, k in core.scheduler.schedule().scheduled:  # admitted with all their blocks: "prefilled"
         seq.num_computed_tokens += k
         seq.append_token(5)
+    admit = time.perf_counter() - t
     table_entries = len(core.requests["0"].block_table)
     t = time.perf_counter()
     core.step()  # the first decode step also copies every table in
@@ -106,9 +115,15 @@ def run_arm(path: Path, plan: MoAPlan | None, args) -> dict:
         core.step()
         times.append(time.perf_counter() - t)
     sent = mr.block_table.sent - sent_before[0] + runner.sent - sent_before[1]
-    return {"table_entries_per_request": table_entries, "first_step_ms": 1e3 * first,
-            "step_ms": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
-            "h2d_bytes_per_step": sent / args.steps}
+    finishing = []  # steps that each end one request (and free its blocks), the batch shrinking
+    while core.has_unfinished():
+        t = time.perf_counter()
+        core.step()
+        finishing.append(time.perf_counter() - t)
+    return {"table_entries_per_request": table_entries, "admit_ms_per_request": 1e3 * admit / args.batch,
+            "first_step_ms": 1e3 * first, "step_ms": 1e3 * statistics.median(times),
+            "step_ms_min": 1e3 * min(times), "h2d_bytes_per_step": sent / args.steps,
+            "finishing_step_ms": 1e3 * statistics.median(finishing)}
 
 
 def main():
@@ -125,7 +140,7 @@ def main():
     if args.smoke:
         args.context, args.batch, args.steps, args.block_size = 512, 4, 3, 16
     torch.set_num_threads(args.threads)
-    shape = dict(SHAPE, max_position_embeddings=args.context + args.steps + 2)
+    shape = dict(SHAPE, max_position_embeddings=planned_len(args))
     base = model_dir(shape)
     profile = [args.context // 4, args.context // 2, args.context]
     plans = {"dense": None, "uniform": uniform_plan(shape, args.density, profile, args.block_size),
