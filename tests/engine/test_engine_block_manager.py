@@ -1,4 +1,5 @@
-"""Paged KV block pool: allocation, ref counts, prefix-cache hits, LRU eviction, hash checks."""
+"""Paged KV block pools: allocation, ref counts, prefix-cache hits, LRU eviction, hash checks; the pool without
+prefix caching (a stack of free ids) behaves the same for one owner per block."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from leanserve.models.attention.kv_spec import PagedKVSpec
 from leanserve.server.engine import block_manager as bm_module
-from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.block_manager import BlockManager, PrefixCachingBlockManager, new_block_manager
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.sequence import Sequence
 
@@ -27,13 +28,16 @@ def admit(bm: BlockManager, seq: Sequence) -> int:
     return len(hits) * bm.block_size
 
 
-def test_allocate_free_and_ref_counts():
-    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4), enable_prefix_caching=False)
+@pytest.mark.parametrize("caching", [False, True])
+def test_allocate_free_and_ref_counts(caching):
+    bm = new_block_manager(8, dense_spec(4), caching)
+    assert type(bm) is (PrefixCachingBlockManager if caching else BlockManager)
     seq = make_seq(list(range(10)))
     assert bm.allocate_slots(seq, 10)
     assert len(seq.block_table) == 3 and len(set(seq.block_table)) == 3
     assert bm.num_free_blocks == 5 and bm.usage == pytest.approx(3 / 8)
-    assert all(bm.blocks[b].ref_cnt == 1 for b in seq.block_table)
+    if caching:
+        assert all(bm.blocks[b].ref_cnt == 1 for b in seq.block_table)
     # growing inside the last block needs no new block; crossing a boundary needs one
     seq.num_computed_tokens = 10
     seq.append_token(10)
@@ -46,11 +50,14 @@ def test_allocate_free_and_ref_counts():
     bm.free(seq)
     assert seq.block_table == [] and seq.num_computed_tokens == 0
     assert bm.num_free_blocks == 8 and bm.usage == 0.0
-    assert all(bm.blocks[b].ref_cnt == 0 for b in blocks)
+    if caching:
+        assert all(bm.blocks[b].ref_cnt == 0 for b in blocks)
+    again = make_seq(list(range(30)), "again")  # every block again, each once
+    assert bm.allocate_slots(again, 30) and sorted(again.block_table) == list(range(8))
 
 
 def test_allocation_failure_changes_nothing():
-    bm = BlockManager(num_blocks=4, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(4, dense_spec(4))
     a = make_seq(list(range(12)), "a")
     assert bm.allocate_slots(a, 12)
     b = make_seq(list(range(100, 108)), "b")
@@ -60,7 +67,7 @@ def test_allocation_failure_changes_nothing():
 
 
 def test_prefix_hits_are_shared_and_ref_counted():
-    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(16, dense_spec(4))
     a = make_seq(list(range(13)), "a")
     assert admit(bm, a) == 0
     # same 12 leading tokens: 3 full blocks hit
@@ -77,7 +84,7 @@ def test_prefix_hits_are_shared_and_ref_counted():
 
 
 def test_last_prompt_token_is_always_computed():
-    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(16, dense_spec(4))
     a = make_seq(list(range(8)), "a")
     admit(bm, a)
     # an identical 8-token prompt (2 full cached blocks) reuses only the first block, so the
@@ -88,7 +95,7 @@ def test_last_prompt_token_is_always_computed():
 
 
 def test_freed_blocks_keep_their_hash_until_reused():
-    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(8, dense_spec(4))
     a = make_seq(list(range(9)), "a")
     admit(bm, a)
     cached = a.block_table[:2]
@@ -101,14 +108,14 @@ def test_freed_blocks_keep_their_hash_until_reused():
 
 
 def test_chained_hash_depends_on_the_prefix():
-    bm = BlockManager(num_blocks=16, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(16, dense_spec(4))
     admit(bm, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 0], "a"))
     # the second block's tokens match, but after a different first block
     assert bm.get_computed_blocks(make_seq([9, 9, 9, 9, 5, 6, 7, 8, 0], "b")) == []
 
 
 def test_lru_eviction_order():
-    bm = BlockManager(num_blocks=5, kv_spec=dense_spec(2))  # all used below: no never-touched blocks
+    bm = PrefixCachingBlockManager(5, dense_spec(2))  # all used below: no never-touched blocks
     a = make_seq([1, 2, 3, 4, 5], "a")   # blocks: [1,2] [3,4] [5]
     admit(bm, a)
     b = make_seq([7, 8, 9], "b")         # blocks: [7,8] [9]
@@ -128,7 +135,7 @@ def test_lru_eviction_order():
 def test_hash_hit_requires_equal_tokens(monkeypatch):
     # a degenerate hash that collides for any two blocks with the same parent
     monkeypatch.setattr(bm_module, "hash_block", lambda parent, tokens: (parent or b"") + b"x")
-    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4))
+    bm = PrefixCachingBlockManager(8, dense_spec(4))
     admit(bm, make_seq([1, 2, 3, 4, 0], "a"))
     other = make_seq([5, 6, 7, 8, 0], "b")
     assert bm.get_computed_blocks(other) == []
@@ -136,7 +143,24 @@ def test_hash_hit_requires_equal_tokens(monkeypatch):
 
 
 def test_prefix_caching_disabled():
-    bm = BlockManager(num_blocks=8, kv_spec=dense_spec(4), enable_prefix_caching=False)
+    bm = BlockManager(8, dense_spec(4))
     admit(bm, make_seq(list(range(9)), "a"))
     assert bm.get_computed_blocks(make_seq(list(range(9)), "b")) == []
-    assert all(b.block_hash is None for b in bm.blocks)
+    b = make_seq(list(range(9)), "b")
+    admit(bm, b)
+    assert bm.num_free_blocks == 8 - 6  # the same prompt again: its own blocks, nothing shared
+
+
+def test_uncached_pool_takes_many_blocks_at_once_and_catches_a_double_free():
+    """A MoA-sized request (thousands of pages at admission) and the failure that must change nothing."""
+    bm = BlockManager(10_000, dense_spec(4))
+    a, b = make_seq(list(range(4 * 6_000)), "a"), make_seq(list(range(4 * 5_000)), "b")
+    assert bm.allocate_slots(a, a.num_tokens) and len(set(a.block_table)) == 6_000
+    assert not bm.allocate_slots(b, b.num_tokens)  # 5,000 blocks, 4,000 free
+    assert b.block_table == [] and bm.num_free_blocks == 4_000
+    table = list(a.block_table)
+    bm.free(a)
+    assert bm.num_free_blocks == 10_000
+    a.block_table = table  # a stale table freed again
+    with pytest.raises(AssertionError, match="double free"):
+        bm.free(a)

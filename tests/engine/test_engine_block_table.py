@@ -9,6 +9,7 @@ from test_engine_e2e import engine_config
 
 from leanserve.server.engine.block_table import PAD_BLOCK, PersistentBlockTable
 from leanserve.server.engine.llm_engine import LLMEngine
+from leanserve.server.engine.model_runner import StepInputs, step_from_wire, step_to_wire
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.sequence import Sequence
 
@@ -25,7 +26,7 @@ def writes(monkeypatch) -> list[int]:
     counts: list[int] = []
     write = PersistentBlockTable.write
     monkeypatch.setattr(PersistentBlockTable, "write",
-                        lambda self, update: (update and counts.append(len(update) // 2)) or write(self, update))
+                        lambda self, update: (len(update) and counts.append(len(update) // 2)) or write(self, update))
     return counts
 
 
@@ -92,7 +93,8 @@ def test_assign_then_write_elsewhere_gives_the_same_table():
     for step in range(3):
         rows, update = host.assign([a, b])
         host.write(update)
-        other.write(update)
+        # through the workers' wire encoding, as the other ranks get it
+        other.write(step_from_wire(step_to_wire(StepInputs(None, None, [], [], update))).table_update)
         assert rows == [0, 1] and torch.equal(host.table, other.table)
         a.block_table.append(10 + step)
         if step == 1:

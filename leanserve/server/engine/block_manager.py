@@ -1,9 +1,14 @@
-"""Paged KV block pool with prefix caching (vLLM V1 `BlockPool` + `KVCacheManager`, condensed).
+"""Paged KV block pools (vLLM V1 `BlockPool` + `KVCacheManager`, condensed).
 
-Every block has a ref count. Free blocks (ref 0) sit in an LRU queue; with prefix caching a
-FULL block also keeps the chained hash of its contents, so a later request with the same prefix
-can take it back from the free queue (or share it while it is still in use) instead of
+BlockManager hands out free block ids from a stack: a request's blocks cost a few list operations
+however many there are (a MoA request at 16k context holds ~33k pages, taken at admission and
+freed at its end, which per-block bookkeeping made a ~5 ms host stall each way).
+
+PrefixCachingBlockManager adds prefix caching: every block has a ref count, free blocks (ref 0) sit in
+an LRU queue, and a FULL block keeps the chained hash of its contents, so a later request with the
+same prefix can take it back from the free queue (or share it while it is still in use) instead of
 recomputing it. A block loses its hash only when the pool hands it out for new contents.
+new_block_manager picks one.
 """
 from __future__ import annotations
 
@@ -39,54 +44,36 @@ def variant_root(variant: int) -> bytes | None:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, kv_spec: KVCacheSpec, enable_prefix_caching: bool = True):
+    """The pool without prefix caching (module docstring): blocks are owned by one sequence at a
+    time, so a stack of free ids is all the state."""
+    enable_prefix_caching = False
+
+    def __init__(self, num_blocks: int, kv_spec: KVCacheSpec):
         if num_blocks < 1 or kv_spec.block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {kv_spec.block_size}")
         self.num_blocks = num_blocks
         self.kv_spec = kv_spec  # how many blocks a sequence holds
         self.block_size = kv_spec.block_size
-        self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head = evicted first
-        self.cached_blocks: dict[bytes, int] = {}  # block hash -> block id
+        self._init_blocks(num_blocks)
         # cumulative, in tokens (vLLM semantics: queries = tokens of admitted requests)
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
+    def _init_blocks(self, num_blocks: int) -> None:
+        self._free_ids = list(range(num_blocks - 1, -1, -1))  # the top of the stack (block 0) goes first
+
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self._free_ids)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks held by live sequences; cached-but-free blocks count as free."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
-        """Extend the sequence's chained hashes to its first `num_full_blocks` blocks."""
-        bs = self.block_size
-        for i in range(len(seq.block_hashes), num_full_blocks):
-            # a block's K/V depend on the model variant that computed them, so the chain starts
-            # from the variant: sequences on different variants never share blocks
-            parent = seq.block_hashes[i - 1] if i else variant_root(seq.variant)
-            seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs]))
-        return seq.block_hashes[:num_full_blocks]
-
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
-        """Leading blocks of a not-yet-admitted sequence that the cache already holds. At most
-        (num_tokens - 1) tokens are served from the cache, so the last prompt token is always
-        computed and produces the logits for the first sample."""
-        if not self.enable_prefix_caching:
-            return []
-        bs = self.block_size
-        hits = []
-        for i, h in enumerate(self._block_hashes(seq, (seq.num_tokens - 1) // bs)):
-            block_id = self.cached_blocks.get(h)
-            # a hash collision must not hand out another prefix's K/V, however unlikely
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
-                break
-            hits.append(block_id)
-        return hits
+        """Leading blocks of a not-yet-admitted sequence that the cache already holds: none here."""
+        return []
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens (as many as the KV spec says its tokens
@@ -104,9 +91,7 @@ class BlockManager:
         else:  # it took all its blocks at admission
             num_required = len(seq.block_table)
         num_new_blocks = num_required - len(seq.block_table) - len(computed_blocks)
-        # cache hits sitting in the free queue leave it when touched, so they count against it too
-        num_evictable_hits = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
-        if num_new_blocks + num_evictable_hits > self.num_free_blocks:
+        if num_new_blocks + self._num_evictable(computed_blocks) > self.num_free_blocks:
             return False
         if admission:
             self.prefix_cache_queries += seq.num_tokens
@@ -115,14 +100,85 @@ class BlockManager:
             self._touch(block_id)
         seq.block_table.extend(computed_blocks)
         seq.num_computed_tokens = num_computed
-        for _ in range(num_new_blocks):
-            seq.block_table.append(self._pop_free_block())
-        if self.enable_prefix_caching:
-            # Blocks whose tokens are all computed by the end of this step become shareable now:
-            # a sequence admitted later in the same step reads them after this one wrote them,
-            # since the model stores a layer's K/V for the whole batch before attending.
-            self._cache_full_blocks(seq, num_tokens // self.block_size)
+        seq.block_table.extend(self._take(num_new_blocks))
+        self._blocks_computed(seq, num_tokens // self.block_size)
         return True
+
+    def _num_evictable(self, computed_blocks: list[int]) -> int:
+        """Cache hits that sit in the free queue: touching them takes them out of it."""
+        return 0
+
+    def _touch(self, block_id: int) -> None:
+        raise AssertionError("a pool without prefix caching has no computed blocks to share")
+
+    def _take(self, n: int) -> list[int]:
+        if n <= 0:
+            return []
+        taken = self._free_ids[-n:]
+        del self._free_ids[-n:]
+        taken.reverse()
+        return taken
+
+    def _blocks_computed(self, seq: Sequence, num_full_blocks: int) -> None:
+        """The sequence's first `num_full_blocks` blocks are computed by the end of this step."""
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks."""
+        self._free_ids.extend(seq.block_table)
+        if len(self._free_ids) > self.num_blocks:
+            raise AssertionError(f"{len(self._free_ids)} free blocks in a pool of {self.num_blocks}: a double free")
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_cached_blocks = 0
+
+
+class PrefixCachingBlockManager(BlockManager):
+    """The pool with prefix caching (module docstring)."""
+    enable_prefix_caching = True
+
+    def _init_blocks(self, num_blocks: int) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head = evicted first
+        self.cached_blocks: dict[bytes, int] = {}  # block hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
+        """Extend the sequence's chained hashes to its first `num_full_blocks` blocks."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), num_full_blocks):
+            # a block's K/V depend on the model variant that computed them, so the chain starts
+            # from the variant: sequences on different variants never share blocks
+            parent = seq.block_hashes[i - 1] if i else variant_root(seq.variant)
+            seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+        return seq.block_hashes[:num_full_blocks]
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Leading blocks of a not-yet-admitted sequence that the cache already holds. At most
+        (num_tokens - 1) tokens are served from the cache, so the last prompt token is always
+        computed and produces the logits for the first sample."""
+        bs = self.block_size
+        hits = []
+        for i, h in enumerate(self._block_hashes(seq, (seq.num_tokens - 1) // bs)):
+            block_id = self.cached_blocks.get(h)
+            # a hash collision must not hand out another prefix's K/V, however unlikely
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                break
+            hits.append(block_id)
+        return hits
+
+    def _num_evictable(self, computed_blocks: list[int]) -> int:
+        return sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
+
+    def _take(self, n: int) -> list[int]:
+        return [self._pop_free_block() for _ in range(n)]
+
+    def _blocks_computed(self, seq: Sequence, num_full_blocks: int) -> None:
+        # Blocks whose tokens are all computed by the end of this step become shareable now:
+        # a sequence admitted later in the same step reads them after this one wrote them,
+        # since the model stores a layer's K/V for the whole batch before attending.
+        self._cache_full_blocks(seq, num_full_blocks)
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -168,3 +224,8 @@ class BlockManager:
                     self.free_queue.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_cached_blocks = 0
+
+
+def new_block_manager(num_blocks: int, kv_spec: KVCacheSpec, enable_prefix_caching: bool) -> BlockManager:
+    cls = PrefixCachingBlockManager if enable_prefix_caching else BlockManager
+    return cls(num_blocks, kv_spec)

@@ -18,6 +18,7 @@ from leanserve.server.engine.sequence import Sequence
 
 # a padding row's table: block 0 always exists and holds finite values (the cache is zero-initialised)
 PAD_BLOCK = 0
+NO_UPDATE = np.empty(0, dtype=np.int64)
 
 
 class PersistentBlockTable:
@@ -40,10 +41,11 @@ class PersistentBlockTable:
         self.write(update)
         return rows
 
-    def assign(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
+    def assign(self, seqs: list[Sequence]) -> tuple[list[int], np.ndarray]:
         """Host bookkeeping only: the rows of `seqs` and the update that brings the device table up
-        to date (flat indices then values, for write). Tensor parallel: rank 0 assigns, every rank
-        writes the same update into its own table."""
+        to date (int64: flat indices then values, for write; numpy throughout, since a MoA request's
+        admission brings ~33k entries). Tensor parallel: rank 0 assigns, every rank writes the same
+        update into its own table."""
         out, index, values = [], [], []
         for seq in seqs:
             entry = self._synced.get(seq)
@@ -58,21 +60,19 @@ class PersistentBlockTable:
                 if n < done or n > self.width:
                     raise RuntimeError(f"{seq.request_id!r}: block table of {n} entries, {done} already copied, "
                                        f"{self.width} columns (a table shrank without a release, or is too wide)")
-                index.append(np.arange(row * self.width + done, row * self.width + n))
-                values.append(np.asarray(seq.block_table[done:n]))
+                index.append(np.arange(row * self.width + done, row * self.width + n, dtype=np.int64))
+                values.append(np.array(seq.block_table[done:n], dtype=np.int64))
                 entry[1] = n
             out.append(row)
-        if not index:
-            return out, []
-        return out, np.concatenate([np.concatenate(index), np.concatenate(values)]).tolist()
+        return out, np.concatenate(index + values) if index else NO_UPDATE
 
-    def write(self, update: list[int]) -> None:
+    def write(self, update: np.ndarray) -> None:
         """Apply assign's update: table.flat[indices] = values with one host-to-device copy (pinned,
         non-blocking on CUDA; the pinned buffer stays alive until the copy ran, torch's host
         allocator sees to it)."""
-        if not update:
+        if not len(update):
             return
-        data = torch.tensor(update, dtype=torch.int64)
+        data = torch.from_numpy(update)
         if self.table.is_cuda:
             data = data.pin_memory().to(self.table.device, non_blocking=True)
         n = len(update) // 2

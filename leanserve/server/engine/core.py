@@ -18,7 +18,7 @@ import torch
 from leanserve.errors import UserError
 from leanserve.models.model_dir import load_tokenizer
 from leanserve.runtime import resolve_device
-from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.block_manager import new_block_manager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
 from leanserve.server.engine.outputs import CoreOutput, EngineStats
@@ -101,7 +101,7 @@ class EngineCore:
         if config.enable_prefix_caching and not prefix_caching:
             logger.info("prefix caching off: this model's KV cache blocks are not shareable prefixes (%s)",
                         type(kv_spec).__name__)
-        self.block_manager = BlockManager(num_blocks, kv_spec, prefix_caching)
+        self.block_manager = new_block_manager(num_blocks, kv_spec, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests, config.max_prefill_tokens_with_decodes)
         self.requests: dict[str, Sequence] = {}

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,19 +69,20 @@ class StepInputs:
     decode: DecodeInputs | None
     sample_rows: list[int]       # rows of the step's hidden states that yield a token
     sample_variants: list[int]   # the variant of each sampled row's sequence
-    table_update: list[int]      # PersistentBlockTable.assign's update, written by every rank first
+    table_update: np.ndarray     # PersistentBlockTable.assign's update, written by every rank first
 
 
 def step_to_wire(step: StepInputs) -> list:
     def fields(x):
         return None if x is None else [getattr(x, f.name) for f in dataclasses.fields(x)]
-    return [fields(step.eager), fields(step.decode), step.sample_rows, step.sample_variants, step.table_update]
+    return [fields(step.eager), fields(step.decode), step.sample_rows, step.sample_variants,
+            step.table_update.tobytes()]
 
 
 def step_from_wire(values: list) -> StepInputs:
     eager, decode, sample_rows, sample_variants, table_update = values
     return StepInputs(None if eager is None else EagerInputs(*eager), None if decode is None else DecodeInputs(*decode),
-                      sample_rows, sample_variants, table_update)
+                      sample_rows, sample_variants, np.frombuffer(table_update, dtype=np.int64).copy())
 
 
 class ModelRunner:
