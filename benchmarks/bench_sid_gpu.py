@@ -38,6 +38,8 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -234,7 +236,7 @@ def time_config(trainer, k: int, batch: int, args, device) -> dict:
             "peak_memory_gib": peak_memory_gib(device)}
 
 
-def bench_training(args, device: torch.device, deadline: Deadline) -> dict:
+def bench_training(args, device: torch.device, deadline: Deadline, save: Callable[[dict], None]) -> dict:
     unet_config = TINY_UNET if args.smoke else MODELS["sd15"]["unet"]
     batches = TRAIN_BATCHES[:2] if args.smoke else TRAIN_BATCHES
     out = {"teacher": "SD1.5 UNet2DConditionModel config, random weights" + (" (toy sizes: --smoke)" if args.smoke
@@ -259,6 +261,7 @@ def bench_training(args, device: torch.device, deadline: Deadline) -> dict:
                         continue
                     row.update(time_config(trainer, k, batch, args, device))
                     out["configs"].append(row)
+                    save(out)  # a run killed later keeps the rows done
                     print(f"  train ckpt={checkpointing!s:5} k={k} batch={batch:>2}: " + (
                         "OOM" if row.get("oom") else f"{row['s_per_iteration']:.3f} s/it, peak memory "
                         f"{row['peak_memory_gib']} GiB"), flush=True)
@@ -269,7 +272,7 @@ def bench_training(args, device: torch.device, deadline: Deadline) -> dict:
     return out
 
 
-def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
+def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[[dict], None]) -> dict:
     """(c) SiD on the real shapes teacher (zoo/shapes-teacher, a 6M-parameter pixel UNet at 32x32): a
     small UNet's iteration is bound by Python and kernel launches, so this is where --compile should pay.
     bf16 autocast, eager against compiled UNets, k = 1 and 4, one batch size."""
@@ -301,6 +304,7 @@ def bench_shapes(args, device: torch.device, deadline: Deadline) -> dict:
                 s = statistics.median(times)
                 row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s})
                 out["configs"].append(row)
+                save(out)  # a run killed later keeps the rows done
                 print(f"  shapes compile={compiled or 'off'} k={k}: {s:.3f} s/it, {batch / s:.0f} generator img/s",
                       flush=True)
             del trainer
@@ -354,12 +358,18 @@ def main():
                 print(f"  serve {label:>24} batch {n}: " + (e["error"] if "error" in e else
                       f"{e['images_per_s']:.2f} img/s, p50 {e['s_per_call']:.3f} s, UNet "
                       f"{e['unet_ms_per_eval'] or 0:.1f} ms/eval"), flush=True)
+
+    def save(part: str | None = None, out: dict | None = None) -> Path:
+        if part is not None:
+            results[part] = out
+        results["wall_s"] = args.time_limit - deadline.left()
+        return write_result("sid_gpu_smoke" if args.smoke else "sid_gpu", results, args.out_dir)
+
     if "train" in args.parts:
-        results["train"] = bench_training(args, device, deadline)
+        results["train"] = bench_training(args, device, deadline, lambda out: save("train", out))
     if "shapes" in args.parts:
-        results["shapes"] = bench_shapes(args, device, deadline)
-    results["wall_s"] = args.time_limit - deadline.left()
-    path = write_result("sid_gpu_smoke" if args.smoke else "sid_gpu", results, args.out_dir)
+        results["shapes"] = bench_shapes(args, device, deadline, lambda out: save("shapes", out))
+    path = save()
     print(f"total {results['wall_s']:.0f} s -> {path}")
 
 

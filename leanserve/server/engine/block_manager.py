@@ -1,8 +1,8 @@
 """Paged KV block pools (vLLM V1 `BlockPool` + `KVCacheManager`, condensed).
 
 BlockManager hands out free block ids from a stack: a request's blocks cost a few list operations
-however many there are (a MoA request at 16k context holds ~33k pages, taken at admission and
-freed at its end, which per-block bookkeeping made a ~5 ms host stall each way).
+however many there are (a per-head sink + ring cache at 16k context holds ~33k pages, taken at
+admission and freed at its end, which per-block bookkeeping made a ~5 ms host stall each way).
 
 PrefixCachingBlockManager adds prefix caching: every block has a ref count, free blocks (ref 0) sit in
 an LRU queue, and a FULL block keeps the chained hash of its contents, so a later request with the

@@ -43,8 +43,8 @@ class PersistentBlockTable:
 
     def assign(self, seqs: list[Sequence]) -> tuple[list[int], np.ndarray]:
         """Host bookkeeping only: the rows of `seqs` and the update that brings the device table up
-        to date (int64: flat indices then values, for write; numpy throughout, since a MoA request's
-        admission brings ~33k entries). Tensor parallel: rank 0 assigns, every rank writes the same
+        to date (int64: flat indices then values, for write; numpy throughout, since a per-head sink + ring
+        cache's admission brings ~33k entries). Tensor parallel: rank 0 assigns, every rank writes the same
         update into its own table."""
         out, index, values = [], [], []
         for seq in seqs:
