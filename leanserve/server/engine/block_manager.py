@@ -174,12 +174,6 @@ class PrefixCachingBlockManager(BlockManager):
     def _take(self, n: int) -> list[int]:
         return [self._pop_free_block() for _ in range(n)]
 
-    def _blocks_computed(self, seq: Sequence, num_full_blocks: int) -> None:
-        # Blocks whose tokens are all computed by the end of this step become shareable now:
-        # a sequence admitted later in the same step reads them after this one wrote them,
-        # since the model stores a layer's K/V for the whole batch before attending.
-        self._cache_full_blocks(seq, num_full_blocks)
-
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_cnt == 0:
@@ -196,7 +190,10 @@ class PrefixCachingBlockManager(BlockManager):
         block.ref_cnt = 1
         return block_id
 
-    def _cache_full_blocks(self, seq: Sequence, num_full_blocks: int) -> None:
+    def _blocks_computed(self, seq: Sequence, num_full_blocks: int) -> None:
+        # Blocks whose tokens are all computed by the end of this step become shareable now:
+        # a sequence admitted later in the same step reads them after this one wrote them,
+        # since the model stores a layer's K/V for the whole batch before attending.
         bs = self.block_size
         hashes = self._block_hashes(seq, num_full_blocks)
         for i in range(seq.num_cached_blocks, num_full_blocks):
