@@ -11,8 +11,9 @@ decode steps go through the CUDA-graph runner whose replay does nothing: on a GP
 asynchronously, so what this times is the host work a step puts in front of it (scheduling, step
 inputs, block-table copies, sampling a tiny vocabulary, outputs). Also counted: the bytes a step
 hands to the device (the graph's input buffers and the block-table rows' new entries), admitting a
-request (its blocks and table row) and a step in which one request finishes (its blocks freed), as a
-server pays them whenever requests come and go.
+request (scheduling it with its blocks; its table row is copied in the first step, timed apart) and a
+step in which one request finishes (its blocks freed), as a server pays them whenever requests come
+and go.
 Results: benchmarks/results/engine_host-<cpu>.json, {"arms": {arm: {step_ms, first_step_ms, ...}}}.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from bench_decode_gpu import LLAMA3_8B, model_dir
 from bench_moa_gpu import moa_dir, plan_of, uniform_plan
@@ -44,7 +46,7 @@ class CountingTable(PersistentBlockTable):
     """Counts the bytes of new table entries sent to the device (index + value, int64 each)."""
     sent = 0
 
-    def write(self, update: list[int]) -> None:
+    def write(self, update: np.ndarray) -> None:
         self.sent += 8 * len(update)
         super().write(update)
 

@@ -150,26 +150,22 @@ def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, a
     """One engine for one arm at one context; batch None = the largest the KV memory holds. Every
     request gets room to decode `steps` tokens at the full batch after the last prompt's prefill: the
     first requests decode (and would finish) while the later prompts prefill, one step per `budget`
-    prompt tokens, so max_tokens adds those steps and the profiled ones (time_engine's window)."""
+    prompt tokens, so max_tokens adds the prefill steps of the largest batch (--max-batch) and the
+    profiled steps; every arm of a context plans the same length, so all decode at the same context."""
     cap = batch or args.max_batch
     budget = max(args.prefill_tokens, context)
-    extra = steps + args.profile_steps
-
-    def planned(b: int) -> int:  # a request's planned length (prompt + max_tokens) in a batch of b
-        return context + extra + prefill_steps(b, context, budget)
-
-    config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype,
-                          max_model_len=planned(cap), max_num_seqs=cap, max_num_batched_tokens=budget,
+    n = context + steps + args.profile_steps + prefill_steps(args.max_batch, context, budget)
+    config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype, max_model_len=n,
+                          max_num_seqs=cap, max_num_batched_tokens=budget,
                           gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                           block_size=args.block_size, enable_prefix_caching=False)
     free_device_memory(device)
     engine = LLMEngine(config)
     spec, bm = engine.model_runner.kv_spec, engine.core.block_manager
-    if batch is None:  # the largest batch whose own planned length fits
-        batch = next((b for b in range(cap, 0, -1) if b * spec.blocks_for(planned(b)) <= bm.num_blocks), 0)
-    n = planned(batch)
     per_request = spec.blocks_for(n)
-    if batch == 0 or batch * per_request > bm.num_blocks:
+    fits = bm.num_blocks // per_request
+    batch = min(cap, fits) if batch is None else batch
+    if batch > fits:
         raise RuntimeError(f"{arm}: batch {batch} does not fit {bm.num_blocks} blocks ({per_request} per request)")
     rng = random.Random(context)
     prompts = [[rng.randrange(3, TOKENS) for _ in range(context)] for _ in range(batch)]

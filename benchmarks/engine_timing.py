@@ -23,20 +23,24 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
     prefill (more prompt tokens than a step's budget) let the first sequences decode, and finish,
     while the last ones prefill; counting the steps after that at a shrinking batch would report a
     rate at no batch in particular (MoA's benchmark at 16k context did: 1.62x dense, where its
-    full-batch steps run 1.9x). Callers give max_tokens room: decode steps + prefill steps.
-    on_decode(engine), if given, runs once when every sequence decodes, outside the timed span
-    (a profiler stepping the engine: the steps it takes are not counted)."""
+    full-batch steps run 1.9x). Callers give max_tokens room (decode steps + prefill steps); a
+    sequence that finishes before the window opens is a ValueError (unless max_tokens is 1: no decode).
+    on_decode(engine), if given, runs once when every sequence decodes, between the prefill and the
+    decode spans (a profiler stepping the engine: its steps count in wall_s only)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params, check_queue=False)
     sync(engine)
     t0 = time.perf_counter()
-    produced, started, t_all_started, t_first_finish = 0, set(), None, None
+    produced, started, finished_early = 0, set(), False
+    t_prefilled = t_all_started = t_first_finish = None
     decode_tokens, decode_steps = 0, 0
     while engine.has_unfinished():
         outs = engine.step()
         produced += sum(len(out.new_token_ids) for out in outs)
-        if t_all_started is not None and t_first_finish is None:
+        if t_all_started is None:
+            finished_early |= any(out.finished for out in outs)
+        elif t_first_finish is None:
             decode_tokens += sum(len(out.new_token_ids) for out in outs)
             decode_steps += 1
             if any(out.finished for out in outs):
@@ -44,8 +48,13 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
                 t_first_finish = time.perf_counter()
         started.update(out.request_id for out in outs)
         if t_all_started is None and len(started) == len(prompts):
+            sync(engine)
+            t_prefilled = time.perf_counter()
             if on_decode is not None:
                 on_decode(engine)
+            if max_tokens > 1 and (finished_early or engine.stats().num_running < len(prompts)):
+                raise ValueError(f"a sequence finished before all {len(prompts)} decoded together: max_tokens "
+                                 f"{max_tokens} leaves no full-batch window (add the prefill steps)")
             sync(engine)
             t_all_started = time.perf_counter()
     sync(engine)
@@ -54,7 +63,7 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
         t_first_finish = t1
     return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
             "output_tokens": produced, "wall_s": t1 - t0, "tok_s": produced / (t1 - t0),
-            "prefill_s": t_all_started - t0, "decode_steps": decode_steps,
+            "prefill_s": t_prefilled - t0, "decode_steps": decode_steps,
             "decode_tok_s": decode_tokens / (t_first_finish - t_all_started) if decode_steps else 0.0}
 
 

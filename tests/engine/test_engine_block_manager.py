@@ -158,9 +158,14 @@ def test_uncached_pool_takes_many_blocks_at_once_and_catches_a_double_free():
     assert bm.allocate_slots(a, a.num_tokens) and len(set(a.block_table)) == 6_000
     assert not bm.allocate_slots(b, b.num_tokens)  # 5,000 blocks, 4,000 free
     assert b.block_table == [] and bm.num_free_blocks == 4_000
+    c = make_seq(list(range(4 * 1_000)), "c")
+    assert bm.allocate_slots(c, c.num_tokens)  # c holds blocks while a's stale table is freed twice
     table = list(a.block_table)
     bm.free(a)
-    assert bm.num_free_blocks == 10_000
-    a.block_table = table  # a stale table freed again
+    assert bm.num_free_blocks == 9_000
+    a.block_table = table
     with pytest.raises(AssertionError, match="double free"):
         bm.free(a)
+    assert bm.num_free_blocks == 9_000  # the failed free changed nothing
+    d = make_seq(list(range(4 * 9_000)), "d")
+    assert bm.allocate_slots(d, d.num_tokens) and not set(d.block_table) & set(c.block_table)

@@ -8,7 +8,7 @@ import pytest
 from test_engine_block_manager import dense_spec
 from test_engine_e2e import engine_config
 
-from leanserve.server.engine.block_manager import BlockManager
+from leanserve.server.engine.block_manager import BlockManager, PrefixCachingBlockManager
 from leanserve.server.engine.errors import QueueFullError
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -24,8 +24,9 @@ def make_seq(rid: str, num_prompt: int, max_tokens: int = 4) -> Sequence:
     return Sequence(rid, list(range(base, base + num_prompt)), SamplingParams(max_tokens=max_tokens), 0.0, [])
 
 
-def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_queued=100) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, dense_spec(block_size)), max_num_seqs, budget, max_queued)
+def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_queued=100,
+              pool=PrefixCachingBlockManager) -> Scheduler:
+    return Scheduler(pool(num_blocks, dense_spec(block_size)), max_num_seqs, budget, max_queued)
 
 
 def run_step(sched: Scheduler):
@@ -77,7 +78,7 @@ def test_chunked_prefill_mixes_with_decodes():
 
 
 def test_prefill_cap_applies_only_beside_decodes():
-    sched = Scheduler(BlockManager(64, dense_spec(4)), 8, 16, 100, max_prefill_tokens_with_decodes=4)
+    sched = Scheduler(PrefixCachingBlockManager(64, dense_spec(4)), 8, 16, 100, max_prefill_tokens_with_decodes=4)
     first, second = make_seq("first", 10, max_tokens=20), make_seq("second", 9, max_tokens=20)
     sched.add(first)
     sched.add(second)
@@ -110,8 +111,9 @@ def test_fcfs_head_is_not_overtaken():
     assert list(sched.waiting) == [big, small]
 
 
-def test_preemption_recomputes_the_newest_sequence():
-    sched = scheduler(num_blocks=8, block_size=4, budget=64)
+@pytest.mark.parametrize("pool", [PrefixCachingBlockManager, BlockManager])
+def test_preemption_recomputes_the_newest_sequence(pool):
+    sched = scheduler(num_blocks=8, block_size=4, budget=64, pool=pool)
     a, b, c = (make_seq(r, 7, max_tokens=12) for r in "abc")  # each grows to 19 tokens = 5 blocks
     for s in (a, b, c):
         sched.add(s)

@@ -17,6 +17,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from leanserve.models.attention.kv_spec import KVCacheSpec
 from leanserve.server.engine.sequence import Sequence
 
@@ -61,6 +63,7 @@ class BlockManager:
 
     def _init_blocks(self, num_blocks: int) -> None:
         self._free_ids = list(range(num_blocks - 1, -1, -1))  # the top of the stack (block 0) goes first
+        self._is_free = np.ones(num_blocks, dtype=bool)  # catches a double free, vectorised
 
     @property
     def num_free_blocks(self) -> int:
@@ -117,16 +120,20 @@ class BlockManager:
         taken = self._free_ids[-n:]
         del self._free_ids[-n:]
         taken.reverse()
+        self._is_free[taken] = False
         return taken
 
     def _blocks_computed(self, seq: Sequence, num_full_blocks: int) -> None:
         """The sequence's first `num_full_blocks` blocks are computed by the end of this step."""
 
     def free(self, seq: Sequence) -> None:
-        """Release the sequence's blocks."""
+        """Release the sequence's blocks; AssertionError, changing nothing, if one of them is free already."""
+        ids = np.array(seq.block_table, dtype=np.int64)
+        if self._is_free[ids].any():
+            raise AssertionError(f"{seq.request_id!r} frees blocks that are free already "
+                                 f"({ids[self._is_free[ids]][:8].tolist()}...): a double free")
+        self._is_free[ids] = True
         self._free_ids.extend(seq.block_table)
-        if len(self._free_ids) > self.num_blocks:
-            raise AssertionError(f"{len(self._free_ids)} free blocks in a pool of {self.num_blocks}: a double free")
         seq.block_table = []
         seq.num_computed_tokens = seq.num_cached_blocks = 0
 
