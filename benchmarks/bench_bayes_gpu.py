@@ -128,11 +128,11 @@ def main():
     results = {"model": "toy Llama shape (smoke)" if args.smoke else "Llama-3-8B shape, random bf16 weights",
                "members": S, "scope": "full", "ideal_token_mean_ratio": 1 / S, "copy_bandwidth_gbs": bw,
                "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows,
-               "notes": "greedy decode, all batch prompts admitted at once; decode_tok_s counts the full-batch steps, "
-                        "from every sequence having its first token to the first finish; bound_tok_s: weights read per step (token_mean and "
-                        "sequence_sample's captured step read all S members) + KV at the mean context, over the "
-                        "measured copy bandwidth; peak_memory_gib: torch's peak while serving (weights + KV + "
-                        "activations + graphs' pool)"}
+               "notes": "greedy decode, all batch prompts admitted at once; decode_tok_s counts the full-batch "
+                        "steps, from every sequence having its first token to the first finish; bound_tok_s: weights "
+                        "read per step (token_mean and sequence_sample's captured step read all S members) + KV "
+                        "at the mean context, over the measured copy bandwidth; peak_memory_gib: torch's peak while "
+                        "serving (weights + KV + activations + graphs' pool)"}
     out = write_result("bayes_gpu_smoke" if args.smoke else "bayes_gpu", results, args.out_dir)
     print(f"S = {S}; ideal token_mean / one member = {1 / S:.3f}" + (f"; copy bandwidth {bw:.0f} GB/s" if bw else ""))
     print(f"{'row':>16} {'batch':>6} {'tok/s':>9} {'x one':>6} {'bound':>9} {'frac':>5} {'peak GiB':>9}")

@@ -146,17 +146,22 @@ def prefill_steps(batch: int, context: int, budget: int) -> int:
     return -(-batch * context // max(1, budget - batch))
 
 
-def run_arm(path: Path, arm: str, context: int, steps: int, batch: int | None, args, device: str) -> dict:
+def planned_len(args, context: int) -> int:
+    """Prompt + max_tokens of every request at `context` (run_arm's docstring says why)."""
+    budget = max(args.prefill_tokens, context)
+    return context + args.decode_steps + args.profile_steps + prefill_steps(args.max_batch, context, budget)
+
+
+def run_arm(path: Path, arm: str, context: int, batch: int | None, args, device: str) -> dict:
     """One engine for one arm at one context; batch None = the largest the KV memory holds. Every
-    request gets room to decode `steps` tokens at the full batch after the last prompt's prefill: the
+    request gets room to decode --decode-steps tokens at the full batch after the last prompt's prefill: the
     first requests decode (and would finish) while the later prompts prefill, one step per `budget`
     prompt tokens, so max_tokens adds the prefill steps of the largest batch (--max-batch) and the
     profiled steps; every arm of a context plans the same length, so all decode at the same context."""
     cap = batch or args.max_batch
-    budget = max(args.prefill_tokens, context)
-    n = context + steps + args.profile_steps + prefill_steps(args.max_batch, context, budget)
+    n = planned_len(args, context)
     config = EngineConfig(model=str(path), load_format="dummy", device=device, dtype=args.dtype, max_model_len=n,
-                          max_num_seqs=cap, max_num_batched_tokens=budget,
+                          max_num_seqs=cap, max_num_batched_tokens=max(args.prefill_tokens, context),
                           gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                           block_size=args.block_size, enable_prefix_caching=False)
     free_device_memory(device)
@@ -243,10 +248,7 @@ def main():
         config, device = TINY, "cpu"
         args.contexts, args.decode_steps, args.max_batch, args.prefill_tokens = [64, 128], 8, 8, 256
         args.block_size, args.dtype, args.cpu_kv_cache_gib = 16, "float32", 2 * 2 * 2 * 16 * 16 * 4 * 24 / 2**30
-    # the longest planned length run_arm asks for (decode, profile and prefill steps)
-    budget = max(args.prefill_tokens, max(args.contexts))
-    longest = max(args.contexts) + args.decode_steps + args.profile_steps + prefill_steps(args.max_batch, max(args.contexts),
-                                                                                          budget)
+    longest = max(planned_len(args, c) for c in args.contexts)
     config = dict(config, max_position_embeddings=max(config["max_position_embeddings"], longest))
     base = model_dir(config)
     # the optimiser's lengths, as MoA profiles at N1, 2N1, 4N1: from half the shortest context, but
@@ -283,14 +285,14 @@ def main():
         return row
 
     for context in args.contexts:
-        dense = arm("dense", context, lambda: run_arm(base, "dense", context, args.decode_steps, None, args, device))
+        dense = arm("dense", context, lambda: run_arm(base, "dense", context, None, args, device))
         for name in ("uniform", "moa"):  # at dense's batch
             if dense is None:
                 results["skipped"].append(f"{name} at {context} (no dense batch)")
                 continue
-            arm(name, context, lambda name=name: run_arm(dirs[name], name, context, args.decode_steps, dense["batch"],
+            arm(name, context, lambda name=name: run_arm(dirs[name], name, context, dense["batch"],
                                                          args, device))
-        arm("moa_max", context, lambda: run_arm(dirs["moa"], "moa_max", context, args.decode_steps, None, args, device))
+        arm("moa_max", context, lambda: run_arm(dirs["moa"], "moa_max", context, None, args, device))
         if dense is not None and context == args.contexts[0] and not args.no_hf and device == "cuda":
             arm("hf_generate", context, lambda: hf_row(base, context, dense["batch"], args.decode_steps, device))
     results["complete"] = not results["skipped"]

@@ -3,7 +3,7 @@ CPU and GPU benchmarks."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
@@ -59,11 +59,10 @@ def time_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
             t_all_started = time.perf_counter()
     sync(engine)
     t1 = time.perf_counter()
-    if t_first_finish is None:  # max_tokens 1: no decode step
-        t_first_finish = t1
     return {"batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
             "output_tokens": produced, "wall_s": t1 - t0, "tok_s": produced / (t1 - t0),
             "prefill_s": t_prefilled - t0, "decode_steps": decode_steps,
+            # no decode step (max_tokens 1): no rate
             "decode_tok_s": decode_tokens / (t_first_finish - t_all_started) if decode_steps else 0.0}
 
 
