@@ -5,8 +5,8 @@ tasks, compressed at KV density 0.5 and 0.25, and evaluated against dense and th
      in the first third of the prompt, ~256-3,072 tokens) beside the usual code, docs and short tasks, and its
      BPE tokenizer
   2. model: `leanserve train lm`, a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
-     8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows with the long tasks weighted up,
-     then chat SFT (the eval asks through the chat template)
+     8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows (8 a step, 4,000 steps: 131M
+     tokens) with the long tasks weighted up, then chat SFT (the eval asks through the chat template)
   3. `leanserve compress moa` at density 0.5 and 0.25 (profile lengths 512, 1024, 2048: validation at 4096),
      the 0.25 one with the ablation ladder's plans
   4. `leanserve eval moa`: dense, the uniform sink + window at each density, the ladder, both MoA plans; retrieval
@@ -49,9 +49,9 @@ FULL = Scale(
     build=("--long-tasks", "12000,300,300", "--long-tokens", "256,3072"),
     vocab_size=8192,
     train=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",
-           "--intermediate-size", "1024", "--max-len", "4096", "--seq-len", "4096", "--batch-size", "16",
-           "--pretrain-steps", "4000", "--chat-steps", "1500", "--mix", "code=1,docs=1,tasks=4",
-           "--eval-every", "500", "--save-every", "250"),
+           "--intermediate-size", "1024", "--max-len", "4096", "--seq-len", "4096", "--batch-size", "8",
+           "--pretrain-steps", "4000", "--chat-steps", "1000", "--mix", "code=1,docs=1,tasks=4",
+           "--eval-every", "500", "--save-every", "200"),
     compress=("--profile-lengths", "512,1024,2048", "--block-size", "32", "--items", "50"),
     # 64 sequences a step: a 20M model's decode step is host-bound, so a wider batch costs little per step
     eval=("--lengths", "512", "1024", "2048", "3072", "4096", "--seeds", "0", "1", "2", "--batch-size", "64"),
