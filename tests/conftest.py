@@ -19,6 +19,13 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_report_header(config) -> str:
+    """The log of a run names its code, hardware and date (GPU-only test logs are results too)."""
+    from leanserve.eval.report import hardware, provenance
+    p = provenance()
+    return f"leanserve {p['git_commit']} on {hardware()}, {p['date']}"
+
+
 def _corpus() -> list[str]:
     import json  # noqa: E401 - their docstrings are the corpus
     import textwrap
