@@ -79,7 +79,8 @@ def leanserve(*argv: str) -> None:
 def run(work: Path, scale: Scale, out: Path, stop_after: str | None) -> None:
     data, tok, dense = work / "data", work / "tok", work / "dense"
     stages = {
-        "data": lambda: _data(data, tok, scale),
+        # only training reads the data: a model trained elsewhere (brought back from another machine) needs none
+        "data": lambda: None if (dense / "leanserve.json").is_file() else _data(data, tok, scale),
         "train": lambda: _train(data, tok, dense, scale),
         "compress": lambda: _compress(dense, work, scale),
         "eval": lambda: leanserve("eval", "moa", "--model", str(dense), "--plans",
