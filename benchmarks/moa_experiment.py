@@ -19,7 +19,7 @@ continued by running the same command again; the eval runs every time.
     python benchmarks/moa_experiment.py --work build/moa                  # GPU
     python benchmarks/moa_experiment.py --smoke --work /tmp/moa-smoke     # CPU, toy sizes, ~1 minute
 
-GPU time: not measured yet.
+GPU time, first run (one H100, commit 6002533): data 75 s, training 327 s, compression 218 s, eval 199 s.
 """
 from __future__ import annotations
 
