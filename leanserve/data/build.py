@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
@@ -84,8 +85,10 @@ class BuildOptions:
     max_digits: int = 5  # add and sub operands get 2 to this many digits
     task_kinds: tuple[str, ...] = KINDS  # kinds of the tasks and of the chat task pairs
     answer_tags: bool = False  # chat task replies as <answer>…</answer> (data/rewards.py's format)
-    long_tasks: tuple[int, int, int] = (0, 0, 0)  # long-context tasks per split, again for `chat`
+    long_tasks: tuple[int, int, int] = (0, 0, 0)  # long-context tasks per split, for `tasks`
+    long_chat_tasks: tuple[int, int, int] | None = None  # and for `chat` (None: as many again)
     long_tokens: tuple[int, int] = (512, 4096)  # their approximate token lengths (log-uniform)
+    workers: int = 1  # processes drawing the long-context tasks (the data does not depend on it)
 
 
 def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict],
@@ -106,15 +109,17 @@ def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict
 
 def _add_long_tasks(rows: dict[str, dict[str, list[dict]]], opts: BuildOptions) -> None:
     """Long-context tasks (data/long_context.py: the answer far from the question) into `tasks` and,
-    as many again, `chat`: what a model needs to learn before MoA can compress it (a uniform window
-    must fail where it succeeds). Train from the train modules; val and test from the held-out ones.
-    Their kinds are prefixed long_ (long_retrieval, ...): per-kind scores and `tasks:KIND` groups of the
-    short tasks stay theirs, and --task-kinds does not apply to them."""
+    as many again unless long_chat_tasks says otherwise, `chat`: what a model needs to learn before MoA
+    can compress it (a uniform window must fail where it succeeds). Train from the train modules; val and
+    test from the held-out ones. Their kinds are prefixed long_ (long_retrieval, ...): per-kind scores and
+    `tasks:KIND` groups of the short tasks stay theirs, and --task-kinds does not apply to them."""
     from leanserve.data.long_context import training_tasks  # it imports split_of from here
 
-    for split, n in tqdm(list(zip(SPLITS, opts.long_tasks)), desc="long tasks", unit=" splits"):
+    chat_counts = opts.long_tasks if opts.long_chat_tasks is None else opts.long_chat_tasks
+    for split, n, n_chat in tqdm(list(zip(SPLITS, opts.long_tasks, chat_counts)), desc="long tasks", unit=" splits"):
         tasks = [replace(t, kind=f"long_{t.kind}") for t in
-                 training_tasks(derive_seed(opts.seed, "long", split), 2 * n, split != "train", opts.long_tokens)]
+                 training_tasks(derive_seed(opts.seed, "long", split), n + n_chat, split != "train", opts.long_tokens,
+                                opts.workers)]
         rows["tasks"][split] += [t.to_row(f"long-{split}-{i}") for i, t in enumerate(tasks[:n])]
         rows["chat"][split] += [task_chat_row(t, f"chat-long-{split}-{i}", opts.answer_tags)
                                 for i, t in enumerate(tasks[n:])]
@@ -168,7 +173,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
                                     for i, t in enumerate(chat_tasks)]
             seen.update(t.prompt for t in tasks + chat_tasks)
             bar.update(2 * n)
-    if any(opts.long_tasks):
+    if any(opts.long_tasks) or any(opts.long_chat_tasks or ()):
         _add_long_tasks(rows, opts)
 
     splits: dict[str, dict[str, dict]] = {}
@@ -192,6 +197,8 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "task_kinds": list(opts.task_kinds),
             "answer_tags": opts.answer_tags,
             "long_tasks": dict(zip(SPLITS, opts.long_tasks)),
+            "long_chat_tasks": dict(zip(SPLITS, opts.long_tasks if opts.long_chat_tasks is None
+                                        else opts.long_chat_tasks)),
             "long_tokens": list(opts.long_tokens),
             "split_bounds": list(SPLIT_BOUNDS),
         },
@@ -255,8 +262,13 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--long-tasks", type=_split_sizes, default=defaults.long_tasks, metavar="N|TRAIN,VAL,TEST",
                    help="long-context tasks per split (retrieval, passkey, copy, functions: the answer far from "
                         "the question), for `tasks` and again for `chat` (default none)")
+    p.add_argument("--long-chat-tasks", type=_split_sizes, default=None, metavar="N|TRAIN,VAL,TEST",
+                   help="long-context tasks per split for `chat` (default: as many as --long-tasks); a chat phase "
+                        "reads far fewer conversations than pretraining reads documents")
     p.add_argument("--long-tokens", type=_token_range, default=defaults.long_tokens, metavar="MIN,MAX",
                    help="approximate token lengths of the long-context tasks, log-uniform (default 512,4096)")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                   help="processes drawing the long-context tasks (default: one per core; the data is the same)")
     p.add_argument("--answer-tags", action="store_true",
                    help="chat task replies as <answer>ANSWER</answer>: the format `train rlvr` rewards")
 
@@ -275,7 +287,7 @@ def run(args):
                         max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines,
                         max_digits=args.max_digits,
                         task_kinds=kinds, answer_tags=args.answer_tags, long_tasks=args.long_tasks,
-                        long_tokens=args.long_tokens)
+                        long_chat_tasks=args.long_chat_tasks, long_tokens=args.long_tokens, workers=args.workers)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -22,13 +22,15 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import multiprocessing
 import random
 import re
 import textwrap
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from leanserve.data.build import split_of
+from leanserve.data.build import derive_seed, split_of
 from leanserve.data.corpus import code_document, docs_document, module_docs, stdlib_files
 from leanserve.data.tasks import WORDS, Task
 
@@ -197,21 +199,42 @@ def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_toke
 
 
 CHARS_PER_TOKEN = 3.5  # a rough BPE rate on stdlib text: training items are built before any tokenizer
+TASKS_PER_CHUNK = 500  # tasks drawn from one seed: the unit that worker processes share out
 
 
-def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, int]) -> list[Task]:
+def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, int], workers: int = 1) -> list[Task]:
     """n long-context tasks for a model to learn these kinds from (`data build --long-tasks`): the kinds
     in turn, each at a log-uniform target length in token_range, from the train modules (held_out: the
     val and test ones). Lengths are estimated at CHARS_PER_TOKEN, so they are approximate; the items of
-    `compress moa` and `eval moa` fit the model's own tokenizer."""
+    `compress moa` and `eval moa` fit the model's own tokenizer.
+
+    A model must see each item about once to learn to look back rather than memorise answers, so builds
+    run to 10^5 items (~2 ms each): they are drawn in chunks of TASKS_PER_CHUNK, each from its own seed,
+    over `workers` processes; the items do not depend on how many."""
+    chunks = [(derive_seed(seed, "chunk", str(start)), start, min(TASKS_PER_CHUNK, n - start), held_out, token_range)
+              for start in range(0, n, TASKS_PER_CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        return [task for chunk in chunks for task in _chunk_tasks(*chunk)]
+    # spawn: the caller may hold threads (torch, tokenizers) that a fork would copy mid-state
+    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [task for part in pool.map(_chunk_tasks, *zip(*chunks)) for task in part]
+
+
+@functools.cache
+def _corpus(held_out: bool) -> Corpus:
+    return Corpus.load(held_out)
+
+
+def _chunk_tasks(seed: int, start: int, n: int, held_out: bool, token_range: tuple[int, int]) -> list[Task]:
+    """Tasks start..start+n-1 of training_tasks (the index picks the kind)."""
     lo, hi = token_range
-    rng, corpus = random.Random(seed), Corpus.load(held_out)
+    rng, corpus = random.Random(seed), _corpus(held_out)
 
     def count(text: str) -> int:
         return int(len(text) / CHARS_PER_TOKEN)
 
     tasks = []
-    for i in range(n):
+    for i in range(start, start + n):
         target = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         tasks.append(long_task(LONG_KINDS[i % len(LONG_KINDS)], rng, corpus, target, count))
     return tasks

@@ -296,6 +296,34 @@ def test_long_tasks_are_far_dependencies_in_tasks_and_chat(tmp_path):
     assert not prompts["train"] & (prompts["val"] | prompts["test"])
 
 
+def test_long_chat_tasks_count_on_their_own(tmp_path):
+    """--long-chat-tasks sets the chat split's long items apart from --long-tasks (a chat phase reads far
+    fewer conversations than pretraining reads documents), and the manifest records both."""
+    out = tmp_path / "d"
+    assert main(["data", "build", "--out", str(out), "--max-docs", "2", "--num-tasks", "4,2,2",
+                 "--long-tasks", "6,2,2", "--long-chat-tasks", "2,1,1", "--long-tokens", "256,512"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["options"]["long_chat_tasks"] == {"train": 2, "val": 1, "test": 1}
+    for split, n, n_chat in (("train", 6, 2), ("val", 2, 1), ("test", 2, 1)):
+        assert sum(r["id"].startswith("long-") for r in _rows(out, manifest, "tasks", split)) == n
+        assert sum(r["id"].startswith("chat-long-") for r in _rows(out, manifest, "chat", split)) == n_chat
+
+
+def test_long_training_tasks_do_not_depend_on_the_worker_count():
+    """Chunks of TASKS_PER_CHUNK items each from their own seed: two processes draw what one draws,
+    in the same order, the kinds still take turns across a chunk boundary, and chunks do not repeat
+    each other's random records."""
+    from leanserve.data.long_context import LONG_KINDS, TASKS_PER_CHUNK, training_tasks
+
+    n = TASKS_PER_CHUNK + 3
+    one = training_tasks(7, n, False, (64, 96), workers=1)
+    two = training_tasks(7, n, False, (64, 96), workers=2)
+    assert [(t.prompt, t.answer) for t in one] == [(t.prompt, t.answer) for t in two]
+    assert [t.kind for t in one] == [LONG_KINDS[i % len(LONG_KINDS)] for i in range(n)]
+    records = [t.prompt for t in one if t.kind in ("retrieval", "passkey")]  # random records: never repeated
+    assert len(set(records)) == len(records)
+
+
 def test_docs_summary_is_the_first_sentence():
     assert summary("Return the sum, e.g. 1 + 2.  More text.\n\nDetails.") == "Return the sum, e.g. 1 + 2."
     assert summary("Serialize ``obj`` as\nJSON text.\n\nMore.") == "Serialize ``obj`` as JSON text."
