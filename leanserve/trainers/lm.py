@@ -61,7 +61,7 @@ MOE_OPTIONS = ("experts", "top_k", "zc", "tau", "lb_coef", "gating_residual", "r
 ZC_KINDS = ("zero", "copy", "const")
 EVAL_DOMAINS = PRETRAIN_DOMAINS + ("chat",)
 # options that may differ between a run and its resume without changing the result
-RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out")
+RESUME_FREE = ("resume", "stop_at", "eval_every", "save_every", "out", "compile")
 
 
 # --------------------------------------------------------------------------- data mixture
@@ -248,6 +248,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on CUDA)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fused kernels, fewer launches: a small model's step is launch-bound "
+                        "on a GPU; the first steps and each new batch shape compile)")
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"],
                    help="weights dtype on disk (default: the preset's)")
     g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
@@ -313,6 +316,8 @@ class Trainer(TrainingLoop):
 
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         model = (LlamaForCausalLM if args.arch == "llama" else MoEPPForCausalLM)(config).to(device)
+        if args.compile:
+            model.compile()  # in place: state_dict keys, checkpoints and the saved model stay the bare model's
         self.model = model
         if dist_info.world_size > 1:
             # MoE: layer 0's gate_map never gets a gradient (it has no previous layer), nor does a layer's

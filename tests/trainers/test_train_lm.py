@@ -104,6 +104,28 @@ def test_resume_is_exact(corpus, tmp_path):
     assert ma["train_loss"] == mb["train_loss"] and ma["train_tokens"] == mb["train_tokens"]
 
 
+def test_compiled_model_trains_the_same_weights(corpus, tmp_path, monkeypatch):
+    # dynamo's graphs and AOTAutograd's forward/backward split as on a GPU, without inductor's code generation
+    # (slow on this CPU); the GPU measures the compiled speed
+    compile_module = torch.nn.Module.compile
+    compiled = []
+
+    def aot_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return compile_module(self, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    steps = ("--pretrain-steps", "3", "--chat-steps", "2", "--eval-every", "1000")
+    assert train(corpus, tmp_path / "eager", *steps) == 0
+    assert train(corpus, tmp_path / "compiled", *steps, "--compile") == 0
+    assert train(corpus, tmp_path / "init", "--pretrain-steps", "0", "--chat-steps", "0") == 0
+    a, b, init = (load_state(tmp_path / name) for name in ("eager", "compiled", "init"))
+    assert compiled == ["LlamaForCausalLM"] and a.keys() == b.keys()  # in place: the saved names are the model's
+    update = torch.cat([(a[k].float() - init[k].float()).flatten() for k in a])
+    gap = torch.cat([(b[k].float() - a[k].float()).flatten() for k in a])
+    assert update.norm() > 0 and gap.norm() < 1e-3 * update.norm()
+
+
 def test_resume_rejects_changed_options(corpus, tmp_path, capsys):
     steps = ["--pretrain-steps", "4", "--chat-steps", "0"]
     assert train(corpus, tmp_path / "m", *steps, "--stop-at", "2") == 0
