@@ -108,6 +108,9 @@ def add_arguments(p):
                              "image models load theirs either way (default: safetensors)")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    engine.add_argument("--async-scheduling", action="store_true",
+                        help="launch each engine step before reading the previous step's tokens, so that "
+                             "scheduling and output work overlap the GPU's (not with --tensor-parallel-size > 1)")
     engine.add_argument("--model-setting", action="append", metavar="KEY=VALUE",
                         help="set KEY of the LLM directories' leanserve.json settings before their method is "
                              "applied (repeatable; VALUE is read as JSON when it parses, else as a string)")
@@ -146,6 +149,20 @@ def parse_model_settings(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             settings[key] = value
     return settings
+
+
+def engine_options(args) -> dict:
+    """The EngineConfig fields the serve flags set (flags left unset keep EngineConfig's defaults)."""
+    options = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values() if getattr(args, name) is not None}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    if args.async_scheduling:
+        options["async_scheduling"] = True
+    if args.load_format is not None:
+        options["load_format"] = args.load_format
+    if args.model_setting:
+        options["model_settings"] = parse_model_settings(args.model_setting)
+    return options
 
 
 def _model_kind(path: str) -> str:
@@ -199,14 +216,7 @@ def run(args) -> int:
     from leanserve.server.engine.async_engine import AsyncLLMEngine
     from leanserve.server.image_engine import AsyncImageEngine
 
-    engine_kwargs = {name: getattr(args, name) for name, _ in _ENGINE_OPTIONS.values()
-                     if getattr(args, name) is not None}
-    if args.enforce_eager:
-        engine_kwargs["enforce_eager"] = True
-    if args.load_format is not None:
-        engine_kwargs["load_format"] = args.load_format
-    if args.model_setting:
-        engine_kwargs["model_settings"] = parse_model_settings(args.model_setting)
+    engine_kwargs = engine_options(args)
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
     if args.max_image_batch is not None:
         image_kwargs["max_image_batch"] = args.max_image_batch

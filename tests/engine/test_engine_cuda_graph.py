@@ -146,6 +146,25 @@ def test_replayed_decode_equals_eager(engine, batch_sizes):
     assert engine.block_manager.usage == 0.0
 
 
+def test_replayed_decode_reads_unread_tokens_on_the_device(engine, tiny_llm_dir):
+    """Async scheduling: a replay's input ids for tokens the host has not read yet come from the previous
+    step's samples, written over the static buffer on the device; the tokens equal the synchronous
+    engine's (batches shrinking through the buckets, padding rows included)."""
+    overlapped = LLMEngine(engine_config(tiny_llm_dir, async_scheduling=True))
+    for n in (1, 3, 8):
+        prompts, params = requests(engine, n)
+        engine.model_runner.graph_runner = None
+        want = engine.generate(prompts, params)
+        runner = attach_runner(overlapped, [1, 2, 4, 8])
+        try:
+            got = overlapped.generate(prompts, params)
+        finally:
+            overlapped.model_runner.graph_runner = None
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert sum(runner.replays.values()) >= min(params, key=lambda p: p.max_tokens).max_tokens - 2
+    assert overlapped.block_manager.usage == 0.0
+
+
 def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine):
     mr = engine.model_runner
     for k, v in mr.kv_caches:  # no request is live: start from an all-zero cache
@@ -183,20 +202,24 @@ def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine)
 # ---- CUDA ------------------------------------------------------------------------------------------
 
 @cuda
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("batch_sizes", [None, [2]])
-def test_cuda_graph_decode_equals_eager(tiny_llm_dir, batch_sizes, monkeypatch):
+def test_cuda_graph_decode_equals_eager(tiny_llm_dir, batch_sizes, async_scheduling, monkeypatch):
     """fp32 tiny model (head_dim 16: the Triton decode path): the tokens of graph-replayed decode
     equal eager decode over 32 steps for batches of 1, 3 and 8 (with [2], batches above 2 run
-    eagerly until they shrink)."""
+    eagerly until they shrink); with async scheduling too (unread tokens copied from the previous
+    step's samples into the graph's inputs, the samples read back through pinned memory)."""
     kw = dict(device="cuda", dtype="float32", block_size=16)
     eager = LLMEngine(engine_config(tiny_llm_dir, enforce_eager=True, **kw))
-    graphed = LLMEngine(engine_config(tiny_llm_dir, cuda_graph_batch_sizes=batch_sizes, **kw))
+    graphed = LLMEngine(engine_config(tiny_llm_dir, cuda_graph_batch_sizes=batch_sizes,
+                                      async_scheduling=async_scheduling, **kw))
     assert eager.model_runner.graph_runner is None
     runner = graphed.model_runner.graph_runner
     assert sorted(runner.graphs) == (batch_sizes or [1, 2, 4, 8])
     replays = Counter()
     run = runner.run
-    monkeypatch.setattr(runner, "run", lambda inputs: replays.update([inputs.num_seqs]) or run(inputs))
+    monkeypatch.setattr(runner, "run", lambda inputs, pending=None: replays.update([inputs.num_seqs])
+                        or run(inputs, pending))
     for n in (1, 3, 8):
         prompts, params = requests(eager, n)
         greedy = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)] * n

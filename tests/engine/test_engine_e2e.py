@@ -26,16 +26,21 @@ def engine_config(model_dir, **overrides) -> EngineConfig:
     return EngineConfig(**(kwargs | overrides))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llm_dir):
-    return LLMEngine(engine_config(tiny_llm_dir))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def engine(tiny_llm_dir, request):
+    # async scheduling: each step launched before the previous step's tokens are read; every test of
+    # this engine must hold either way
+    return LLMEngine(engine_config(tiny_llm_dir, async_scheduling=request.param))
 
 
 @pytest.fixture(scope="module")
-def prompts(engine):
+def prompts(tiny_llm_dir):
+    from leanserve.models.model_dir import load_tokenizer
+
     texts = ["1 + 2 =", "The json module", "Wrap text: the textwrap module formats paragraphs of text",
              "7 + 14 = 21", "os.path", "pytest fixtures are", "Hello", "39 + 35 = 74 and 3 + 28 = 31, so"]
-    return [engine.tokenizer(t)["input_ids"] for t in texts]
+    tokenizer = load_tokenizer(str(tiny_llm_dir))
+    return [tokenizer(t)["input_ids"] for t in texts]
 
 
 def test_greedy_matches_transformers(engine, prompts, tiny_llm_dir):
@@ -153,6 +158,46 @@ def test_logprobs(engine, prompts):
         assert lp.token == engine.tokenizer.decode([t])
 
 
+def test_async_scheduling_matches_sync_under_preemption(tiny_llm_dir, prompts):
+    """Async scheduling launches each step before reading the previous step's tokens: with every kind of
+    request in one batch (seeded sampling, logprobs, stop ids, penalties, which make steps synchronous,
+    EOS forced early) and a KV cache so small that sequences are preempted while their last token is
+    still unread, each request gets exactly the tokens of the synchronous engine, and every block comes back."""
+    results = {}
+    for async_scheduling in (False, True):
+        eng = LLMEngine(engine_config(tiny_llm_dir, async_scheduling=async_scheduling, num_kv_blocks=40,
+                                      enable_prefix_caching=True))
+        end = eng.eos_token_ids[0]
+        params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                  SamplingParams(temperature=0.9, seed=3, max_tokens=18, ignore_eos=True, logprobs=2),
+                  SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[prompts[1][2]]),
+                  SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.3, ignore_eos=True),
+                  SamplingParams(temperature=0, max_tokens=10, min_tokens=3, logit_bias={end: 100.0}),
+                  SamplingParams(temperature=0.8, seed=5, top_k=20, max_tokens=1)] * 2
+        outs = eng.generate(prompts[:6] + prompts[2:8], params)
+        results[async_scheduling] = [(r.token_ids, r.finish_reason, [lp.logprob for lp in r.logprobs or []])
+                                     for r in outs]
+        assert eng.core.scheduler.num_preemptions > 0  # the cache is too small for all twelve at once
+        assert not eng.has_unfinished() and eng.block_manager.usage == 0.0
+        assert [len(r.token_ids) for r in outs][4] == 4  # EOS after min_tokens, the next token dropped
+    sync, overlapped = results[False], results[True]
+    for a, b in zip(sync, overlapped):
+        assert a[:2] == b[:2]
+        assert a[2] == pytest.approx(b[2], abs=1e-5)
+
+
+def test_async_scheduling_returns_each_step_one_step_late(tiny_llm_dir, prompts):
+    """A step's tokens come out of the next step() (that one is launched before they are read); the
+    last token's step launches nothing for a sequence that ends by length."""
+    for async_scheduling, expected in ((False, [1, 1, 1]), (True, [0, 1, 1, 1])):
+        eng = LLMEngine(engine_config(tiny_llm_dir, async_scheduling=async_scheduling))
+        eng.add_request("r", prompts[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        counts = []
+        while eng.has_unfinished():
+            counts.append(len(eng.step()))
+        assert counts == expected
+
+
 def test_refuses_a_cache_smaller_than_one_sequence(tiny_llm_dir):
     from leanserve.errors import UserError
     with pytest.raises(UserError, match="less than one max_model_len"):
@@ -171,7 +216,7 @@ def test_async_streams_match_offline(tiny_llm_dir, engine, prompts):
     offline = engine.generate(prompts[:4], GREEDY)
 
     async def main():
-        eng = AsyncLLMEngine(engine_config(tiny_llm_dir))
+        eng = AsyncLLMEngine(engine.config)  # the core in its own process, async scheduling or not
         await eng.start()
         streams = [eng.generate(f"s{i}", p, GREEDY, time.monotonic()) for i, p in enumerate(prompts[:4])]
         results = await asyncio.gather(*(collect(s) for s in streams))

@@ -104,7 +104,8 @@ class BlockManager:
         seq.block_table.extend(computed_blocks)
         seq.num_computed_tokens = num_computed
         seq.block_table.extend(self._take(num_new_blocks))
-        self._blocks_computed(seq, num_tokens // self.block_size)
+        # a block holding a token not yet read back (async scheduling) is offered to the cache later
+        self._blocks_computed(seq, min(num_tokens, seq.num_tokens - seq.num_pending_tokens) // self.block_size)
         return True
 
     def _num_evictable(self, computed_blocks: list[int]) -> int:

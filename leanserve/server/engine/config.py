@@ -26,6 +26,9 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "safetensors"    # "dummy": random weights from config.json (vLLM's name), for benchmarks
     enforce_eager: bool = False         # CUDA: no graphs, every decode step runs the model eagerly (vLLM's name)
+    # launch each step before reading the previous step's sampled ids (they reach its inputs on the device),
+    # so the host's scheduling and output work overlaps the GPU's; one process only (vLLM's name)
+    async_scheduling: bool = False
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to max_num_seqs
     # N > 1: the model split over N devices, one process each (rank 0 is the engine core, ranks
     # 1..N-1 worker processes it starts: tp_workers.py); on CUDA rank r uses device r

@@ -3,6 +3,14 @@
 It knows nothing of text: detokenization and stop strings live in the OutputProcessor, which
 runs next to it offline (LLMEngine) and in the API process when the core runs in its own process
 (core_proc.py, vLLM V1's EngineCore). A stop string found there aborts the request here.
+
+Every sampled token enters its sequence as a PLACEHOLDER when its step is launched and gets its id
+when the step's samples are read back. Synchronously that is at once. With async scheduling
+(EngineConfig.async_scheduling) the next step is scheduled and launched first, its decodes reading
+those ids on the device, so the host's work of both steps overlaps the GPU's: a step returns the
+previous step's outputs. The cost is one token computed and dropped for a sequence that stopped on a
+sampled stop token; requests with repetition, frequency or presence penalties (which read every past
+token) make their steps synchronous.
 """
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +30,10 @@ from leanserve.server.engine.block_manager import new_block_manager
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.model_runner import ModelRunner
 from leanserve.server.engine.outputs import CoreOutput, EngineStats
-from leanserve.server.engine.sampler import SamplerOutput
+from leanserve.server.engine.sampler import PendingSample, SamplerOutput
 from leanserve.server.engine.sampling_params import SamplingParams
 from leanserve.server.engine.scheduler import Scheduler
-from leanserve.server.engine.sequence import Sequence
+from leanserve.server.engine.sequence import PLACEHOLDER, Sequence
 from leanserve.server.engine.validation import validate_request
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,23 @@ def default_batched_tokens(device: str) -> int:
     return 2048 if resolve_device(device).type == "cuda" else 512
 
 
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose samples the host has not processed: each sampling sequence and the index of its
+    PLACEHOLDER token."""
+    seqs: list[Sequence]
+    positions: list[int]
+    sampled: SamplerOutput | PendingSample | None
+    reads_history: bool  # a sequence's sampling reads its past tokens (penalties)
+
+    def resolve(self) -> SamplerOutput | None:
+        return self.sampled.resolve() if isinstance(self.sampled, PendingSample) else self.sampled
+
+
+def reads_history(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig):
         if config.max_num_batched_tokens is None:
@@ -57,7 +82,10 @@ class EngineCore:
                      "tensor_parallel_size", "max_prefill_tokens_with_decodes"):
             if getattr(config, name) is not None and getattr(config, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if config.async_scheduling and config.tensor_parallel_size > 1:
+            raise UserError("async scheduling runs in one process; tensor_parallel_size must be 1")
         self.config = config
+        self._launched: LaunchedStep | None = None  # async scheduling: the step whose samples are unread
         self.model_runner = ModelRunner(config)
         try:
             self._setup(config)
@@ -163,7 +191,10 @@ class EngineCore:
         return self._output(seq, [], None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request is still waiting, running or owed its last token (a launched step whose
+        sequences all ended meanwhile owes nothing: the next step() drops its samples)."""
+        return self.scheduler.has_unfinished() or (
+            self._launched is not None and not all(seq.is_finished for seq in self._launched.seqs))
 
     def stats(self, healthy: bool = True) -> EngineStats:
         bm = self.block_manager
@@ -176,37 +207,76 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
-        """Schedule, run the model once, and return one output per request that got a token."""
+        """Schedule, launch the model once, and return one output per request that got a token: this
+        step's, or with async scheduling the previous step's."""
+        outputs: list[CoreOutput] = []
+        previous, self._launched = self._launched, None
+        if previous is not None and previous.reads_history:  # their penalties must see the real tokens
+            outputs, previous = self._finish(previous), None
         sched = self.scheduler.schedule()
         self.model_runner.release(sched.freed)
-        if not sched.scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not schedule any waiting request")
-            return []
-        sampled_seqs, sampled = self.model_runner.execute_model(sched.scheduled)
-        for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
-        now = time.monotonic()
-        return [self._process_token(i, seq, sampled, now) for i, seq in enumerate(sampled_seqs)]
+        if sched.scheduled:
+            self._launched = self._launch(sched.scheduled, previous)
+        elif previous is None and self.scheduler.has_unfinished():
+            raise RuntimeError("the scheduler could not schedule any waiting request")
+        if previous is not None:
+            outputs += self._finish(previous)
+        if not self.config.async_scheduling and self._launched is not None:
+            outputs += self._finish(self._launched)
+            self._launched = None
+        return outputs
 
-    def _process_token(self, row: int, seq: Sequence, sampled: SamplerOutput, now: float) -> CoreOutput:
+    def _launch(self, scheduled: list[tuple[Sequence, int]], previous: LaunchedStep | None) -> LaunchedStep:
+        """Run the model on a scheduled step; every sequence that samples gets a PLACEHOLDER token."""
+        prev = None
+        if previous is not None and isinstance(previous.sampled, PendingSample):
+            prev = (previous.sampled.ids, {seq: row for row, seq in enumerate(previous.seqs)})
+        seqs, sampled = self.model_runner.execute_model(scheduled, sync=not self.config.async_scheduling, prev=prev)
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+        positions = []
+        for seq in seqs:
+            positions.append(seq.num_tokens)
+            seq.append_token(PLACEHOLDER)
+            seq.num_pending_tokens += 1
+            # a sequence that ends by length with this token is not scheduled again (known before its id)
+            seq.awaiting_final = (seq.num_output_tokens >= seq.params.max_tokens
+                                  or seq.num_tokens >= self.max_model_len)
+        return LaunchedStep(seqs, positions, sampled, any(reads_history(seq.params) for seq in seqs))
+
+    def _finish(self, step: LaunchedStep) -> list[CoreOutput]:
+        """Read a launched step's samples and give each still unfinished sequence its token."""
+        sampled = step.resolve()
+        now = time.monotonic()
+        outputs = []
+        for row, (seq, pos) in enumerate(zip(step.seqs, step.positions)):
+            if seq.is_finished:  # ended or aborted while the step ran: the token is dropped
+                continue
+            seq.num_pending_tokens -= 1
+            outputs.append(self._accept_token(row, seq, pos, sampled, now))
+        return outputs
+
+    def _accept_token(self, row: int, seq: Sequence, pos: int, sampled: SamplerOutput, now: float) -> CoreOutput:
         token = sampled.token_ids[row]
         params = seq.params
-        seq.append_token(token)
+        seq.token_ids[pos] = token
+        num_output = pos + 1 - seq.num_prompt_tokens
         first = seq.times.first_token is None
         if first:
             seq.times.first_token = now
         seq.times.last_token = now
-        if seq.num_output_tokens >= params.min_tokens and token in seq.eos_token_ids and not params.ignore_eos:
+        if num_output >= params.min_tokens and token in seq.eos_token_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= params.min_tokens and token in params.stop_token_ids:
+        elif num_output >= params.min_tokens and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_output >= params.max_tokens or pos + 1 >= self.max_model_len:
             seq.finish_reason = "length"
         logprobs = None
         if params.logprobs is not None:
             logprobs = [(token, sampled.logprobs[row], sampled.top_logprobs[row])]
         if seq.finish_reason is not None:
+            del seq.token_ids[pos + 1:]  # a token launched after this one (async scheduling) is dropped
+            seq.num_pending_tokens = 0
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
             seq.times.finished = now
@@ -220,5 +290,6 @@ class EngineCore:
         times = copy.copy(seq.times) if with_times or seq.finish_reason is not None else None
         return CoreOutput(request_id=seq.request_id, new_token_ids=new_token_ids, finish_reason=seq.finish_reason,
                           stop_reason=seq.stop_reason, logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
-                          num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output_tokens,
+                          num_cached_tokens=seq.num_cached_tokens,
+                          num_output_tokens=seq.num_output_tokens - seq.num_pending_tokens,
                           token_times=token_times or [], times=times)

@@ -177,10 +177,13 @@ class CUDAGraphRunner:
         copy(self.lens[:3 * bs], padded.seq_lens + padded.planned_lens + padded.rows, torch.int32)
 
     @torch.inference_mode()
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+    def run(self, inputs: DecodeInputs, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states [num_seqs, hidden_size] of one decode step: a view into the graphs' output
-        buffer, valid until the next run (stream order keeps later reads of it correct)."""
+        buffer, valid until the next run (stream order keeps later reads of it correct). pending: (rows,
+        input ids) already on the device, written over the host's (async scheduling)."""
         bs = select_bucket(inputs.num_seqs, self.batch_sizes)
         self._copy(pad_decode_inputs(inputs, bs, self.block_table.pad_row))
+        if pending is not None:  # the input ids are the buffer's first bs entries
+            self.ids.index_copy_(0, *pending)
         self.graphs[bs].replay()
         return self.hidden[:inputs.num_seqs]

@@ -41,9 +41,9 @@ from leanserve.server.engine.cuda_graph import (
     check_batch_sizes,
     default_batch_sizes,
 )
-from leanserve.server.engine.sampler import Sampler, SamplerOutput, to_device
+from leanserve.server.engine.sampler import PendingSample, Sampler, SamplerOutput, to_device
 from leanserve.server.engine.sampling_params import SamplingParams
-from leanserve.server.engine.sequence import Sequence
+from leanserve.server.engine.sequence import PLACEHOLDER, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -328,9 +328,30 @@ class ModelRunner:
         """Sequences whose blocks were freed (SchedulerOutput.freed) give back their block-table rows."""
         self.block_table.release(seqs)
 
+    def _placeholder_inputs(self, scheduled: list[tuple[Sequence, int]],
+                            prev: tuple[torch.Tensor, dict[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Async scheduling: the step's tokens the host has not read yet (a decode's last sampled token,
+        PLACEHOLDER on the host) as (their indices among the step's tokens, their ids from the previous
+        step's samples on the device: prev = (those samples, each pending sequence's row in them))."""
+        sampled, rows = prev
+        dst, src, start = [], [], 0
+        for seq, n in scheduled:
+            if seq.token_ids[seq.num_computed_tokens] == PLACEHOLDER:
+                dst.append(start)
+                src.append(rows[seq])
+            start += n
+        if not dst:
+            return None
+        return (to_device(dst, torch.int64, self.device),
+                sampled.index_select(0, to_device(src, torch.int64, self.device)))
+
     @torch.inference_mode()
-    def execute_model(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step; returns the sequences that sampled (batch order) and their samples."""
+    def execute_model(self, scheduled: list[tuple[Sequence, int]], *, sync: bool = True,
+                      prev: tuple[torch.Tensor, dict[Sequence, int]] | None = None
+                      ) -> tuple[list[Sequence], SamplerOutput | PendingSample | None]:
+        """Run one step; returns the sequences that sample (batch order) and their samples: read back
+        (sync), else still being copied (PendingSample). prev: the previous step's samples still on the
+        device and each of its sequences' row in them (async scheduling, one process only)."""
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         rows, table_update = self.block_table.assign([seq for seq, _ in scheduled])
         pure_decode = self.graph_runner is not None and all(n == 1 for _, n in scheduled)
@@ -339,25 +360,32 @@ class ModelRunner:
             decode = None
         step = StepInputs(self._eager_inputs(scheduled, rows) if decode is None else None, decode,
                           self._sample_rows(scheduled), [seq.variant for seq in sampling], table_update)
+        pending = None if prev is None else self._placeholder_inputs(scheduled, prev)
+        if pending is not None and self.tp_size > 1:
+            raise RuntimeError("async scheduling runs in one process: other ranks read input ids from the host")
         try:
             self._send((tp_workers.STEP, step_to_wire(step)))
-            logits = self.run_step(step)
+            logits = self.run_step(step, pending)
         except Exception:
             if self.workers is not None:  # a collective failed: name the rank that died, if one did
                 self.workers.check_alive(grace=2.0)
             raise
         if logits is None:
             return [], None
-        return sampling, self.sampler(logits, sampling)
+        return sampling, self.sampler(logits, sampling, sync)
 
     @torch.inference_mode()
-    def run_step(self, step: StepInputs) -> torch.Tensor | None:
-        """The forward of one step (every rank): the logits of its sampled rows, None if none samples."""
+    def run_step(self, step: StepInputs, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> torch.Tensor | None:
+        """The forward of one step (every rank): the logits of its sampled rows, None if none samples.
+        pending: (token indices, ids) written over the host's input ids on the device first."""
         self.block_table.write(step.table_update)
         if step.decode is not None:
-            hidden = self.graph_runner.run(step.decode)
+            hidden = self.graph_runner.run(step.decode, pending)
         else:
             input_ids, positions, meta = self._tensors(step.eager)
+            if pending is not None:
+                input_ids.index_copy_(0, *pending)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not step.sample_rows:
             return None

@@ -78,26 +78,63 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logits.scatter(1, idx, sorted_logits)
 
 
+def _sampler_output(tables: list[list], want_logprobs: list[int | None]) -> SamplerOutput:
+    """SamplerOutput from the host copies of Sampler's tables: the ids [N], or the ids and logprobs
+    [N, 1 + k] (column 0 the sampled token, then the top-k)."""
+    if len(tables) == 1:
+        return SamplerOutput(tables[0])
+    ids, vals = tables
+    top = [list(zip(ids[i][1:1 + (k or 0)], vals[i][1:1 + (k or 0)])) for i, k in enumerate(want_logprobs)]
+    return SamplerOutput([r[0] for r in ids], [r[0] for r in vals], top)
+
+
+@dataclass(slots=True)
+class PendingSample:
+    """A step's samples while they are copied to the host without blocking (async scheduling): `ids`
+    stays on the device, where the next step reads its input ids; resolve() waits for the copies."""
+    ids: torch.Tensor                    # [N] on the device
+    host: tuple[torch.Tensor, ...]       # Sampler's tables, in (pinned) host memory
+    event: torch.cuda.Event | None       # recorded after the copies (None on CPU: already done)
+    want_logprobs: list[int | None]
+
+    @classmethod
+    def start(cls, ids: torch.Tensor, tables: tuple[torch.Tensor, ...], want_logprobs: list[int | None]
+              ) -> PendingSample:
+        if not ids.is_cuda:
+            return cls(ids, tables, None, want_logprobs)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tables)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(ids, host, event, want_logprobs)
+
+    def resolve(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return _sampler_output([t.tolist() for t in self.host], self.want_logprobs)
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # shared by unseeded requests
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [N, vocab] float32 (modified in place), one row per sequence in `seqs`."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], sync: bool = True
+                 ) -> SamplerOutput | PendingSample:
+        """logits [N, vocab] float32 (modified in place), one row per sequence in `seqs`. sync: read the
+        samples back now (the step's one host sync), else start their copy (PendingSample)."""
         vocab = logits.shape[-1]
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_logprobs) else None
 
         sampled = self.sample(logits, seqs)
-        if raw_logprobs is None:
-            return SamplerOutput(sampled.tolist())  # the step's one host sync
-        # ids and logprobs each as one [N, 1 + k] table: column 0 the sampled token, then the top-k
-        top_vals, top_ids = raw_logprobs.topk(min(max(k or 0 for k in want_logprobs), vocab), dim=-1)
-        ids = torch.cat([sampled[:, None], top_ids], 1).tolist()
-        vals = torch.cat([raw_logprobs.gather(1, sampled[:, None]), top_vals], 1).tolist()
-        top = [list(zip(ids[i][1:1 + (k or 0)], vals[i][1:1 + (k or 0)])) for i, k in enumerate(want_logprobs)]
-        return SamplerOutput([r[0] for r in ids], [r[0] for r in vals], top)
+        tables: tuple[torch.Tensor, ...] = (sampled,)
+        if raw_logprobs is not None:  # ids and logprobs each as one [N, 1 + k] table
+            top_vals, top_ids = raw_logprobs.topk(min(max(k or 0 for k in want_logprobs), vocab), dim=-1)
+            tables = (torch.cat([sampled[:, None], top_ids], 1),
+                      torch.cat([raw_logprobs.gather(1, sampled[:, None]), top_vals], 1))
+        if sync:
+            return _sampler_output([t.tolist() for t in tables], want_logprobs)
+        return PendingSample.start(sampled, tables, want_logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The sampled ids [N], on the logits' device, without a host sync (logits modified in place)."""

@@ -57,12 +57,16 @@ class Scheduler:
         out = SchedulerOutput()
         budget = prefill_budget = self.max_num_batched_tokens
         cap = self.max_prefill_tokens_with_decodes
-        if cap is not None and any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+        if cap is not None and any(s.num_tokens - s.num_computed_tokens == 1 and not s.awaiting_final
+                                   for s in self.running):
             prefill_budget = cap
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq.awaiting_final:  # its last token is still being read back: nothing more to compute
+                i += 1
+                continue
             num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
             if num_new == 0:  # a prompt chunk with the step's prefill share spent: it goes on next step
                 i += 1

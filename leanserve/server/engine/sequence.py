@@ -9,6 +9,10 @@ from leanserve.server.engine.outputs import RequestTimes
 from leanserve.server.engine.sampling_params import SamplingParams
 
 
+# a sampled token the host has not read yet (async scheduling): the next step reads its id on the device
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -42,6 +46,10 @@ class Sequence:
         self.times = RequestTimes(arrival=arrival_time)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        # async scheduling: trailing PLACEHOLDER tokens (at most the two steps in flight), and whether the
+        # last of them ends the sequence by length, so that it is not scheduled again
+        self.num_pending_tokens = 0
+        self.awaiting_final = False
 
     @property
     def num_tokens(self) -> int:
