@@ -237,11 +237,12 @@ def test_async_streams_match_offline(tiny_llm_dir, engine, prompts):
     assert not healthy_after
 
 
-def test_async_cancellation_frees_blocks(tiny_llm_dir, prompts):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_async_cancellation_frees_blocks(tiny_llm_dir, prompts, async_scheduling):
     long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
 
     async def main():
-        eng = AsyncLLMEngine(engine_config(tiny_llm_dir))
+        eng = AsyncLLMEngine(engine_config(tiny_llm_dir, async_scheduling=async_scheduling))
         await eng.start()
         got = []
 
