@@ -159,27 +159,46 @@ def test_logprobs(engine, prompts):
 
 
 def test_async_scheduling_matches_sync_under_preemption(tiny_llm_dir, prompts):
-    """Async scheduling launches each step before reading the previous step's tokens: with every kind of
-    request in one batch (seeded sampling, logprobs, stop ids, penalties, which make steps synchronous,
-    EOS forced early) and a KV cache so small that sequences are preempted while their last token is
-    still unread, each request gets exactly the tokens of the synchronous engine, and every block comes back."""
-    results = {}
+    """Async scheduling launches each step before reading the previous step's tokens: with seeded
+    sampling, logprobs, stop ids and EOS forced early in one batch, and a KV cache so small that sequences
+    are preempted while their last token is still unread, each request gets exactly the tokens of the
+    synchronous engine, and every block comes back. Penalties (which make a step synchronous) in a second
+    batch."""
+    results, device_steps, pending_victims = {}, 0, 0
     for async_scheduling in (False, True):
-        eng = LLMEngine(engine_config(tiny_llm_dir, async_scheduling=async_scheduling, num_kv_blocks=40,
-                                      enable_prefix_caching=True))
+        eng = LLMEngine(engine_config(tiny_llm_dir, async_scheduling=async_scheduling, num_kv_blocks=40))
         end = eng.eos_token_ids[0]
+        mr, sched = eng.model_runner, eng.core.scheduler
+        placeholder_inputs, preempt = mr._placeholder_inputs, sched._preempt
+
+        def count_device_inputs(*args):
+            nonlocal device_steps
+            out = placeholder_inputs(*args)
+            device_steps += out is not None
+            return out
+
+        def count_pending_victims(seq):
+            nonlocal pending_victims
+            pending_victims += seq.num_pending_tokens > 0
+            preempt(seq)
+
+        mr._placeholder_inputs, sched._preempt = count_device_inputs, count_pending_victims
         params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
                   SamplingParams(temperature=0.9, seed=3, max_tokens=18, ignore_eos=True, logprobs=2),
                   SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[prompts[1][2]]),
-                  SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.3, ignore_eos=True),
                   SamplingParams(temperature=0, max_tokens=10, min_tokens=3, logit_bias={end: 100.0}),
                   SamplingParams(temperature=0.8, seed=5, top_k=20, max_tokens=1)] * 2
-        outs = eng.generate(prompts[:6] + prompts[2:8], params)
+        outs = eng.generate(prompts[:5] + prompts[3:8], params)
+        assert [len(r.token_ids) for r in outs][3] == 4  # EOS after min_tokens, the next token dropped
+        assert sched.num_preemptions > 0  # the cache is too small for all ten at once
+        penalised = [SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.3, ignore_eos=True),
+                     SamplingParams(temperature=0.7, seed=1, max_tokens=15, frequency_penalty=0.5, ignore_eos=True),
+                     SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)]
+        outs += eng.generate(prompts[5:8], penalised)
         results[async_scheduling] = [(r.token_ids, r.finish_reason, [lp.logprob for lp in r.logprobs or []])
                                      for r in outs]
-        assert eng.core.scheduler.num_preemptions > 0  # the cache is too small for all twelve at once
         assert not eng.has_unfinished() and eng.block_manager.usage == 0.0
-        assert [len(r.token_ids) for r in outs][4] == 4  # EOS after min_tokens, the next token dropped
+    assert device_steps > 10 and pending_victims > 0  # the async run read ids on the device, and preempted
     sync, overlapped = results[False], results[True]
     for a, b in zip(sync, overlapped):
         assert a[:2] == b[:2]

@@ -104,7 +104,7 @@ class PendingSample:
             return cls(ids, tables, None, want_logprobs)
         host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tables)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(ids.device))  # the copies' stream: the engine's GPU need not be current
         return cls(ids, host, event, want_logprobs)
 
     def resolve(self) -> SamplerOutput:
