@@ -7,9 +7,12 @@ tasks, compressed at KV density 0.5 and 0.25, and evaluated against dense and th
   2. model: `leanserve train lm`, a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
      8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows (8 a step, 4,000 steps: 131M
      tokens) with the long tasks weighted up, then chat SFT (the eval asks through the chat template)
-  3. `leanserve compress moa` at density 0.5 and 0.25 (profile lengths 512, 1024, 2048: validation at 4096),
+  3. check: the dense model's greedy retrieval on 40 held-out probes at 1,024 and 2,048 tokens (item seed
+     100, apart from the eval's); below --min-dense-retrieval (0.2) the run stops there, as a model that
+     cannot retrieve makes every arm score 0 (the first run, BENCHMARKS.md) -> WORK/dense_check.json
+  4. `leanserve compress moa` at density 0.5 and 0.25 (profile lengths 512, 1024, 2048: validation at 4096),
      the 0.25 one with the ablation ladder's plans
-  4. `leanserve eval moa`: dense, the uniform sink + window at each density, the ladder, both MoA plans; retrieval
+  5. `leanserve eval moa`: dense, the uniform sink + window at each density, the ladder, both MoA plans; retrieval
      by position bucket at 512-4,096 tokens and response perplexity, 3 item seeds
      -> benchmarks/results/moa_eval.json (+ .png)
 Data, training and compression are skipped once done and resume where they stopped (training from its
@@ -25,13 +28,14 @@ GPU time, first run (one H100, commit 6002533, 12,000 long items then): data 75 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STAGES = ("data", "train", "compress", "eval")
+STAGES = ("data", "train", "check", "compress", "eval")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Scale:
     eval: tuple[str, ...]
     densities: tuple[float, ...]
     device: str
+    check_lengths: tuple[int, ...]  # of the dense retrieval check (its items ask with max_new_tokens 32, or 4 in smoke)
+    check_new_tokens: int
 
 
 FULL = Scale(
@@ -59,7 +65,9 @@ FULL = Scale(
     # 64 sequences a step: a 20M model's decode step is host-bound, so a wider batch costs little per step
     eval=("--lengths", "512", "1024", "2048", "3072", "4096", "--seeds", "0", "1", "2", "--batch-size", "64"),
     densities=(0.5, 0.25),
-    device="cuda")
+    device="cuda",
+    check_lengths=(1024, 2048),
+    check_new_tokens=32)
 SMOKE = Scale(
     build=("--max-docs", "6", "--num-tasks", "40,8,8", "--long-tasks", "12,4,4", "--long-tokens", "96,160"),
     vocab_size=400,
@@ -69,7 +77,9 @@ SMOKE = Scale(
     eval=("--lengths", "128", "192", "--buckets", "2", "--items-per-bucket", "1", "--seeds", "0",
           "--ppl-items", "1", "--max-new-tokens", "4", "--batch-size", "4"),
     densities=(0.5,),
-    device="cpu")
+    device="cpu",
+    check_lengths=(192,),
+    check_new_tokens=4)
 
 
 def leanserve(*argv: str) -> None:
@@ -79,12 +89,13 @@ def leanserve(*argv: str) -> None:
         raise SystemExit(f"leanserve {' '.join(argv[:2])} failed")
 
 
-def run(work: Path, scale: Scale, out: Path, stop_after: str | None) -> None:
+def run(work: Path, scale: Scale, out: Path, stop_after: str | None, min_dense_retrieval: float) -> None:
     data, tok, dense = work / "data", work / "tok", work / "dense"
     stages = {
         # only training reads the data: a model trained elsewhere (brought back from another machine) needs none
         "data": lambda: None if (dense / "leanserve.json").is_file() else _data(data, tok, scale),
         "train": lambda: _train(data, tok, dense, scale),
+        "check": lambda: _check(dense, work, scale, min_dense_retrieval),
         "compress": lambda: _compress(dense, work, scale),
         "eval": lambda: leanserve("eval", "moa", "--model", str(dense), "--plans",
                                   *(str(plan_dir(work, d)) for d in scale.densities), "--out", str(out),
@@ -117,6 +128,32 @@ def _train(data: Path, tok: Path, dense: Path, scale: Scale) -> None:
               scale.device, *scale.train, *resume)
 
 
+def _check(dense: Path, work: Path, scale: Scale, min_accuracy: float) -> None:
+    """Stop before compressing a model that cannot do the task: compression and eval would spend ~7 GPU
+    minutes to report 0 for every arm."""
+    from transformers import AutoTokenizer
+
+    from leanserve.data.long_context import Corpus
+    from leanserve.eval import moa as eval_moa
+    from leanserve.eval import moa_items
+
+    probes = moa_items.probes(AutoTokenizer.from_pretrained(dense), Corpus.load(held_out=True),
+                              lengths=list(scale.check_lengths), seeds=[100], buckets=4, per_bucket=5,
+                              kinds=["retrieval"], max_new_tokens=scale.check_new_tokens)
+    correct, _ = eval_moa.run_arm(eval_moa.Arm("dense", 1.0, dense), probes, [], max_model_len=max(scale.check_lengths),
+                                  max_new_tokens=scale.check_new_tokens, batch_size=64, device=scale.device,
+                                  dtype="auto", gpu_memory_utilization=0.5)
+    by_length = {n: sum(c for c, p in zip(correct, probes) if p.length == n) / sum(p.length == n for p in probes)
+                 for n in scale.check_lengths}
+    accuracy = sum(correct) / len(correct)
+    (work / "dense_check.json").write_text(json.dumps({"retrieval_accuracy": accuracy, "by_length": by_length,
+                                                       "probes": len(probes), "min_accuracy": min_accuracy}) + "\n")
+    print(f"dense retrieval {accuracy:.2f} ({by_length})", flush=True)
+    if accuracy < min_accuracy:
+        raise SystemExit(f"the dense model answers {accuracy:.0%} of the check's retrieval probes (--min-dense-retrieval "
+                         f"{min_accuracy}): not worth compressing; see {work / 'dense_check.json'}")
+
+
 def _compress(dense: Path, work: Path, scale: Scale) -> None:
     for i, density in enumerate(scale.densities):
         out = plan_dir(work, density)
@@ -134,8 +171,11 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "moa_eval.json"))
     p.add_argument("--smoke", action="store_true", help="CPU, toy sizes: the code paths in about a minute")
     p.add_argument("--stop-after", choices=STAGES, help="stop after this stage (continue later)")
+    p.add_argument("--min-dense-retrieval", type=float,
+                   help="stop after the check below this dense retrieval accuracy (default 0.2; --smoke 0)")
     args = p.parse_args()
-    run(Path(args.work), SMOKE if args.smoke else FULL, Path(args.out), args.stop_after)
+    threshold = args.min_dense_retrieval if args.min_dense_retrieval is not None else (0.0 if args.smoke else 0.2)
+    run(Path(args.work), SMOKE if args.smoke else FULL, Path(args.out), args.stop_after, threshold)
 
 
 if __name__ == "__main__":

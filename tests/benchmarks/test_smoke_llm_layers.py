@@ -111,3 +111,10 @@ def test_moa_experiment_smoke_and_resume(tmp_path):
     assert (tmp_path / "moa_eval.png").is_file()
     manifest = json.loads((tmp_path / "w" / "data" / "manifest.json").read_text())
     assert manifest["options"]["long_tasks"]["train"] == 12
+    # the dense check stops a run whose model cannot retrieve before compression (an unreachable bar here)
+    proc = subprocess.run(argv + ["--min-dense-retrieval", "1.01"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and "not worth compressing" in proc.stderr
+    assert "compress moa" not in proc.stdout + proc.stderr
+    check = json.loads((tmp_path / "w" / "dense_check.json").read_text())
+    assert check["probes"] == 20 and 0 <= check["retrieval_accuracy"] <= 1 and check["min_accuracy"] == 1.01
