@@ -53,8 +53,8 @@ class Scale:
 
 FULL = Scale(
     # lengths are estimated at 3.5 characters a token: 3,072 keeps a margin under the 4,096-token windows
-    # ~90M tokens of long items: training reads each about once (12,000 of them, read ~7 times, were memorised
-    # in the first run: BENCHMARKS.md); the chat phase reads ~8,000 conversations, so 12,000 long ones suffice
+    # ~90M tokens of long items: training reads each about once (the first run read 12,000 ~7 times, fit its
+    # training text and never learned to retrieve: BENCHMARKS.md); the chat phase reads ~8,000 conversations
     build=("--long-tasks", "100000,300,300", "--long-chat-tasks", "12000,300,300", "--long-tokens", "256,3072"),
     vocab_size=8192,
     train=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",

@@ -208,9 +208,9 @@ def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, in
     val and test ones). Lengths are estimated at CHARS_PER_TOKEN, so they are approximate; the items of
     `compress moa` and `eval moa` fit the model's own tokenizer.
 
-    A model must see each item about once to learn to look back rather than memorise answers, so builds
-    run to 10^5 items (~2 ms each): they are drawn in chunks of TASKS_PER_CHUNK, each from its own seed,
-    over `workers` processes; the items do not depend on how many."""
+    Builds for training run to 10^5 items (~2 ms each), so that a model reads each about once rather than
+    fitting a few thousand: they are drawn in chunks of TASKS_PER_CHUNK, each from its own seed, over
+    `workers` processes; the items do not depend on how many."""
     chunks = [(derive_seed(seed, "chunk", str(start)), start, min(TASKS_PER_CHUNK, n - start), held_out, token_range)
               for start in range(0, n, TASKS_PER_CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
