@@ -90,6 +90,10 @@ class BuildOptions:
     long_tokens: tuple[int, int] = (512, 4096)  # their approximate token lengths (log-uniform)
     workers: int = 1  # processes drawing the long-context tasks (the data does not depend on it)
 
+    @property
+    def long_chat_counts(self) -> tuple[int, int, int]:
+        return self.long_tasks if self.long_chat_tasks is None else self.long_chat_tasks
+
 
 def _unseen_tasks(seed: int, n: int, seen: set[str], task_params: dict[str, dict],
                   kinds: tuple[str, ...] = KINDS) -> list[Task]:
@@ -115,8 +119,8 @@ def _add_long_tasks(rows: dict[str, dict[str, list[dict]]], opts: BuildOptions) 
     `tasks:KIND` groups of the short tasks stay theirs, and --task-kinds does not apply to them."""
     from leanserve.data.long_context import training_tasks  # it imports split_of from here
 
-    chat_counts = opts.long_tasks if opts.long_chat_tasks is None else opts.long_chat_tasks
-    for split, n, n_chat in tqdm(list(zip(SPLITS, opts.long_tasks, chat_counts)), desc="long tasks", unit=" splits"):
+    for split, n, n_chat in tqdm(list(zip(SPLITS, opts.long_tasks, opts.long_chat_counts)), desc="long tasks",
+                                 unit=" splits"):
         tasks = [replace(t, kind=f"long_{t.kind}") for t in
                  training_tasks(derive_seed(opts.seed, "long", split), n + n_chat, split != "train", opts.long_tokens,
                                 opts.workers)]
@@ -173,7 +177,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
                                     for i, t in enumerate(chat_tasks)]
             seen.update(t.prompt for t in tasks + chat_tasks)
             bar.update(2 * n)
-    if any(opts.long_tasks) or any(opts.long_chat_tasks or ()):
+    if any(opts.long_tasks) or any(opts.long_chat_counts):
         _add_long_tasks(rows, opts)
 
     splits: dict[str, dict[str, dict]] = {}
@@ -197,8 +201,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "task_kinds": list(opts.task_kinds),
             "answer_tags": opts.answer_tags,
             "long_tasks": dict(zip(SPLITS, opts.long_tasks)),
-            "long_chat_tasks": dict(zip(SPLITS, opts.long_tasks if opts.long_chat_tasks is None
-                                        else opts.long_chat_tasks)),
+            "long_chat_tasks": dict(zip(SPLITS, opts.long_chat_counts)),
             "long_tokens": list(opts.long_tokens),
             "split_bounds": list(SPLIT_BOUNDS),
         },
