@@ -83,6 +83,20 @@ def test_prefix_cache_hit_gives_identical_output(engine, prompts):
     assert second.token_ids == first.token_ids and second.text == first.text
 
 
+def test_a_finished_conversation_is_cached_to_its_last_computed_token(engine, prompts):
+    # a chat's next turn starts with the last turn's prompt and reply: every full block of what the
+    # last turn computed is a hit, also with async scheduling, where the block a sequence's last
+    # computed token fills is only known to the cache once that sequence's final token is read
+    bs = engine.block_manager.block_size
+    # a prompt length at which the last computed token (the reply's last but one) ends a block
+    prompt = (prompts[5] + prompts[1])[:bs * 4 - GREEDY.max_tokens % bs + 1]
+    first, = engine.generate([prompt], GREEDY)
+    conversation = prompt + first.token_ids
+    assert len(first.token_ids) == GREEDY.max_tokens and (len(conversation) - 1) % bs == 0
+    second, = engine.generate([conversation], SamplingParams(temperature=0, max_tokens=1))
+    assert second.num_cached_tokens == len(conversation) - 1
+
+
 def test_abort_frees_all_blocks(engine, prompts):
     for i, p in enumerate(prompts[:5]):
         engine.add_request(f"abort-{i}", p, GREEDY)

@@ -219,6 +219,10 @@ class PrefixCachingBlockManager(BlockManager):
         """Release the sequence's blocks. Tail blocks are freed first so they are also evicted
         first: a prefix's head is worth more than its tail. Unhashed blocks hold nothing
         reusable and go to the front of the queue."""
+        # with async scheduling the block that the last computed token fills may still be unhashed (that
+        # token was unread when its step was scheduled); by now every computed token is known
+        num_known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending_tokens)
+        self._blocks_computed(seq, num_known // self.block_size)
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_cnt -= 1
