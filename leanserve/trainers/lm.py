@@ -10,7 +10,8 @@ one stream per data group, each batch split over the groups by the mixture (natu
 static or Aioli's, re-estimated online: trainers/lm_mixture.py). Phase 2 (chat) trains on
 chat pairs rendered through the tokenizer's chat template with the loss on assistant tokens
 only (each reply and its end-of-turn token). One AdamW and one LR schedule span both phases:
-linear warm-up then cosine decay, restarted at the phase boundary.
+linear warm-up then cosine decay, restarted at the phase boundary. `--init MODEL_DIR` starts from
+another run's weights instead of a fresh init (a curriculum: short windows first, then long ones).
 
 Resumable exactly (see trainers/checkpoint.py): all randomness of the data order is one
 torch.Generator per rank whose state is checkpointed. `torchrun` DDP: each rank reads its
@@ -45,7 +46,7 @@ from leanserve.errors import UserError
 from leanserve.eval.moepp_routing import routing_stats, summary
 from leanserve.eval.token_loss import mean_losses
 from leanserve.kernels.moepp_reference import RENORM_MODES
-from leanserve.models.model_dir import ModelInfo, save_model_info
+from leanserve.models.model_dir import ModelInfo, save_model_info, weights_sha256
 from leanserve.models.moepp_hf import MoEPPConfig, MoEPPForCausalLM
 from leanserve.runtime import DistInfo, all_reduce_sum, distributed
 from leanserve.trainers import lm_mixture
@@ -253,6 +254,10 @@ def add_arguments(p: argparse.ArgumentParser):
                         "on a GPU; the first steps and each new batch shape compile)")
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"],
                    help="weights dtype on disk (default: the preset's)")
+    g.add_argument("--init", metavar="MODEL_DIR",
+                   help="start from this model directory's weights (the same shape and tokenizer; --max-len may "
+                        "differ), with a fresh optimizer and LR schedule: e.g. a long-context run from a short-context "
+                        "one, which forms induction heads in far fewer steps")
     g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
     g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (time-boxed jobs); resume later")
 
@@ -282,6 +287,8 @@ def _check_args(args):
     total = args.pretrain_steps + args.chat_steps
     if args.stop_at is not None and not 0 < args.stop_at < total:
         raise UserError(f"--stop-at must be between 1 and {total - 1} (the run has {total} steps)")
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        raise UserError(f"--init {args.init}: not a model directory (no config.json)")
     check_out_dir(args.out, CHECKPOINT, args.resume, finished="config.json")
     _resolve_moe_args(args)
 
@@ -296,6 +303,16 @@ def run(args):
     plan = plan_mixture(args, manifest)
     with distributed(args.device) as (dist_info, device):
         return Trainer(args, manifest, plan, tokenizer, config, dist_info, device).train()
+
+
+def _load_init(model: torch.nn.Module, init: str) -> None:
+    """model <- the weights of the model directory `init` (loaded as model's own class, safetensors)."""
+    source = type(model).from_pretrained(init, dtype=torch.float32)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:  # a different shape or vocabulary
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise UserError(f"--init {init} does not fit this model's shape: {first[0].strip()}") from None
 
 
 class Trainer(TrainingLoop):
@@ -316,6 +333,8 @@ class Trainer(TrainingLoop):
 
         torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         model = (LlamaForCausalLM if args.arch == "llama" else MoEPPForCausalLM)(config).to(device)
+        if args.init:
+            _load_init(model, args.init)
         if args.compile:
             model.compile()  # in place: state_dict keys, checkpoints and the saved model stay the bare model's
         self.model = model
@@ -443,6 +462,7 @@ class Trainer(TrainingLoop):
             kind="llm", method="dense",
             settings={"architecture": type(model).__name__, "arch": args.arch, "preset": args.preset,
                       "num_params": num_params, "save_dtype": save_dtype, "world_size": self.dist.world_size,
+                      "init": {"dir": args.init, "weights_sha256": weights_sha256(args.init)} if args.init else None,
                       "mix": self.pretrain.mix if self.pretrain else None,
                       "mixture": self.pretrain.settings() if self.pretrain else None},
             recipe=self._recipe(),

@@ -126,6 +126,34 @@ def test_compiled_model_trains_the_same_weights(corpus, tmp_path, monkeypatch):
     assert update.norm() > 0 and gap.norm() < 1e-3 * update.norm()
 
 
+def test_init_starts_from_a_model_dirs_weights(corpus, trained, tmp_path, capsys):
+    from leanserve.models.model_dir import weights_sha256
+
+    # no steps: the saved weights are the init's; a longer --max-len is allowed (rotary has no weights)
+    assert train(corpus, tmp_path / "copy", "--init", str(trained), "--max-len", "128", "--seq-len", "128",
+                 "--pretrain-steps", "0", "--chat-steps", "0") == 0
+    a, b = load_state(trained), load_state(tmp_path / "copy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "copy" / "leanserve.json").read_text())
+    assert f"--init {trained}" in info["recipe"]["command"]
+    assert info["settings"]["init"] == {"dir": str(trained), "weights_sha256": weights_sha256(trained)}
+    # two small steps from it stay near it, far from a fresh init
+    assert train(corpus, tmp_path / "more", "--init", str(trained), "--pretrain-steps", "2", "--chat-steps", "0",
+                 "--lr", "1e-4") == 0
+    assert train(corpus, tmp_path / "fresh", "--pretrain-steps", "0", "--chat-steps", "0") == 0
+    more, fresh = load_state(tmp_path / "more"), load_state(tmp_path / "fresh")
+
+    def distance(x, y):
+        return sum(float((x[k].float() - y[k].float()).norm()) for k in x)
+
+    assert 0 < distance(more, a) < 0.1 * distance(more, fresh)
+    capsys.readouterr()
+    assert train(corpus, tmp_path / "wide", "--init", str(trained), "--hidden-size", "128") == 2
+    assert train(corpus, tmp_path / "none", "--init", str(tmp_path / "missing")) == 2
+    lines = [line for line in capsys.readouterr().err.split("\n") if "error:" in line]  # not the loading bar
+    assert len(lines) == 2 and "does not fit this model's shape" in lines[0] and "not a model directory" in lines[1]
+
+
 def test_resume_rejects_changed_options(corpus, tmp_path, capsys):
     steps = ["--pretrain-steps", "4", "--chat-steps", "0"]
     assert train(corpus, tmp_path / "m", *steps, "--stop-at", "2") == 0
