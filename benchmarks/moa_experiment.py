@@ -146,9 +146,12 @@ def _check(dense: Path, work: Path, scale: Scale, min_accuracy: float) -> None:
     by_length = {n: sum(c for c, p in zip(correct, probes) if p.length == n) / sum(p.length == n for p in probes)
                  for n in scale.check_lengths}
     accuracy = sum(correct) / len(correct)
+    # whether it copies at all (train lm's last validation): retrieval needs induction heads first
+    induction = json.loads((dense / "leanserve.json").read_text())["metrics"]["val_history"][-1].get("induction")
     (work / "dense_check.json").write_text(json.dumps({"retrieval_accuracy": accuracy, "by_length": by_length,
-                                                       "probes": len(probes), "min_accuracy": min_accuracy}) + "\n")
-    print(f"dense retrieval {accuracy:.2f} ({by_length})", flush=True)
+                                                       "probes": len(probes), "min_accuracy": min_accuracy,
+                                                       "induction": induction}) + "\n")
+    print(f"dense retrieval {accuracy:.2f} ({by_length}); induction {induction}", flush=True)
     if accuracy < min_accuracy:
         raise SystemExit(f"the dense model answers {accuracy:.0%} of the check's retrieval probes (--min-dense-retrieval "
                          f"{min_accuracy}): not worth compressing; see {work / 'dense_check.json'}")

@@ -43,6 +43,7 @@ from leanserve.data.lm_data import (
 )
 from leanserve.data.tokenizer import stop_token_ids
 from leanserve.errors import UserError
+from leanserve.eval.induction import induction_words, repeat_losses
 from leanserve.eval.moepp_routing import routing_stats, summary
 from leanserve.eval.token_loss import mean_losses
 from leanserve.kernels.moepp_reference import RENORM_MODES
@@ -390,8 +391,13 @@ class Trainer(TrainingLoop):
         losses = mean_losses(self.model, self.val, self.device, self.autocast, self.dist)
         if self.pretrain is not None:
             self.group_loss = self.pretrain.group_losses(self.model)
-        self.history.append({"step": self.step, "val_loss": losses, "group_val_loss": self.group_loss})
-        self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()))
+        # whether the model copies yet (eval/induction.py): long-context tasks stay unlearnt until it does
+        induction = [repeat_losses(unwrap(self.model), self.tokenizer, words, device=self.device)
+                     for words in induction_words(self.args.seq_len)]
+        self.history.append({"step": self.step, "val_loss": losses, "group_val_loss": self.group_loss,
+                             "induction": induction})
+        self._log(f"step {self.step}: val loss " + ", ".join(f"{d} {v:.3f}" for d, v in losses.items())
+                  + "; copy gain " + ", ".join(f"{r['copy_gain']:.2f} at {r['words']} words" for r in induction))
         if self.args.arch != "llama":
             routing = routing_stats(self.model, self.val, self.device, self.autocast, self.dist)
             self.history[-1]["routing"] = routing

@@ -118,3 +118,4 @@ def test_moa_experiment_smoke_and_resume(tmp_path):
     assert "compress moa" not in proc.stdout + proc.stderr
     check = json.loads((tmp_path / "w" / "dense_check.json").read_text())
     assert check["probes"] == 20 and 0 <= check["retrieval_accuracy"] <= 1 and check["min_accuracy"] == 1.01
+    assert [r["words"] for r in check["induction"]] == [8, 32]  # 256-token windows

@@ -47,6 +47,10 @@ def test_training_lowers_validation_loss(corpus, trained):
     assert set(before) == set(after) == {"code", "docs", "tasks", "chat"}
     for domain in before:
         assert after[domain] < before[domain] - 0.5, (domain, before[domain], after[domain])
+    # each validation also probes whether the model copies yet (64-token windows: 8-word repeats)
+    history = json.loads((trained / "leanserve.json").read_text())["metrics"]["val_history"]
+    assert [[r["words"] for r in h["induction"]] for h in history] == [[8]] * len(history)
+    assert all(r["first"] > 0 and math.isfinite(r["copy_gain"]) for h in history for r in h["induction"])
 
 
 def test_model_dir_loads_and_records_provenance(corpus, trained):
