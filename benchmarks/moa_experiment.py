@@ -3,8 +3,12 @@ tasks, compressed at KV density 0.5 and 0.25, and evaluated against dense and th
 
   1. data: `leanserve data build --long-tasks` (100,000 retrieval, passkey, copy and functions items whose
      answer lies in the first third of the prompt, ~256-3,072 tokens, ~90M tokens in all, drawn over every
-     core) beside the usual code, docs and short tasks, and its BPE tokenizer
-  2. model: `leanserve train lm`, a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
+     core) beside the usual code, docs and short tasks, and its BPE tokenizer; and the warm-up's build:
+     200,000 short items (64-256 tokens) of repeat (random words asked back), retrieval, passkey and copy
+  2. warmup: `leanserve train lm` on the short items in 256-token windows (128 a step, 1,500 steps: 49M
+     tokens), so that the model learns to copy (induction heads, eval/induction.py) before the long windows:
+     the first run trained on 4,096-token windows from scratch and never did (BENCHMARKS.md)
+     model: from it (`--init`), a GQA Llama (d 384, 8 layers, 6 query / 2 KV heads, ~20M parameters with the
      8k vocabulary) with 4,096 positions: pretraining on 4,096-token windows (8 a step, 4,000 steps: 131M
      tokens) with the long tasks weighted up, then chat SFT (the eval asks through the chat template)
   3. check: the dense model's greedy retrieval on 40 held-out probes at 1,024 and 2,048 tokens (item seed
@@ -35,13 +39,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STAGES = ("data", "train", "check", "compress", "eval")
+STAGES = ("data", "warmup", "train", "check", "compress", "eval")
 
 
 @dataclass(frozen=True)
 class Scale:
     build: tuple[str, ...]
     vocab_size: int
+    shape: tuple[str, ...]  # the model's (warm-up and training alike)
+    warmup_build: tuple[str, ...]  # the warm-up's data: short repeat and long-task items
+    warmup: tuple[str, ...]  # its training, on short windows
     train: tuple[str, ...]
     compress: tuple[str, ...]
     eval: tuple[str, ...]
@@ -57,10 +64,16 @@ FULL = Scale(
     # training text and never learned to retrieve: BENCHMARKS.md); the chat phase reads ~8,000 conversations
     build=("--long-tasks", "100000,300,300", "--long-chat-tasks", "12000,300,300", "--long-tokens", "256,3072"),
     vocab_size=8192,
-    train=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",
-           "--intermediate-size", "1024", "--max-len", "4096", "--seq-len", "4096", "--batch-size", "8",
-           "--pretrain-steps", "4000", "--chat-steps", "1000", "--mix", "code=1,docs=1,tasks=6",
-           "--eval-every", "500", "--save-every", "200"),
+    shape=("--preset", "small", "--hidden-size", "384", "--layers", "8", "--heads", "6", "--kv-heads", "2",
+           "--intermediate-size", "1024", "--max-len", "4096"),
+    # induction first (eval/induction.py): a model trained from scratch on 4,096-token windows did not learn to
+    # copy in 131M tokens (the first run); on CPU a 1M model learnt it from short repeats in short windows
+    warmup_build=("--long-tasks", "200000,300,300", "--long-chat-tasks", "0", "--long-tokens", "64,256",
+                  "--long-kinds", "repeat,retrieval,passkey,copy"),
+    warmup=("--seq-len", "256", "--batch-size", "128", "--pretrain-steps", "1500", "--chat-steps", "0",
+            "--mix", "tasks=1", "--eval-every", "500", "--save-every", "500"),
+    train=("--seq-len", "4096", "--batch-size", "8", "--pretrain-steps", "4000", "--chat-steps", "1000",
+           "--mix", "code=1,docs=1,tasks=6", "--eval-every", "500", "--save-every", "200"),
     compress=("--profile-lengths", "512,1024,2048", "--block-size", "32", "--items", "50"),
     # 64 sequences a step: a 20M model's decode step is host-bound, so a wider batch costs little per step
     eval=("--lengths", "512", "1024", "2048", "3072", "4096", "--seeds", "0", "1", "2", "--batch-size", "64"),
@@ -71,8 +84,13 @@ FULL = Scale(
 SMOKE = Scale(
     build=("--max-docs", "6", "--num-tasks", "40,8,8", "--long-tasks", "12,4,4", "--long-tokens", "96,160"),
     vocab_size=400,
-    train=("--preset", "tiny", "--max-len", "256", "--seq-len", "256", "--batch-size", "4", "--pretrain-steps", "4",
-           "--chat-steps", "2", "--mix", "tasks=1", "--eval-every", "1000", "--eval-batches", "1"),
+    shape=("--preset", "tiny", "--max-len", "256"),
+    warmup_build=("--max-docs", "6", "--num-tasks", "40,8,8", "--long-tasks", "12,4,4", "--long-chat-tasks", "0",
+                  "--long-tokens", "64,96", "--long-kinds", "repeat,copy"),
+    warmup=("--seq-len", "128", "--batch-size", "4", "--pretrain-steps", "2", "--chat-steps", "0", "--mix", "tasks=1",
+            "--eval-every", "1000", "--eval-batches", "1"),
+    train=("--seq-len", "256", "--batch-size", "4", "--pretrain-steps", "4", "--chat-steps", "2", "--mix", "tasks=1",
+           "--eval-every", "1000", "--eval-batches", "1"),
     compress=("--profile-lengths", "96,128,160", "--block-size", "16", "--items", "1", "--max-new-tokens", "4"),
     eval=("--lengths", "128", "192", "--buckets", "2", "--items-per-bucket", "1", "--seeds", "0",
           "--ppl-items", "1", "--max-new-tokens", "4", "--batch-size", "4"),
@@ -90,11 +108,14 @@ def leanserve(*argv: str) -> None:
 
 
 def run(work: Path, scale: Scale, out: Path, stop_after: str | None, min_dense_retrieval: float) -> None:
-    data, tok, dense = work / "data", work / "tok", work / "dense"
+    data, tok, dense, warm = work / "data", work / "tok", work / "dense", work / "warmup"
+    trained = (dense / "leanserve.json").is_file()
     stages = {
         # only training reads the data: a model trained elsewhere (brought back from another machine) needs none
-        "data": lambda: None if (dense / "leanserve.json").is_file() else _data(data, tok, scale),
-        "train": lambda: _train(data, tok, dense, scale),
+        "data": lambda: None if trained else _data(data, tok, work / "data_warmup", scale),
+        "warmup": lambda: None if trained else _train(work / "data_warmup", tok, warm, [*scale.shape, *scale.warmup],
+                                                      scale.device),
+        "train": lambda: _train(data, tok, dense, [*scale.shape, *scale.train, "--init", str(warm)], scale.device),
         "check": lambda: _check(dense, work, scale, min_dense_retrieval),
         "compress": lambda: _compress(dense, work, scale),
         "eval": lambda: leanserve("eval", "moa", "--model", str(dense), "--plans",
@@ -113,19 +134,21 @@ def plan_dir(work: Path, density: float) -> Path:
     return work / f"moa-{round(100 * density)}"
 
 
-def _data(data: Path, tok: Path, scale: Scale) -> None:
+def _data(data: Path, tok: Path, warmup_data: Path, scale: Scale) -> None:
     if not (data / "manifest.json").is_file():
         leanserve("data", "build", "--out", str(data), *scale.build)
     if not (tok / "tokenizer.json").is_file():
         leanserve("data", "tokenizer", "--data", str(data), "--out", str(tok), "--vocab-size", str(scale.vocab_size))
+    if not (warmup_data / "manifest.json").is_file():
+        leanserve("data", "build", "--out", str(warmup_data), *scale.warmup_build)
 
 
-def _train(data: Path, tok: Path, dense: Path, scale: Scale) -> None:
-    if (dense / "leanserve.json").is_file():
+def _train(data: Path, tok: Path, out: Path, flags: list[str], device: str) -> None:
+    if (out / "leanserve.json").is_file():
         return
-    resume = ["--resume"] if (dense / "checkpoint.pt").is_file() else []
-    leanserve("train", "lm", "--data", str(data), "--tokenizer", str(tok), "--out", str(dense), "--device",
-              scale.device, *scale.train, *resume)
+    resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+    leanserve("train", "lm", "--data", str(data), "--tokenizer", str(tok), "--out", str(out), "--device", device,
+              *flags, *resume)
 
 
 def _check(dense: Path, work: Path, scale: Scale, min_accuracy: float) -> None:

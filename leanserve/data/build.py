@@ -88,6 +88,7 @@ class BuildOptions:
     long_tasks: tuple[int, int, int] = (0, 0, 0)  # long-context tasks per split, for `tasks`
     long_chat_tasks: tuple[int, int, int] | None = None  # and for `chat` (None: as many again)
     long_tokens: tuple[int, int] = (512, 4096)  # their approximate token lengths (log-uniform)
+    long_kinds: tuple[str, ...] | None = None  # their kinds, in turn (None: data/long_context.py's LONG_KINDS)
     workers: int = 1  # processes drawing the long-context tasks (the data does not depend on it)
 
     @property
@@ -117,13 +118,13 @@ def _add_long_tasks(rows: dict[str, dict[str, list[dict]]], opts: BuildOptions) 
     can compress it (a uniform window must fail where it succeeds). Train from the train modules; val and
     test from the held-out ones. Their kinds are prefixed long_ (long_retrieval, ...): per-kind scores and
     `tasks:KIND` groups of the short tasks stay theirs, and --task-kinds does not apply to them."""
-    from leanserve.data.long_context import training_tasks  # it imports split_of from here
+    from leanserve.data.long_context import LONG_KINDS, training_tasks  # it imports split_of from here
 
     for split, n, n_chat in tqdm(list(zip(SPLITS, opts.long_tasks, opts.long_chat_counts)), desc="long tasks",
                                  unit=" splits"):
         tasks = [replace(t, kind=f"long_{t.kind}") for t in
                  training_tasks(derive_seed(opts.seed, "long", split), n + n_chat, split != "train", opts.long_tokens,
-                                opts.workers)]
+                                opts.workers, opts.long_kinds or LONG_KINDS)]
         rows["tasks"][split] += [t.to_row(f"long-{split}-{i}") for i, t in enumerate(tasks[:n])]
         rows["chat"][split] += [task_chat_row(t, f"chat-long-{split}-{i}", opts.answer_tags)
                                 for i, t in enumerate(tasks[n:])]
@@ -203,6 +204,7 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
             "long_tasks": dict(zip(SPLITS, opts.long_tasks)),
             "long_chat_tasks": dict(zip(SPLITS, opts.long_chat_counts)),
             "long_tokens": list(opts.long_tokens),
+            **({"long_kinds": list(opts.long_kinds)} if opts.long_kinds else {}),
             "split_bounds": list(SPLIT_BOUNDS),
         },
         "splits": splits,
@@ -210,6 +212,17 @@ def build(out: str | Path, opts: BuildOptions) -> dict:
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _long_kinds(text: str | None) -> tuple[str, ...] | None:
+    from leanserve.data.long_context import BUILDERS
+
+    if text is None:
+        return None
+    kinds = tuple(k.strip() for k in text.split(","))
+    if any(k not in BUILDERS for k in kinds) or len(set(kinds)) < len(kinds):
+        raise UserError(f"--long-kinds: distinct kinds from {', '.join(BUILDERS)}, got {text!r}")
+    return kinds
 
 
 def _split_sizes(text: str) -> tuple[int, int, int]:
@@ -270,6 +283,9 @@ def add_arguments(p: argparse.ArgumentParser):
                         "reads far fewer conversations than pretraining reads documents")
     p.add_argument("--long-tokens", type=_token_range, default=defaults.long_tokens, metavar="MIN,MAX",
                    help="approximate token lengths of the long-context tasks, log-uniform (default 512,4096)")
+    p.add_argument("--long-kinds", default=None, metavar="KIND,...",
+                   help="kinds of the long-context tasks, in turn (default: retrieval,passkey,copy,functions); "
+                        "repeat (random words asked back) is the warm-up of a short-window curriculum")
     p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
                    help="processes drawing the long-context tasks (default: one per core; the data is the same)")
     p.add_argument("--answer-tags", action="store_true",
@@ -290,7 +306,8 @@ def run(args):
                         max_file_bytes=args.max_file_bytes, max_retrieval_lines=args.max_retrieval_lines,
                         max_digits=args.max_digits,
                         task_kinds=kinds, answer_tags=args.answer_tags, long_tasks=args.long_tasks,
-                        long_chat_tasks=args.long_chat_tasks, long_tokens=args.long_tokens, workers=args.workers)
+                        long_chat_tasks=args.long_chat_tasks, long_tokens=args.long_tokens,
+                        long_kinds=_long_kinds(args.long_kinds), workers=args.workers)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

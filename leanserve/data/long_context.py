@@ -13,6 +13,11 @@ alone): position-bucketed retrieval tests (`leanserve eval moa`).
 - copy: a BEGIN COPY ... END COPY block of words inside stdlib source; asks to repeat it.
 - functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
 
+One more kind is no long-context task but their warm-up: `repeat`, random words asked back at once. It
+is the densest copy signal there is (the answer is half the item), and a small model trained from
+scratch learns to copy from short repeats in far fewer steps than from the sparse answers of the
+kinds above (eval/induction.py), so a curriculum trains on it in short windows first.
+
 Lengths are fitted with the caller's `count_tokens` (e.g. the length of PromptEncoder's encoding: the
 tokens a chat server feeds the model), by doubling then bisecting the number of corpus lines, as
 data/tasks.py fits retrieval prompts.
@@ -35,6 +40,7 @@ from leanserve.data.corpus import code_document, docs_document, module_docs, std
 from leanserve.data.tasks import WORDS, Task
 
 LONG_KINDS = ("retrieval", "passkey", "copy", "functions")
+WARMUP_KINDS = ("repeat",)  # built like them (data build --long-kinds), but no long-range dependency
 FAR = (0.05, 0.35)  # where the needed context goes (fraction of the corpus lines)
 _TOP_LEVEL_DEF = re.compile(r"^(?:async\s+)?def\s+(\w+)", re.M)
 
@@ -182,6 +188,18 @@ def copy(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens, d
     return Task("copy", build(n), words, {"lines": n, **({"position": frac} if depth is None else {"depth": depth})})
 
 
+def repeat(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
+    """Random words (about half of target_tokens, with their answer), asked back."""
+    words = [rng.choice(WORDS) for _ in range(target_tokens)]  # more than any fit needs (a word is >= 1 token)
+    question = "Repeat the words above."
+
+    def build(n: int) -> str:
+        return " ".join(words[:n]) + f"\n{question}"
+
+    n = max(1, _fit_lines(build, max(target_tokens // 2, count_tokens(build(1))), count_tokens, len(words)))
+    return Task("repeat", build(n), " ".join(words[:n]), {"words": n})
+
+
 def functions(rng: random.Random, corpus: Corpus, target_tokens: int, count_tokens) -> Task:
     """A module's source from its first top-level function on, cut to the target length; the answer
     lists the top-level functions in the cut."""
@@ -202,8 +220,9 @@ CHARS_PER_TOKEN = 3.5  # a rough BPE rate on stdlib text: training items are bui
 TASKS_PER_CHUNK = 500  # tasks drawn from one seed: the unit that worker processes share out
 
 
-def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, int], workers: int = 1) -> list[Task]:
-    """n long-context tasks for a model to learn these kinds from (`data build --long-tasks`): the kinds
+def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, int], workers: int = 1,
+                   kinds: tuple[str, ...] = LONG_KINDS) -> list[Task]:
+    """n long-context tasks for a model to learn these kinds from (`data build --long-tasks`): `kinds`
     in turn, each at a log-uniform target length in token_range, from the train modules (held_out: the
     val and test ones). Lengths are estimated at CHARS_PER_TOKEN, so they are approximate; the items of
     `compress moa` and `eval moa` fit the model's own tokenizer.
@@ -211,8 +230,8 @@ def training_tasks(seed: int, n: int, held_out: bool, token_range: tuple[int, in
     Builds for training run to 10^5 items (~2 ms each), so that a model reads each about once rather than
     fitting a few thousand: they are drawn in chunks of TASKS_PER_CHUNK, each from its own seed, over
     `workers` processes; the items do not depend on how many."""
-    chunks = [(derive_seed(seed, "chunk", str(start)), start, min(TASKS_PER_CHUNK, n - start), held_out, token_range)
-              for start in range(0, n, TASKS_PER_CHUNK)]
+    chunks = [(derive_seed(seed, "chunk", str(start)), start, min(TASKS_PER_CHUNK, n - start), held_out, token_range,
+               kinds) for start in range(0, n, TASKS_PER_CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         return [task for chunk in chunks for task in _chunk_tasks(*chunk)]
     # spawn: the caller may hold threads (torch, tokenizers) that a fork would copy mid-state
@@ -225,7 +244,8 @@ def _corpus(held_out: bool) -> Corpus:
     return Corpus.load(held_out)
 
 
-def _chunk_tasks(seed: int, start: int, n: int, held_out: bool, token_range: tuple[int, int]) -> list[Task]:
+def _chunk_tasks(seed: int, start: int, n: int, held_out: bool, token_range: tuple[int, int],
+                 kinds: tuple[str, ...]) -> list[Task]:
     """Tasks start..start+n-1 of training_tasks (the index picks the kind)."""
     lo, hi = token_range
     rng, corpus = random.Random(seed), _corpus(held_out)
@@ -236,7 +256,7 @@ def _chunk_tasks(seed: int, start: int, n: int, held_out: bool, token_range: tup
     tasks = []
     for i in range(start, start + n):
         target = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        tasks.append(long_task(LONG_KINDS[i % len(LONG_KINDS)], rng, corpus, target, count))
+        tasks.append(long_task(kinds[i % len(kinds)], rng, corpus, target, count))
     return tasks
 
 
@@ -256,14 +276,14 @@ class PromptEncoder:
         return tok(prompt, verbose=False)["input_ids"]
 
 
-BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions}
+BUILDERS = {"retrieval": retrieval, "passkey": passkey, "copy": copy, "functions": functions, "repeat": repeat}
 DEPTH_KINDS = ("retrieval", "passkey", "copy")  # the kinds whose needed context can go at a chosen depth
 
 
 def long_task(kind: str, rng: random.Random, corpus: Corpus, target_tokens: int,
               count_tokens: Callable[[str], int], depth: float | None = None) -> Task:
     if kind not in BUILDERS:
-        raise ValueError(f"unknown long-context kind {kind!r}; known: {', '.join(LONG_KINDS)}")
+        raise ValueError(f"unknown long-context kind {kind!r}; known: {', '.join(BUILDERS)}")
     if depth is None:
         return BUILDERS[kind](rng, corpus, target_tokens, count_tokens)
     if not 0 <= depth <= 1:

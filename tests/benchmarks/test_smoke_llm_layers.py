@@ -111,6 +111,11 @@ def test_moa_experiment_smoke_and_resume(tmp_path):
     assert (tmp_path / "moa_eval.png").is_file()
     manifest = json.loads((tmp_path / "w" / "data" / "manifest.json").read_text())
     assert manifest["options"]["long_tasks"]["train"] == 12
+    # the model starts from the short-window warm-up's weights, trained on repeats among its items
+    warm_manifest = json.loads((tmp_path / "w" / "data_warmup" / "manifest.json").read_text())
+    assert warm_manifest["options"]["long_kinds"] == ["repeat", "copy"]
+    dense_info = json.loads((tmp_path / "w" / "dense" / "leanserve.json").read_text())
+    assert dense_info["settings"]["init"]["dir"] == str(tmp_path / "w" / "warmup")
     # the dense check stops a run whose model cannot retrieve before compression (an unreachable bar here)
     proc = subprocess.run(argv + ["--min-dense-retrieval", "1.01"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)

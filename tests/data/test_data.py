@@ -309,6 +309,24 @@ def test_long_chat_tasks_count_on_their_own(tmp_path):
         assert sum(r["id"].startswith("chat-long-") for r in _rows(out, manifest, "chat", split)) == n_chat
 
 
+def test_long_kinds_pick_the_kinds_including_the_repeat_warm_up(tmp_path):
+    """--long-kinds: only those kinds, in turn; `repeat` asks back random words about half the item long."""
+    out = tmp_path / "d"
+    assert main(["data", "build", "--out", str(out), "--max-docs", "2", "--num-tasks", "4,2,2", "--long-tasks",
+                 "6,2,2", "--long-chat-tasks", "0", "--long-tokens", "64,160", "--long-kinds", "repeat,copy"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["options"]["long_kinds"] == ["repeat", "copy"]
+    long = [Task.from_row(r) for r in _rows(out, manifest, "tasks", "train") if r["id"].startswith("long-")]
+    assert [t.kind for t in long] == ["long_repeat", "long_copy"] * 3
+    for task in long:
+        assert check(task, task.answer)
+        if task.kind == "long_repeat":
+            words = task.answer.split()
+            assert task.prompt == " ".join(words) + "\nRepeat the words above." and len(words) == task.params["words"]
+            assert 64 / 2 <= len(f"{task.prompt} {task.answer}") / 3.5 <= 160 * 1.1  # about the asked length
+    assert main(["data", "build", "--out", str(tmp_path / "e"), "--long-kinds", "repeat,video"]) == 2
+
+
 def test_long_training_tasks_do_not_depend_on_the_worker_count():
     """Chunks of TASKS_PER_CHUNK items each from their own seed: two processes draw what one draws,
     in the same order, the kinds still take turns across a chunk boundary, and chunks do not repeat
