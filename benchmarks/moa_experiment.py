@@ -68,8 +68,9 @@ FULL = Scale(
            "--intermediate-size", "1024", "--max-len", "4096"),
     # induction first (eval/induction.py): a model trained from scratch on 4,096-token windows did not learn to
     # copy in 131M tokens (the first run); on CPU a 1M model learnt it from short repeats in short windows
-    warmup_build=("--long-tasks", "200000,300,300", "--long-chat-tasks", "0", "--long-tokens", "64,256",
-                  "--long-kinds", "repeat,retrieval,passkey,copy"),
+    # (CPU: benchmarks/induction_warmup_cpu.py)
+    warmup_build=("--num-tasks", "2000,100,100", "--long-tasks", "200000,300,300", "--long-chat-tasks", "0",
+                  "--long-tokens", "64,256", "--long-kinds", "repeat,retrieval,passkey,copy"),
     warmup=("--seq-len", "256", "--batch-size", "128", "--pretrain-steps", "1500", "--chat-steps", "0",
             "--mix", "tasks=1", "--eval-every", "500", "--save-every", "500"),
     train=("--seq-len", "4096", "--batch-size", "8", "--pretrain-steps", "4000", "--chat-steps", "1000",

@@ -1,0 +1,131 @@
+"""Does a short-window warm-up on repeats teach a small model trained from scratch to copy, where long-task
+training alone does not? The CPU-sized control behind the MoA experiment's warm-up stage (moa_experiment.py).
+
+Two arms share one data build of long-context items (retrieval, passkey, copy, functions; 96-160 tokens) and
+one training recipe (a 1.05M-parameter Llama: d 128, 4 layers; 600 pretraining steps of 16 x 256 tokens,
+then 1,000 chat steps):
+  control  from a fresh init
+  warmup   from `warmup`: the same shape trained 1,500 steps on `data build --long-kinds repeat` items
+           (random words asked back) in 128-token windows, 32 a step (train lm --init)
+Scored on held-out items: the induction probe (eval/induction.py: loss on a repeat of random words against
+its first copy), copy items answered word by word (words in place, first word right; greedy, 30 items of
+128 tokens) and exact answers of retrieval, passkey and copy probes at 128 and 192 tokens (eval moa's probes,
+through the engine). -> benchmarks/results/induction_warmup-<cpu>.json
+
+    python benchmarks/induction_warmup_cpu.py --work build/induction     # ~20 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+from common import run_processes, write_result
+
+SHAPE = ["--preset", "tiny", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2",
+         "--intermediate-size", "384", "--max-len", "512", "--device", "cpu", "--eval-every", "100000",
+         "--save-every", "100000"]
+TRAIN = ["--seq-len", "256", "--batch-size", "16", "--pretrain-steps", "600", "--chat-steps", "1000", "--lr", "1e-3",
+         "--chat-lr", "1e-3", "--mix", "code=1,docs=1,tasks=4"]
+WARMUP = ["--seq-len", "128", "--batch-size", "32", "--pretrain-steps", "1500", "--chat-steps", "0", "--lr", "2e-3",
+          "--mix", "tasks=1"]
+BUILD = ["--max-docs", "40", "--num-tasks", "200,50,50", "--long-tasks", "2000,100,100", "--long-chat-tasks",
+         "60000,300,300", "--long-tokens", "96,160"]
+WARMUP_BUILD = ["--max-docs", "40", "--num-tasks", "200,50,50", "--long-tasks", "60000,100,100", "--long-chat-tasks",
+                "0", "--long-tokens", "64,80", "--long-kinds", "repeat"]
+
+
+def leanserve(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "leanserve.cli", *argv]
+
+
+def copy_words(model_dir: Path, n: int = 30, length: int = 128) -> dict:
+    """Greedy answers to held-out copy items: the fraction of words in place, and of first words right."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanserve.data.long_context import Corpus, PromptEncoder, long_task
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    encode, corpus = PromptEncoder(tok), Corpus.load(held_out=True)
+    in_place = total = first = 0
+    for i in range(n):
+        task = long_task("copy", random.Random(1000 + i), corpus, length, lambda s: len(encode(s)))
+        ids = encode(task.prompt)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+        got, want = tok.decode(out[0, len(ids):], skip_special_tokens=True).split(), task.answer.split()
+        in_place += sum(g == w for g, w in zip(got, want))
+        total += len(want)
+        first += got[:1] == want[:1]
+    return {"items": n, "length": length, "words_in_place": in_place / total, "first_word": first / n}
+
+
+def exact_answers(model_dir: Path, lengths=(128, 192)) -> dict:
+    from transformers import AutoTokenizer
+
+    from leanserve.data.long_context import Corpus
+    from leanserve.eval import moa as eval_moa
+    from leanserve.eval import moa_items
+
+    out = {}
+    for kind in ("retrieval", "passkey", "copy"):
+        probes = moa_items.probes(AutoTokenizer.from_pretrained(model_dir), Corpus.load(held_out=True),
+                                  lengths=list(lengths), seeds=[100], buckets=4, per_bucket=10, kinds=[kind],
+                                  max_new_tokens=16)
+        correct, _ = eval_moa.run_arm(eval_moa.Arm("dense", 1.0, model_dir), probes, [], max_model_len=max(lengths),
+                                      max_new_tokens=16, batch_size=64, device="cpu", dtype="auto",
+                                      gpu_memory_utilization=0.5)
+        out[kind] = {str(n): sum(c for c, p in zip(correct, probes) if p.length == n) / sum(p.length == n
+                                                                                          for p in probes)
+                     for n in lengths}
+    return out
+
+
+def induction(model_dir: Path) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanserve.eval.induction import repeat_losses
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return [repeat_losses(model, tok, words) for words in (8, 16, 32)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    work = Path(args.work)
+    data, warm_data, tok = work / "data", work / "data_warmup", work / "tok"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # two runs side by side on a 2-core machine
+    for path, build in ((data, BUILD), (warm_data, WARMUP_BUILD)):
+        if not (path / "manifest.json").is_file():
+            run_processes([(path.name, leanserve("data", "build", "--out", str(path), *build))], 1, work / "logs")
+    if not (tok / "tokenizer.json").is_file():
+        run_processes([("tok", leanserve("data", "tokenizer", "--data", str(data), "--out", str(tok),
+                                         "--vocab-size", "2048"))], 1, work / "logs")
+    common = ["--tokenizer", str(tok), *SHAPE]
+    jobs = [(name, leanserve("train", "lm", "--data", str(d), "--out", str(work / name), *common, *flags))
+            for name, d, flags in (("control", data, TRAIN), ("warmup", warm_data, WARMUP))
+            if not (work / name / "config.json").is_file()]
+    run_processes(jobs, 2, work / "logs", env=env)
+    if not (work / "warm" / "config.json").is_file():
+        run_processes([("warm", leanserve("train", "lm", "--data", str(data), "--out", str(work / "warm"), *common,
+                                          *TRAIN, "--init", str(work / "warmup")))], 1, work / "logs")
+    results = {"recipe": {"build": BUILD, "warmup_build": WARMUP_BUILD, "shape": SHAPE, "train": TRAIN,
+                          "warmup": WARMUP},
+               "arms": {"warmup_only": {"induction": induction(work / "warmup")}}}
+    for arm, model in (("control", work / "control"), ("warmup", work / "warm")):
+        results["arms"][arm] = {"induction": induction(model), "copy_words": copy_words(model),
+                                "exact": exact_answers(model)}
+        print(arm, results["arms"][arm], flush=True)
+    print(f"wrote {write_result('induction_warmup', results, args.out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
