@@ -14,9 +14,9 @@ alone): position-bucketed retrieval tests (`leanserve eval moa`).
 - functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
 
 One more kind is no long-context task but their warm-up: `repeat`, random words asked back at once. It
-is the densest copy signal there is (the answer is half the item), and a small model trained from
-scratch learns to copy from short repeats in far fewer steps than from the sparse answers of the
-kinds above (eval/induction.py), so a curriculum trains on it in short windows first.
+is the densest copy signal there is (the answer is half the item): a small model warmed up on it in
+short windows copies the copy tasks' words where one trained on the kinds above from scratch does not
+(benchmarks/induction_warmup_cpu.py), so a curriculum trains on it first.
 
 Lengths are fitted with the caller's `count_tokens` (e.g. the length of PromptEncoder's encoding: the
 tokens a chat server feeds the model), by doubling then bisecting the number of corpus lines, as
