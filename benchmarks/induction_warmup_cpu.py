@@ -13,6 +13,7 @@ its first copy), copy items answered word by word (words in place, first word ri
 through the engine). -> benchmarks/results/induction_warmup-<cpu>.json
 
     python benchmarks/induction_warmup_cpu.py --work build/induction     # ~20 minutes on 2 cores
+    python benchmarks/induction_warmup_cpu.py --smoke --work /tmp/iw-smoke --out-dir /tmp/iw-smoke  # the code path
 """
 from __future__ import annotations
 
@@ -37,11 +38,20 @@ WARMUP_BUILD = ["--max-docs", "40", "--num-tasks", "200,50,50", "--long-tasks", 
                 "0", "--long-tokens", "64,80", "--long-kinds", "repeat"]
 
 
+# --smoke: the same stages at toy sizes (flag values replaced by name)
+SMOKE = {"--max-docs": "3", "--num-tasks": "20,4,4", "--long-tasks": "8,4,4", "--long-chat-tasks": "8,4,4",
+         "--pretrain-steps": "2", "--chat-steps": "2", "--batch-size": "2"}
+
+
+def smoke(flags: list[str]) -> list[str]:
+    return [SMOKE.get(flags[i - 1], f) if i else f for i, f in enumerate(flags)]
+
+
 def leanserve(*argv: str) -> list[str]:
     return [sys.executable, "-m", "leanserve.cli", *argv]
 
 
-def copy_words(model_dir: Path, n: int = 30, length: int = 128) -> dict:
+def copy_words(model_dir: Path, n: int, length: int = 128) -> dict:
     """Greedy answers to held-out copy items: the fraction of words in place, and of first words right."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +74,7 @@ def copy_words(model_dir: Path, n: int = 30, length: int = 128) -> dict:
     return {"items": n, "length": length, "words_in_place": in_place / total, "first_word": first / n}
 
 
-def exact_answers(model_dir: Path, lengths=(128, 192)) -> dict:
+def exact_answers(model_dir: Path, per_bucket: int, lengths=(128, 192)) -> dict:
     from transformers import AutoTokenizer
 
     from leanserve.data.long_context import Corpus
@@ -74,7 +84,7 @@ def exact_answers(model_dir: Path, lengths=(128, 192)) -> dict:
     out = {}
     for kind in ("retrieval", "passkey", "copy"):
         probes = moa_items.probes(AutoTokenizer.from_pretrained(model_dir), Corpus.load(held_out=True),
-                                  lengths=list(lengths), seeds=[100], buckets=4, per_bucket=10, kinds=[kind],
+                                  lengths=list(lengths), seeds=[100], buckets=4, per_bucket=per_bucket, kinds=[kind],
                                   max_new_tokens=16)
         correct, _ = eval_moa.run_arm(eval_moa.Arm("dense", 1.0, model_dir), probes, [], max_model_len=max(lengths),
                                       max_new_tokens=16, batch_size=64, device="cpu", dtype="auto",
@@ -99,30 +109,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--smoke", action="store_true", help="toy sizes: the code path in about a minute")
     args = p.parse_args()
     work = Path(args.work)
+    size = smoke if args.smoke else list
+    build, warmup_build, train, warmup = size(BUILD), size(WARMUP_BUILD), size(TRAIN), size(WARMUP)
     data, warm_data, tok = work / "data", work / "data_warmup", work / "tok"
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # two runs side by side on a 2-core machine
-    for path, build in ((data, BUILD), (warm_data, WARMUP_BUILD)):
+    for path, flags in ((data, build), (warm_data, warmup_build)):
         if not (path / "manifest.json").is_file():
-            run_processes([(path.name, leanserve("data", "build", "--out", str(path), *build))], 1, work / "logs")
+            run_processes([(path.name, leanserve("data", "build", "--out", str(path), *flags))], 1, work / "logs")
     if not (tok / "tokenizer.json").is_file():
         run_processes([("tok", leanserve("data", "tokenizer", "--data", str(data), "--out", str(tok),
                                          "--vocab-size", "2048"))], 1, work / "logs")
     common = ["--tokenizer", str(tok), *SHAPE]
     jobs = [(name, leanserve("train", "lm", "--data", str(d), "--out", str(work / name), *common, *flags))
-            for name, d, flags in (("control", data, TRAIN), ("warmup", warm_data, WARMUP))
+            for name, d, flags in (("control", data, train), ("warmup", warm_data, warmup))
             if not (work / name / "config.json").is_file()]
     run_processes(jobs, 2, work / "logs", env=env)
     if not (work / "warm" / "config.json").is_file():
         run_processes([("warm", leanserve("train", "lm", "--data", str(data), "--out", str(work / "warm"), *common,
-                                          *TRAIN, "--init", str(work / "warmup")))], 1, work / "logs")
-    results = {"recipe": {"build": BUILD, "warmup_build": WARMUP_BUILD, "shape": SHAPE, "train": TRAIN,
-                          "warmup": WARMUP},
+                                          *train, "--init", str(work / "warmup")))], 1, work / "logs")
+    results = {"recipe": {"build": build, "warmup_build": warmup_build, "shape": SHAPE, "train": train,
+                          "warmup": warmup},
                "arms": {"warmup_only": {"induction": induction(work / "warmup")}}}
     for arm, model in (("control", work / "control"), ("warmup", work / "warm")):
-        results["arms"][arm] = {"induction": induction(model), "copy_words": copy_words(model),
-                                "exact": exact_answers(model)}
+        results["arms"][arm] = {"induction": induction(model), "copy_words": copy_words(model, 2 if args.smoke else 30),
+                                "exact": exact_answers(model, 1 if args.smoke else 10)}
         print(arm, results["arms"][arm], flush=True)
     print(f"wrote {write_result('induction_warmup', results, args.out_dir)}")
 

@@ -124,3 +124,21 @@ def test_moa_experiment_smoke_and_resume(tmp_path):
     check = json.loads((tmp_path / "w" / "dense_check.json").read_text())
     assert check["probes"] == 20 and 0 <= check["retrieval_accuracy"] <= 1 and check["min_accuracy"] == 1.01
     assert [r["words"] for r in check["induction"]] == [8, 32]  # 256-token windows
+
+
+def test_induction_warmup_smoke(tmp_path):
+    """induction_warmup_cpu.py --smoke: both builds, the two arms and the warm-up, and a results JSON with
+    every arm's scores."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "induction_warmup_cpu.py"), "--smoke", "--work",
+                           str(tmp_path / "w"), "--out-dir", str(tmp_path)], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"induction_warmup_cpu.py --smoke failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    result, = tmp_path.glob("induction_warmup-*.json")
+    arms = json.loads(result.read_text())["results"]["arms"]
+    assert set(arms) == {"warmup_only", "control", "warmup"}
+    for arm in ("control", "warmup"):
+        assert 0 <= arms[arm]["copy_words"]["words_in_place"] <= 1 and arms[arm]["copy_words"]["items"] == 2
+        assert set(arms[arm]["exact"]) == {"retrieval", "passkey", "copy"}
+        assert [r["words"] for r in arms[arm]["induction"]] == [8, 16, 32]
+    info = json.loads((tmp_path / "w" / "warm" / "leanserve.json").read_text())
+    assert info["settings"]["init"]["dir"] == str(tmp_path / "w" / "warmup")
