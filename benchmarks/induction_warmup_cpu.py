@@ -23,7 +23,7 @@ import random
 import sys
 from pathlib import Path
 
-from common import run_processes, write_result
+from common import hardware_slug, run_processes, write_result
 
 SHAPE = ["--preset", "tiny", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2",
          "--intermediate-size", "384", "--max-len", "512", "--device", "cpu", "--eval-every", "100000",
@@ -110,10 +110,14 @@ def main() -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--smoke", action="store_true", help="toy sizes: the code path in about a minute")
+    p.add_argument("--warmup-kinds", default="repeat",
+                   help="the warm-up items' kinds (data build --long-kinds; default repeat): e.g. the MoA "
+                        "experiment's repeat,retrieval,passkey,copy")
     args = p.parse_args()
     work = Path(args.work)
     size = smoke if args.smoke else list
     build, warmup_build, train, warmup = size(BUILD), size(WARMUP_BUILD), size(TRAIN), size(WARMUP)
+    warmup_build[warmup_build.index("--long-kinds") + 1] = args.warmup_kinds
     data, warm_data, tok = work / "data", work / "data_warmup", work / "tok"
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # two runs side by side on a 2-core machine
     for path, flags in ((data, build), (warm_data, warmup_build)):
@@ -137,7 +141,9 @@ def main() -> None:
         results["arms"][arm] = {"induction": induction(model), "copy_words": copy_words(model, 2 if args.smoke else 30),
                                 "exact": exact_answers(model, 1 if args.smoke else 10)}
         print(arm, results["arms"][arm], flush=True)
-    print(f"wrote {write_result('induction_warmup', results, args.out_dir)}")
+    kinds = "" if args.warmup_kinds == "repeat" else f"-{args.warmup_kinds.replace(',', '+')}"
+    path = write_result("induction_warmup", results, args.out_dir, f"induction_warmup{kinds}-{hardware_slug()}.json")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
