@@ -40,7 +40,6 @@ from leanserve.data.corpus import code_document, docs_document, module_docs, std
 from leanserve.data.tasks import WORDS, Task
 
 LONG_KINDS = ("retrieval", "passkey", "copy", "functions")
-WARMUP_KINDS = ("repeat",)  # built like them (data build --long-kinds), but no long-range dependency
 FAR = (0.05, 0.35)  # where the needed context goes (fraction of the corpus lines)
 _TOP_LEVEL_DEF = re.compile(r"^(?:async\s+)?def\s+(\w+)", re.M)
 
