@@ -13,10 +13,11 @@ alone): position-bucketed retrieval tests (`leanserve eval moa`).
 - copy: a BEGIN COPY ... END COPY block of words inside stdlib source; asks to repeat it.
 - functions: a stdlib module's source; asks for its top-level functions in order (the first opens it).
 
-One more kind is no long-context task but their warm-up: `repeat`, random words asked back at once. It
-is the densest copy signal there is (the answer is half the item): a small model warmed up on it in
-short windows copies the copy tasks' words where one trained on the kinds above from scratch does not
-(benchmarks/induction_warmup_cpu.py), so a curriculum trains on it first.
+One more kind is no long-context task but a warm-up: `repeat`, random words asked back at once, the
+densest copy signal there is (the answer is half the item). Short items in short windows teach a small
+model trained from scratch what the long ones alone do not (benchmarks/induction_warmup_cpu.py): a
+warm-up on repeats, to copy the copy tasks' words; one on short retrieval, passkey, copy and repeat
+items, to retrieve. A curriculum trains on them first (`data build --long-kinds`, `train lm --init`).
 
 Lengths are fitted with the caller's `count_tokens` (e.g. the length of PromptEncoder's encoding: the
 tokens a chat server feeds the model), by doubling then bisecting the number of corpus lines, as

@@ -257,8 +257,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="weights dtype on disk (default: the preset's)")
     g.add_argument("--init", metavar="MODEL_DIR",
                    help="start from this model directory's weights (the same shape and tokenizer; --max-len may "
-                        "differ), with a fresh optimizer and LR schedule: e.g. a long-context run from a short-context "
-                        "one, which forms induction heads in far fewer steps")
+                        "differ), with a fresh optimizer and LR schedule: e.g. long-context training from a "
+                        "short-window warm-up (a curriculum)")
     g.add_argument("--resume", action="store_true", help=f"continue exactly from OUT/{CHECKPOINT}")
     g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (time-boxed jobs); resume later")
 
