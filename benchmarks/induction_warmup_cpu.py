@@ -1,16 +1,17 @@
-"""Does a short-window warm-up on repeats teach a small model trained from scratch to copy, where long-task
-training alone does not? The CPU-sized control behind the MoA experiment's warm-up stage (moa_experiment.py).
+"""Does a short-window warm-up on short items teach a small model trained from scratch what long-task training
+alone does not? The CPU-sized control behind the MoA experiment's warm-up stage (moa_experiment.py).
 
 Two arms share one data build of long-context items (retrieval, passkey, copy, functions; 96-160 tokens) and
 one training recipe (a 1.05M-parameter Llama: d 128, 4 layers; 600 pretraining steps of 16 x 256 tokens,
 then 1,000 chat steps):
   control  from a fresh init
-  warmup   from `warmup`: the same shape trained 1,500 steps on `data build --long-kinds repeat` items
-           (random words asked back) in 128-token windows, 32 a step (train lm --init)
+  warmup   from `warmup`: the same shape trained 1,500 steps on `data build --long-kinds KINDS` items of
+           64-80 tokens in 128-token windows, 32 a step (train lm --init); KINDS is --warmup-kinds: repeat
+           (random words asked back, the default) or e.g. the MoA experiment's repeat,retrieval,passkey,copy
 Scored on held-out items: the induction probe (eval/induction.py: loss on a repeat of random words against
 its first copy), copy items answered word by word (words in place, first word right; greedy, 30 items of
 128 tokens) and exact answers of retrieval, passkey and copy probes at 128 and 192 tokens (eval moa's probes,
-through the engine). -> benchmarks/results/induction_warmup-<cpu>.json
+through the engine). -> benchmarks/results/induction_warmup[-KINDS]-<cpu>.json
 
     python benchmarks/induction_warmup_cpu.py --work build/induction     # ~20 minutes on 2 cores
     python benchmarks/induction_warmup_cpu.py --smoke --work /tmp/iw-smoke --out-dir /tmp/iw-smoke  # the code path
