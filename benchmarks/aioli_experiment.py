@@ -24,6 +24,7 @@ runs and resumes interrupted ones, so it can be time-boxed (--budget-min) and si
 
     python benchmarks/aioli_experiment.py --work build/aioli --budget-min 9     # GPU; repeat until complete
     python benchmarks/aioli_experiment.py --work build/aioli --plan             # the run list and its FLOPs
+    python benchmarks/aioli_experiment.py --scale cpu --arms stratified aioli --parallel 2 --work build/aioli-cpu
     python benchmarks/aioli_experiment.py --smoke --work /tmp/aioli-smoke --out /tmp/aioli-smoke/eval.json  # CPU
 
 Cost (--plan): 108 runs, 3.5B tokens, ~305 PFLOP of training. On a 2-thread CPU this model trains at
@@ -85,6 +86,15 @@ FULL = Scale(
     seq_len=256, batch_size=32, steps=4000, round_steps=200, sweeps={2: 4, 3: 4, 5: 2}, lp_steps=4,
     seeds={2: 5, 3: 5, 5: 3}, num_static=10, save_every=500, eval_windows=128,
     build=("--num-tasks", "20000,3000,3000"), vocab_size=8192)
+# The same experiment at a size two CPU threads finish in about an hour (--scale cpu, arms stratified and
+# aioli): a ~1M-parameter model, 600 steps of 16 x 128 tokens (1.2M tokens a run), 6 Aioli rounds of 100
+# steps with 2 LearnParams sweeps (1 for m = 5) so that each round still trains mostly on its mixture.
+CPU = Scale(
+    model=("--preset", "tiny", "--hidden-size", "128", "--layers", "4", "--heads", "4", "--kv-heads", "4",
+           "--intermediate-size", "384", "--max-len", "128"),
+    seq_len=128, batch_size=16, steps=600, round_steps=100, sweeps={2: 2, 3: 2, 5: 1}, lp_steps=4,
+    seeds={2: 5, 3: 5, 5: 3}, num_static=10, save_every=200, eval_windows=64,
+    build=FULL.build, vocab_size=2048)
 SMOKE = Scale(
     model=("--preset", "tiny"), seq_len=64, batch_size=8, steps=24, round_steps=12, sweeps={2: 1, 3: 1, 5: 1},
     lp_steps=2, seeds={2: 2, 3: 2, 5: 2}, num_static=3, save_every=12, eval_windows=8,
@@ -417,6 +427,8 @@ def main():
     ap.add_argument("--arms", nargs="+", default=["stratified", "aioli", "aioli_static", "best_static"], choices=ARMS)
     ap.add_argument("--eta", type=float, default=0.2, help="Aioli's EGD step size")
     ap.add_argument("--ema", type=float, help="Aioli's EMA gamma (default: off)")
+    ap.add_argument("--scale", choices=["full", "cpu"], default="full",
+                    help="full: the 14M model (GPU); cpu: a 1M model, 600 steps a run, on --device cpu")
     ap.add_argument("--steps", type=int, help="pretraining steps per run (default 4000; Aioli rounds scale along)")
     ap.add_argument("--parallel", type=int, help="runs side by side (worker processes; default 12, --smoke 2)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -425,13 +437,13 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes, 2 settings: the code paths in < 1 minute")
     args = ap.parse_args()
 
-    scale = SMOKE if args.smoke else FULL
+    scale = SMOKE if args.smoke else {"full": FULL, "cpu": CPU}[args.scale]
     if args.steps:
         rounds = scale.steps // scale.round_steps  # keep the number of rounds
         scale = Scale(**{**asdict(scale), "steps": args.steps, "round_steps": args.steps // rounds,
                          "save_every": min(scale.save_every, args.steps)})
     settings = ["code+arith", "code+docs+kv"] if args.smoke and args.settings == list(SETTINGS) else args.settings
-    device = "cpu" if args.smoke else args.device
+    device = "cpu" if args.smoke or args.scale == "cpu" else args.device
     work = Path(args.work)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     exp = Experiment(scale, work, Path(args.data or work / "data"), Path(args.tokenizer or work / "tok"), device,
