@@ -36,6 +36,17 @@ def test_aioli_experiment_smoke(tmp_path):
     assert (tmp_path / "work" / "runs" / "code+arith" / "aioli" / "seed0" / "mixture.png").is_file()
 
 
+def test_aioli_experiment_cpu_scale_plan():
+    """--scale cpu is the sweep behind results/aioli_eval-cpu.json: 4 settings x 2 arms x (5, 5, 5, 3) seeds of
+    600 steps at 16 x 128 tokens; --plan prints it without training."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aioli_experiment.py"), "--scale", "cpu", "--plan",
+                           "--work", "unused", "--arms", "stratified", "aioli"], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "36 runs x 600 steps x 16 x 128 tokens" in proc.stdout
+    assert "1.1M params" in proc.stdout
+
+
 def test_modomodo_experiment_smoke(tmp_path):
     """benchmarks/modomodo_experiment.py --smoke: data build, SFT, pilots, heuristics, `mixture fit`, confirmation
     and the report, at toy sizes on the CPU."""
