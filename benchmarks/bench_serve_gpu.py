@@ -461,7 +461,7 @@ def gpu_mode(args) -> None:
                "images": [], "notes": "closed-loop streams per concurrency, distinct random token-id prompts; "
                                       "see benchmarks/bench_serve_gpu.py's docstring"}
     bench = Bench(args, "serve_gpu_smoke" if smoke else "serve_gpu", results)
-    image_models = sorted({m for m, _ in args.image_rows})
+    image_models = sorted({m for m, _ in args.image_rows}) if args.image_clients else []
     served = [a for m in image_models for a in ("--model", str(ROOT / "zoo" / m))]
     names = ["llm", *image_models]
     server_args = [*served, *[a for n in names for a in ("--served-model-name", n)], "--load-format", "dummy",
@@ -475,8 +475,10 @@ def gpu_mode(args) -> None:
             log(f"server up at {server.url}")
             warm_up(server.url, "llm", (3, config["vocab_size"]))
             bench.text_rows(server.url, "llm", (3, config["vocab_size"]), bound)
-            bench.poisson_row(server.url, "llm", (3, config["vocab_size"]))
-            bench.image_rows(server.url, device)
+            if args.poisson_requests:
+                bench.poisson_row(server.url, "llm", (3, config["vocab_size"]))
+            if image_models:
+                bench.image_rows(server.url, device)
         if args.profile and bench.phase_budget("profile", need=PROFILE_MIN_S) is not None:
             results["profile"] = profile_engine(path, args, device)
             bench.save()
@@ -553,8 +555,8 @@ def main():
     ap.add_argument("--requests-per-stream", type=int, default=4, help="closed-loop requests per stream")
     ap.add_argument("--min-requests", type=int, help="at least this many requests per row")
     ap.add_argument("--rate", type=float, default=32.0, help="Poisson run: requests per second")
-    ap.add_argument("--poisson-requests", type=int)
-    ap.add_argument("--image-clients", type=int)
+    ap.add_argument("--poisson-requests", type=int, help="requests of the Poisson run (0: no Poisson run)")
+    ap.add_argument("--image-clients", type=int, help="image clients (0: no image models, no image rows)")
     ap.add_argument("--image-warmup-s", type=float)
     ap.add_argument("--image-window-s", type=float)
     ap.add_argument("--max-model-len", type=int, default=1024)
