@@ -1,14 +1,17 @@
 """`train lm --groups ... --mixture ...` end to end on the CPU: Aioli's record and plot, an exact resume
-from inside a LearnParams phase, the static mixture, and bad options."""
+from inside a LearnParams phase, the Aioli-trained model served by a real `leanserve serve`, the static
+mixture, and bad options."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from lm_builders import write_corpus
+from server_utils import remote_server
 from torch_threads import single_thread
 
 from leanserve.cli import main
@@ -78,6 +81,16 @@ def test_aioli_records_p_and_resumes_exactly(corpus, tmp_path):
     m_straight, m_resumed = info(straight)["metrics"], info(resumed)["metrics"]
     assert without_timings(m_resumed["mixture"]) == without_timings(m_straight["mixture"])
     assert m_resumed["val_history"] == m_straight["val_history"]
+
+    # an ordinary model directory: it serves, and its leanserve.json still carries the mixture
+    with remote_server(straight, "--served-model-name", "mixed", "--max-model-len", "128", "--block-size", "16",
+                       "--num-kv-blocks", "32", "--max-num-seqs", "2", "--dtype", "float32",
+                       "--device", "cpu") as server:
+        r = httpx.post(server.api_url + "/completions", timeout=60, json={
+            "model": "mixed", "prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 6
+    assert info(straight)["settings"]["mixture"]["kind"] == "aioli"
 
 
 def test_static_mixture(corpus, tmp_path):
