@@ -109,7 +109,8 @@ def leanserve(*argv: str) -> None:
         raise SystemExit(f"leanserve {' '.join(argv[:2])} failed")
 
 
-def run(work: Path, scale: Scale, out: Path, stop_after: str | None, min_dense_retrieval: float) -> None:
+def run(work: Path, scale: Scale, out: Path, stop_after: str | None, min_dense_retrieval: float,
+        densities: tuple[float, ...]) -> None:
     data, tok, dense, warm = work / "data", work / "tok", work / "dense", work / "warmup"
     trained = (dense / "leanserve.json").is_file()
     stages = {
@@ -119,9 +120,9 @@ def run(work: Path, scale: Scale, out: Path, stop_after: str | None, min_dense_r
                                                       scale.device),
         "train": lambda: _train(data, tok, dense, [*scale.shape, *scale.train, "--init", str(warm)], scale.device),
         "check": lambda: _check(dense, work, scale, min_dense_retrieval),
-        "compress": lambda: _compress(dense, work, scale),
+        "compress": lambda: _compress(dense, work, scale, densities),
         "eval": lambda: leanserve("eval", "moa", "--model", str(dense), "--plans",
-                                  *(str(plan_dir(work, d)) for d in scale.densities), "--out", str(out),
+                                  *(str(plan_dir(work, d)) for d in densities), "--out", str(out),
                                   "--device", scale.device, *scale.eval),
     }
     for name in STAGES:
@@ -182,13 +183,14 @@ def _check(dense: Path, work: Path, scale: Scale, min_accuracy: float) -> None:
                          f"{min_accuracy}): not worth compressing; see {work / 'dense_check.json'}")
 
 
-def _compress(dense: Path, work: Path, scale: Scale) -> None:
-    for i, density in enumerate(scale.densities):
+def _compress(dense: Path, work: Path, scale: Scale, densities: tuple[float, ...]) -> None:
+    for density in densities:
         out = plan_dir(work, density)
         if (out / "moa_plan.json").is_file():
             continue
         resume = ["--resume"] if (out / "moa_work").is_dir() else []
-        ablation = ["--ablation-plans"] if i == len(scale.densities) - 1 else []
+        # the ladder at the recipe's lowest density, where the arms differ most
+        ablation = ["--ablation-plans"] if density == scale.densities[-1] else []
         leanserve("compress", "moa", "--model", str(dense), "--out", str(out), "--density", str(density),
                   "--device", scale.device, *scale.compress, *ablation, *resume)
 
@@ -199,11 +201,18 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "moa_eval.json"))
     p.add_argument("--smoke", action="store_true", help="CPU, toy sizes: the code paths in about a minute")
     p.add_argument("--stop-after", choices=STAGES, help="stop after this stage (continue later)")
+    p.add_argument("--densities", type=float, nargs="+",
+                   help="compress and evaluate only these of the recipe's densities (a short GPU lease: 0.5 first; "
+                        "a later run adds the rest and evaluates all)")
     p.add_argument("--min-dense-retrieval", type=float,
                    help="stop after the check below this dense retrieval accuracy (default 0.2; --smoke 0)")
     args = p.parse_args()
     threshold = args.min_dense_retrieval if args.min_dense_retrieval is not None else (0.0 if args.smoke else 0.2)
-    run(Path(args.work), SMOKE if args.smoke else FULL, Path(args.out), args.stop_after, threshold)
+    scale = SMOKE if args.smoke else FULL
+    densities = tuple(args.densities or scale.densities)
+    if not set(densities) <= set(scale.densities):
+        p.error(f"--densities: the recipe has {scale.densities}")
+    run(Path(args.work), scale, Path(args.out), args.stop_after, threshold, densities)
 
 
 if __name__ == "__main__":
