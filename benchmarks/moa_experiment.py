@@ -87,7 +87,7 @@ FULL = Scale(
 # The same experiment at a size two CPU threads finish in about an hour (--scale cpu): the data, warm-up and training
 # of benchmarks/induction_warmup_cpu.py's warm-up arm, flag for flag (a 1.05M-parameter Llama, d 128, 4 layers, 4
 # query / 2 KV heads, long items of 96-160 tokens), which answered 90-93% of retrieval and passkey probes at 128-192
-# tokens; profiled at 96-160 tokens and evaluated up to 320 (twice the longest profile length, as on the GPU). The
+# tokens; profiled at 160-224 tokens and evaluated up to 448 (twice the longest profile length, as on the GPU). The
 # same model trained on items of up to 448 tokens in 512-token windows answered none at 128-512 (BENCHMARKS.md).
 CPU = Scale(
     build=("--max-docs", "40", "--num-tasks", "200,50,50", "--long-tasks", "2000,100,100", "--long-chat-tasks",
@@ -101,8 +101,10 @@ CPU = Scale(
             "--mix", "tasks=1", "--eval-every", "100000", "--save-every", "500"),
     train=("--seq-len", "256", "--batch-size", "16", "--pretrain-steps", "600", "--chat-steps", "1000", "--lr", "1e-3",
            "--chat-lr", "1e-3", "--mix", "code=1,docs=1,tasks=4", "--eval-every", "100000", "--save-every", "250"),
-    compress=("--profile-lengths", "96,128,160", "--block-size", "16", "--items", "50"),
-    eval=("--lengths", "128", "192", "256", "320", "--buckets", "5", "--items-per-bucket", "10", "--seeds", "0", "1",
+    # calibration items run from half the profile length up, prompt plus the dense reply: 160 tokens is the
+    # shortest length whose half holds a task prompt beside a 16-token reply
+    compress=("--profile-lengths", "160,192,224", "--block-size", "16", "--items", "50", "--max-new-tokens", "16"),
+    eval=("--lengths", "128", "224", "320", "448", "--buckets", "5", "--items-per-bucket", "10", "--seeds", "0", "1",
           "2", "--ppl-items", "8", "--batch-size", "32"),
     densities=(0.5, 0.25),
     device="cpu",
