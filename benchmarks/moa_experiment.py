@@ -55,6 +55,7 @@ class Scale:
     compress: tuple[str, ...]
     eval: tuple[str, ...]
     densities: tuple[float, ...]
+    ablation_density: float  # the ablation ladder's plans are made at this one
     device: str
     check_lengths: tuple[int, ...]  # of the dense retrieval check (its items ask with max_new_tokens 32, or 4 in smoke)
     check_new_tokens: int
@@ -81,6 +82,7 @@ FULL = Scale(
     # 64 sequences a step: a 20M model's decode step is host-bound, so a wider batch costs little per step
     eval=("--lengths", "512", "1024", "2048", "3072", "4096", "--seeds", "0", "1", "2", "--batch-size", "64"),
     densities=(0.5, 0.25),
+    ablation_density=0.25,
     device="cuda",
     check_lengths=(1024, 2048),
     check_new_tokens=32)
@@ -107,6 +109,8 @@ CPU = Scale(
     eval=("--lengths", "128", "224", "320", "448", "--buckets", "5", "--items-per-bucket", "10", "--seeds", "0", "1",
           "2", "--ppl-items", "8", "--batch-size", "32"),
     densities=(0.5, 0.25),
+    # at 160-224 tokens no per-layer plan of alpha-0 rules meets 0.25 beside the 16-token sink
+    ablation_density=0.5,
     device="cpu",
     check_lengths=(128, 192),
     check_new_tokens=32)
@@ -124,6 +128,7 @@ SMOKE = Scale(
     eval=("--lengths", "128", "192", "--buckets", "2", "--items-per-bucket", "1", "--seeds", "0",
           "--ppl-items", "1", "--max-new-tokens", "4", "--batch-size", "4"),
     densities=(0.5,),
+    ablation_density=0.5,
     device="cpu",
     check_lengths=(192,),
     check_new_tokens=4)
@@ -216,8 +221,7 @@ def _compress(dense: Path, work: Path, scale: Scale, densities: tuple[float, ...
         if (out / "moa_plan.json").is_file():
             continue
         resume = ["--resume"] if (out / "moa_work").is_dir() else []
-        # the ladder at the recipe's lowest density, where the arms differ most
-        ablation = ["--ablation-plans"] if density == scale.densities[-1] else []
+        ablation = ["--ablation-plans"] if density == scale.ablation_density else []
         leanserve("compress", "moa", "--model", str(dense), "--out", str(out), "--density", str(density),
                   "--device", scale.device, *scale.compress, *ablation, *resume)
 
