@@ -142,3 +142,22 @@ def test_induction_warmup_smoke(tmp_path):
         assert [r["words"] for r in arms[arm]["induction"]] == [8, 16, 32]
     info = json.loads((tmp_path / "w" / "warm" / "leanserve.json").read_text())
     assert info["settings"]["init"]["dir"] == str(tmp_path / "w" / "warmup")
+
+
+def test_moa_experiment_cpu_scale_is_the_induction_recipe(monkeypatch):
+    """moa_experiment.py --scale cpu claims the data, warm-up and training of induction_warmup_cpu.py's mixed
+    warm-up arm flag for flag (the model that retrieved): only checkpoint and validation cadence may differ."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import induction_warmup_cpu as iw
+    import moa_experiment as moa
+
+    def training(flags) -> list[str]:
+        cadence = {"--eval-every", "--save-every", "--device"}
+        return [f for i, f in enumerate(flags) if f not in cadence and (i == 0 or flags[i - 1] not in cadence)]
+
+    warmup_build = list(iw.WARMUP_BUILD)
+    warmup_build[warmup_build.index("--long-kinds") + 1] = "repeat,retrieval,passkey,copy"
+    assert list(moa.CPU.build) == iw.BUILD and list(moa.CPU.warmup_build) == warmup_build
+    assert list(moa.CPU.shape) == training(iw.SHAPE)
+    assert training(moa.CPU.train) == iw.TRAIN and training(moa.CPU.warmup) == iw.WARMUP
+    assert moa.CPU.vocab_size == 2048  # induction_warmup_cpu's tokenizer
