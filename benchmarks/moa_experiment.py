@@ -25,7 +25,7 @@ checkpoint, compression from its profiles), so a time-boxed GPU job (--stop-afte
 continued by running the same command again; the eval runs every time.
 
     python benchmarks/moa_experiment.py --work build/moa                  # GPU
-    python benchmarks/moa_experiment.py --scale cpu --work build/moa-cpu  # CPU, a 1M model, about an hour on 2 cores
+    python benchmarks/moa_experiment.py --scale cpu --work build/moa-cpu  # CPU, a 1M model, ~30 minutes on 2 cores
     python benchmarks/moa_experiment.py --smoke --work /tmp/moa-smoke     # CPU, toy sizes, ~1 minute
 
 GPU time, first run (one H100, commit 6002533, 12,000 long items then): data 75 s, training 327 s, compression
@@ -86,7 +86,7 @@ FULL = Scale(
     device="cuda",
     check_lengths=(1024, 2048),
     check_new_tokens=32)
-# The same experiment at a size two CPU threads finish in about an hour (--scale cpu): the data, warm-up and training
+# The same experiment at a size two CPU threads finish in ~30 minutes (--scale cpu): the data, warm-up and training
 # of benchmarks/induction_warmup_cpu.py's warm-up arm, flag for flag (a 1.05M-parameter Llama, d 128, 4 layers, 4
 # query / 2 KV heads, long items of 96-160 tokens), which answered 90-93% of retrieval and passkey probes at 128-192
 # tokens; profiled at 160-224 tokens and evaluated up to 448 (twice the longest profile length, as on the GPU). The
