@@ -116,16 +116,27 @@ def test_disconnects_abort_and_gauges_return_to_zero(server):
 
             await asyncio.gather(*(one() for _ in range(k)))
 
-    async def time_out_non_streaming():
-        # ~120 tokens take far longer than the client waits: the server sees the disconnect first
+    async def disconnect_non_streaming():
+        # the clients go once the engine holds all k requests: a fixed 0.1 s client timeout raced the first
+        # request, which alone in the KV cache ran its 120 tokens inside 0.1 s on an idle CPU
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 120, "ignore_eos": True}
-        async with httpx.AsyncClient(base_url=server.url, timeout=0.1) as c:
-            results = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(k)),
-                                           return_exceptions=True)
-        assert all(isinstance(r, httpx.TimeoutException) for r in results), results
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            posts = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(k)]
+            deadline = time.monotonic() + 20
+            while True:
+                samples = await asyncio.to_thread(scrape, server.url)
+                held = sum(metric(samples, f"leanserve:num_requests_{state}", model_name=MODEL)
+                           for state in ("running", "waiting"))
+                if held == k:
+                    break
+                assert time.monotonic() < deadline and not any(post.done() for post in posts), (held, posts)
+            for post in posts:
+                post.cancel()
+            results = await asyncio.gather(*posts, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
 
     asyncio.run(read_then_disconnect())
-    asyncio.run(time_out_non_streaming())
+    asyncio.run(disconnect_non_streaming())
     after = wait_idle(server)
 
     def delta(reason):
