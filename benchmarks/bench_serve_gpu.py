@@ -24,7 +24,8 @@ sends requests at a fixed rate with exponential gaps (Poisson arrivals) and no c
   taking the longer of reading them and its FLOPs (2 per matmul parameter per token at the measured
   bf16 GEMM peak), plus the decode KV reads; attention FLOPs (<1% at 400 tokens) are left out.
   frac_of_roofline = out_tok_s / roofline_tok_s;
-- images: per (model, steps), direct = ImageModel.generate in this process at batch --image-clients,
+- images: per (model, steps), direct = ImageModel.generate in this process at batch --image-clients
+  (replaying CUDA graphs when --server-args has --image-cuda-graphs, as the server then does),
   HTTP = --image-clients closed-loop clients asking n=1 each, images finished in a window after a warm-up;
 - --profile: torch profiler tables of an in-process LLMEngine with the server's engine config under the
   same load (c sequences of --prompt-len tokens, all decoding), at c = 1 and 64, after the server is
@@ -294,6 +295,7 @@ class Bench:
         from leanserve.runtime import resolve_dtype
         a = self.args
         models = {}
+        graphs = "--image-cuda-graphs" in shlex.split(a.server_args)
         for name, steps in a.image_rows:
             if (left := self.phase_budget(f"images {name} {steps} steps")) is None:
                 continue
@@ -301,7 +303,10 @@ class Bench:
             try:
                 if name not in models:
                     models[name] = load_image_model(ROOT / "zoo" / name, name, device, resolve_dtype("auto", device))
+                    if graphs:  # the direct arm replays graphs too when the server does: a like-for-like ratio
+                        models[name].enable_cuda_graphs(a.image_clients)
                 model = models[name]
+                row["cuda_graphs"] = graphs
                 size = model.sizes.width
                 row["size"] = size
                 row |= direct_images(model, a.image_clients, steps, min(a.image_window_s, left / 4))
