@@ -228,21 +228,35 @@ def test_queue_full_429(server):
     assert blocker.status_code == 200
 
 
+async def until(server, what: str, check, timeout: float = 20) -> None:
+    """Poll /metrics (off the event loop, so in-flight requests keep going) until check(samples)."""
+    deadline = time.monotonic() + timeout
+    while not check(await asyncio.to_thread(scrape, server.url)):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 def test_disconnect_cancels_waiting_and_running(server, http):
+    # Clients disconnect once /metrics shows their request in the state under test, not after a fixed
+    # client timeout, which a fast or a loaded machine can each make miss that state.
+    def gauge(state: str):
+        return lambda s: metric(s, f"leanserve:image_requests_{state}", model_name=SD) >= 1
+
     async def waiting_then_gone():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c, \
-                httpx.AsyncClient(base_url=server.url, timeout=0.1) as impatient:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             blocker = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
-            await asyncio.sleep(0.1)
-            # waits behind the blocker (another shape); its client gives up before it starts
-            with pytest.raises(httpx.TimeoutException):
-                await impatient.post(URL, json=body(num_inference_steps=7))
+            await until(server, "the blocker to run", gauge("running"))
+            # waits behind the blocker (another step count cannot join its batch); gone before it starts
+            impatient = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=7)))
+            await until(server, "a request to wait", gauge("waiting"))
+            impatient.cancel()
             assert (await blocker).status_code == 200
 
     async def running_then_gone():
-        async with httpx.AsyncClient(base_url=server.url, timeout=0.2) as impatient:
-            with pytest.raises(httpx.TimeoutException):
-                await impatient.post(URL, json=body(num_inference_steps=LONG))
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            gone = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
+            await until(server, "the request to run", gauge("running"))
+            gone.cancel()
 
     before = wait_idle(server)
     asyncio.run(waiting_then_gone())
