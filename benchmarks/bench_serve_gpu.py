@@ -388,6 +388,14 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def server_engine_options(server_args: str) -> dict:
+    """The EngineConfig fields that --server-args sets, read as `leanserve serve` reads them."""
+    from leanserve.server.serve import add_arguments, engine_options
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return engine_options(parser.parse_args(shlex.split(server_args)))
+
+
 def profile_engine(model_dir: Path, args, device) -> dict:
     """Profiler tables of an in-process LLMEngine decoding c sequences (see the module docstring)."""
     import torch
@@ -397,9 +405,11 @@ def profile_engine(model_dir: Path, args, device) -> dict:
     from leanserve.server.engine.llm_engine import LLMEngine
     from leanserve.server.engine.sampling_params import SamplingParams
     cuda = device.type == "cuda"
-    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", device=device.type,
-                                    max_num_seqs=max(args.profile_concurrency), max_model_len=args.max_model_len,
-                                    gpu_memory_utilization=args.gpu_memory_utilization))
+    engine = LLMEngine(EngineConfig(**{**server_engine_options(args.server_args), "model": str(model_dir),
+                                       "load_format": "dummy", "device": device.type,
+                                       "max_num_seqs": max(args.profile_concurrency),
+                                       "max_model_len": args.max_model_len,
+                                       "gpu_memory_utilization": args.gpu_memory_utilization}))
     rng, vocab = random.Random(3), engine.vocab_size
     out = {"how": "in-process LLMEngine, same engine config as the server, decode steps only"}
     for c in args.profile_concurrency:
