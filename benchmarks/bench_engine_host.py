@@ -56,7 +56,8 @@ class NoReplayRunner(CUDAGraphRunner):
     sent = 0
 
     def capture(self) -> None:
-        self.hidden = torch.zeros(self.batch_sizes[-1], self.model.config.hidden_size)
+        width = self.model.config.vocab_size if self.with_logits else self.model.config.hidden_size
+        self.out = torch.zeros(self.batch_sizes[-1], width)
         self.graphs = {bs: types.SimpleNamespace(replay=lambda: None) for bs in self.batch_sizes}
 
     def _copy(self, padded: DecodeInputs) -> None:

@@ -179,9 +179,9 @@ def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine)
     seqs, rows = table_rows(mr, [[10], [11, 12], [13]])
     inputs = DecodeInputs(input_ids=[5, 6, 7], positions=[0, 5, 2], slot_mapping=[10 * bs, 12 * bs + 1, 13 * bs + 2],
                           seq_lens=[1, 6, 3], rows=rows, planned_lens=[4, 9, 5])
-    hidden = runner.run(inputs).clone()
+    logits = runner.run(inputs).clone()  # the LM head runs in the graph
     mr.release(seqs)
-    assert runner.replays == Counter({4: 1}) and hidden.shape[0] == 3
+    assert runner.replays == Counter({4: 1}) and logits.shape == (3, mr.vocab_size)
     for (k, v), kb in zip(mr.kv_caches, k_before):
         changed = (k != kb).flatten(2).any(-1).flatten().nonzero().flatten().tolist()
         assert changed == sorted(inputs.slot_mapping)  # the 3 real rows wrote, the padding row did not
@@ -194,9 +194,9 @@ def test_padding_rows_leave_the_kv_cache_alone_and_real_rows_match_eager(engine)
                              block_tables=torch.tensor([[10, -1], [11, 12], [13, -1]], dtype=torch.int32, device=dev),
                              max_query_len=1, max_seq_len=6, block_size=bs)
     with torch.inference_mode():
-        want = mr.model(torch.tensor(inputs.input_ids, device=dev), torch.tensor(inputs.positions, device=dev),
-                        mr.kv_caches, meta)
-    torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
+        want = mr.model.compute_logits(mr.model(torch.tensor(inputs.input_ids, device=dev),
+                                                torch.tensor(inputs.positions, device=dev), mr.kv_caches, meta))
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------
@@ -251,9 +251,9 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():
-            hidden = mr.graph_runner.run(inputs)
+            logits = mr.graph_runner.run(inputs)  # the LM head is in the graph
             mr._tensors(mr._eager_inputs(sched.scheduled, mr.block_table.rows([s for s, _ in sched.scheduled])))
-            ids = mr.sampler.sample(mr.model.compute_logits(hidden), seqs)
+            ids = mr.sampler.sample(logits, seqs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (3,) and 0 <= int(ids.min()) and int(ids.max()) < mr.vocab_size

@@ -13,7 +13,10 @@ A graph bakes in tensor addresses and host ints, hence:
 - attention is captured with max_seq_len = max_model_len (the Triton kernel sizes its split-K
   grid from that host int); each row still loops over its own seq_len only;
 - batches larger than the largest bucket, steps with prefill chunks, and CPU stay eager.
-Logits and sampling run outside the graph, on the slice of real rows.
+The LM head is captured too (its matmul, the float32 cast and, with tensor parallelism, the vocabulary
+gather are launches like any layer's); a model that picks a head per row from host ids (num_variants >
+1) computes its logits after the replay. Sampling stays outside: which processing steps run (penalties,
+top-k/p, seeded rows, logprobs) is decided per step on the host; a greedy batch is one argmax launch.
 """
 from __future__ import annotations
 
@@ -114,7 +117,9 @@ class CUDAGraphRunner:
         # [2bs:3bs] of one buffer
         self.lens = torch.full((3 * max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.hidden: torch.Tensor | None = None  # [max_bs, hidden_size]: the graphs write their output here
+        # the graphs write their output here: logits [max_bs, vocab] (with_logits), else hidden states
+        self.with_logits = not self.with_variants
+        self.out: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -135,10 +140,12 @@ class CUDAGraphRunner:
 
     def _forward(self, bs: int) -> None:
         input_ids, positions, meta = self._inputs(bs)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if self.hidden is None:  # the first (largest) bucket sizes the output buffer
-            self.hidden = torch.empty_like(hidden)
-        self.hidden[:bs] = hidden
+        out = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.with_logits:
+            out = self.model.compute_logits(out)
+        if self.out is None:  # the first (largest) bucket sizes the output buffer
+            self.out = torch.empty_like(out)
+        self.out[:bs] = out
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -178,12 +185,13 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def run(self, inputs: DecodeInputs, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states [num_seqs, hidden_size] of one decode step: a view into the graphs' output
-        buffer, valid until the next run (stream order keeps later reads of it correct). pending: (rows,
+        """Logits [num_seqs, vocab] float32 of one decode step (with_logits; else hidden states
+        [num_seqs, hidden_size]): a view into the graphs' output buffer, valid until the next run (stream
+        order keeps later reads of it correct; the sampler may modify it in place). pending: (rows,
         input ids) already on the device, written over the host's (async scheduling)."""
         bs = select_bucket(inputs.num_seqs, self.batch_sizes)
         self._copy(pad_decode_inputs(inputs, bs, self.block_table.pad_row))
         if pending is not None:  # the input ids are the buffer's first bs entries
             self.ids.index_copy_(0, *pending)
         self.graphs[bs].replay()
-        return self.hidden[:inputs.num_seqs]
+        return self.out[:inputs.num_seqs]

@@ -380,15 +380,17 @@ class ModelRunner:
         """The forward of one step (every rank): the logits of its sampled rows, None if none samples.
         pending: (token indices, ids) written over the host's input ids on the device first."""
         self.block_table.write(step.table_update)
+        graphed_logits = False
         if step.decode is not None:
-            hidden = self.graph_runner.run(step.decode, pending)
+            out = self.graph_runner.run(step.decode, pending)
+            graphed_logits = self.graph_runner.with_logits
         else:
             input_ids, positions, meta = self._tensors(step.eager)
             if pending is not None:
                 input_ids.index_copy_(0, *pending)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            out = self.model(input_ids, positions, self.kv_caches, meta)
         if not step.sample_rows:
             return None
-        if len(step.sample_rows) < hidden.shape[0]:  # else every row samples, in order: no gather
-            hidden = hidden[to_device(step.sample_rows, torch.int64, self.device)]
-        return self._compute_logits(hidden, step.sample_variants)
+        if len(step.sample_rows) < out.shape[0]:  # else every row samples, in order: no gather
+            out = out[to_device(step.sample_rows, torch.int64, self.device)]
+        return out if graphed_logits else self._compute_logits(out, step.sample_variants)
