@@ -19,7 +19,8 @@ Items (eval/moa_items.py; held-out stdlib modules), per seed and length L:
   bucket of the needed context and overall;
 - perplexity: cross-entropy of the ground-truth responses' tokens only, from one prefill of prompt +
   response through the served attention (ModelRunner.sequence_logprobs), averaged per task kind then
-  over kinds; ppl = exp of that.
+  over kinds; ppl = exp of that; ppl_by_kind: exp of each kind's mean alone (which task a rise
+  comes from).
 Each row gives the mean and the population std over seeds.
 
 Output: JSON `rows: [{method, density, length, retrieval_acc, ppl, ...}]` with provenance, the
@@ -179,7 +180,7 @@ def arm_rows(arm: Arm, probes: list[moa_items.Probe], correct: list[bool], score
     """One row per length: accuracy (overall and per bucket) and perplexity, mean and std over seeds."""
     rows = []
     for length in lengths:
-        acc, by_bucket, ppl = [], [], []
+        acc, by_bucket, ppl, kind_ppl = [], [], [], {}
         for seed in seeds:
             mine = [(p, c) for p, c in zip(probes, correct) if (p.seed, p.length) == (seed, length)]
             acc.append(float(np.mean([c for _, c in mine])))
@@ -189,12 +190,15 @@ def arm_rows(arm: Arm, probes: list[moa_items.Probe], correct: list[bool], score
                 if (s.seed, s.length) == (seed, length):
                     per_kind.setdefault(s.kind, []).append(value)
             ppl.append(math.exp(np.mean([np.mean(v) for v in per_kind.values()])))
+            for kind, v in per_kind.items():  # which task a perplexity rise comes from
+                kind_ppl.setdefault(kind, []).append(math.exp(np.mean(v)))
         (acc_mean, acc_std), (ppl_mean, ppl_std) = _mean_std(acc), _mean_std(ppl)
         bucket_mean, bucket_std = np.mean(by_bucket, axis=0), np.std(by_bucket, axis=0)
         rows.append({"method": arm.method, "density": arm.density, "length": length,
                      "retrieval_acc": acc_mean, "ppl": ppl_mean, "retrieval_acc_std": acc_std, "ppl_std": ppl_std,
                      "retrieval_acc_by_bucket": bucket_mean.tolist(), "retrieval_acc_by_bucket_std": bucket_std.tolist(),
                      "retrieval_acc_per_seed": acc, "ppl_per_seed": ppl,
+                     "ppl_by_kind": {kind: float(np.mean(v)) for kind, v in sorted(kind_ppl.items())},
                      "served_density": arm.served_density(length), "plan": arm.source})
     return rows
 

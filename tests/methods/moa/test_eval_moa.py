@@ -16,6 +16,7 @@ from moa_dirs import build_moa_dir, tiny_plan
 from torch_threads import single_thread
 
 from leanserve.cli import main
+from leanserve.data.long_context import LONG_KINDS
 from leanserve.compressors.moa_validate import spans
 from leanserve.data.long_context import Corpus
 from leanserve.eval import moa_items
@@ -71,6 +72,8 @@ def test_writes_rows_goals_provenance_and_plot(result):
         assert row["length"] in (192, 256) and 0 <= row["retrieval_acc"] <= 1 and row["ppl"] > 1
         assert len(row["retrieval_acc_by_bucket"]) == 2 and len(row["retrieval_acc_per_seed"]) == 2
         assert row["served_density"] <= 1.0
+        assert row["ppl_by_kind"] and set(row["ppl_by_kind"]) <= set(LONG_KINDS)
+        assert all(v > 1 for v in row["ppl_by_kind"].values())
     uniform = next(r for r in data["rows"] if r["method"] == "uniform" and r["density"] == 0.5)
     assert uniform["served_density"] == pytest.approx(0.5)
     assert [g["plan"] for g in data["goals"]] == ["short", "full"]
@@ -85,6 +88,7 @@ def test_spans_covering_the_context_score_as_dense(result):
     for row in full:
         assert row["retrieval_acc_per_seed"] == dense[row["length"]]["retrieval_acc_per_seed"]
         assert row["ppl_per_seed"] == pytest.approx(dense[row["length"]]["ppl_per_seed"], rel=1e-5)
+        assert row["ppl_by_kind"] == pytest.approx(dense[row["length"]]["ppl_by_kind"], rel=1e-5)
     short = [r for r in rows if r["plan"] == "short" and r["method"] == "moa"]
     assert all(r["ppl"] != pytest.approx(dense[r["length"]]["ppl"], rel=1e-3) for r in short)
     goal = next(g for g in result[0]["goals"] if g["plan"] == "full")
