@@ -114,11 +114,19 @@ def main() -> None:
     p.add_argument("--warmup-kinds", default="repeat",
                    help="the warm-up items' kinds (data build --long-kinds; default repeat): e.g. the MoA "
                         "experiment's repeat,retrieval,passkey,copy")
+    p.add_argument("--warmup-init", metavar="DIR",
+                   help="start the warm-up from this model (train lm --init) instead of a fresh init: a curriculum, "
+                        "e.g. the mixed warm-up's model, then repeat,copy items")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the from-scratch arm (it does not depend on the warm-up; its numbers are in the "
+                        "first run's JSON)")
     args = p.parse_args()
     work = Path(args.work)
     size = smoke if args.smoke else list
     build, warmup_build, train, warmup = size(BUILD), size(WARMUP_BUILD), size(TRAIN), size(WARMUP)
     warmup_build[warmup_build.index("--long-kinds") + 1] = args.warmup_kinds
+    if args.warmup_init:
+        warmup = [*warmup, "--init", args.warmup_init]
     data, warm_data, tok = work / "data", work / "data_warmup", work / "tok"
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # two runs side by side on a 2-core machine
     for path, flags in ((data, build), (warm_data, warmup_build)):
@@ -130,7 +138,7 @@ def main() -> None:
     common = ["--tokenizer", str(tok), *SHAPE]
     jobs = [(name, leanserve("train", "lm", "--data", str(d), "--out", str(work / name), *common, *flags))
             for name, d, flags in (("control", data, train), ("warmup", warm_data, warmup))
-            if not (work / name / "config.json").is_file()]
+            if not (work / name / "config.json").is_file() and not (name == "control" and args.no_control)]
     run_processes(jobs, 2, work / "logs", env=env)
     if not (work / "warm" / "config.json").is_file():
         run_processes([("warm", leanserve("train", "lm", "--data", str(data), "--out", str(work / "warm"), *common,
@@ -138,11 +146,14 @@ def main() -> None:
     results = {"recipe": {"build": build, "warmup_build": warmup_build, "shape": SHAPE, "train": train,
                           "warmup": warmup},
                "arms": {"warmup_only": {"induction": induction(work / "warmup")}}}
-    for arm, model in (("control", work / "control"), ("warmup", work / "warm")):
+    for arm, model in (("control", work / "control"), ("warmup", work / "warm"))[int(args.no_control):]:
         results["arms"][arm] = {"induction": induction(model), "copy_words": copy_words(model, 2 if args.smoke else 30),
                                 "exact": exact_answers(model, 1 if args.smoke else 10)}
         print(arm, results["arms"][arm], flush=True)
     kinds = "" if args.warmup_kinds == "repeat" else f"-{args.warmup_kinds.replace(',', '+')}"
+    if args.warmup_init:
+        results["recipe"]["warmup_init"] = args.warmup_init
+        kinds += "-after-" + Path(args.warmup_init).name
     path = write_result("induction_warmup", results, args.out_dir, f"induction_warmup{kinds}-{hardware_slug()}.json")
     print(f"wrote {path}")
 
