@@ -1,6 +1,7 @@
 """Run a REAL `leanserve serve` subprocess for the server tests (like vLLM's RemoteOpenAIServer)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -41,6 +42,15 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def until_metrics(url: str, what: str, check, timeout: float = 20) -> None:
+    """Poll /metrics until check(samples): off the event loop, so the caller's in-flight requests keep
+    going. Tests that must act while the server is in a given state wait for it here, not for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not check(await asyncio.to_thread(scrape, url)):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 @dataclass

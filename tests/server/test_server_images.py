@@ -22,7 +22,7 @@ from image_builders import (
     decode,
     same,
 )
-from server_utils import metric, remote_server, scrape
+from server_utils import metric, remote_server, scrape, until_metrics
 
 SD, XL, PIXEL, LLM = "tiny-sd", "tiny-sdxl", "tiny-pixel", "tiny-llm"
 STEPS = 2
@@ -228,14 +228,6 @@ def test_queue_full_429(server):
     assert blocker.status_code == 200
 
 
-async def until(server, what: str, check, timeout: float = 20) -> None:
-    """Poll /metrics (off the event loop, so in-flight requests keep going) until check(samples)."""
-    deadline = time.monotonic() + timeout
-    while not check(await asyncio.to_thread(scrape, server.url)):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 def test_disconnect_cancels_waiting_and_running(server, http):
     # Clients disconnect once /metrics shows their request in the state under test, not after a fixed
     # client timeout, which a fast or a loaded machine can each make miss that state.
@@ -245,17 +237,17 @@ def test_disconnect_cancels_waiting_and_running(server, http):
     async def waiting_then_gone():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             blocker = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
-            await until(server, "the blocker to run", gauge("running"))
+            await until_metrics(server.url, "the blocker to run", gauge("running"))
             # waits behind the blocker (another step count cannot join its batch); gone before it starts
             impatient = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=7)))
-            await until(server, "a request to wait", gauge("waiting"))
+            await until_metrics(server.url, "a request to wait", gauge("waiting"))
             impatient.cancel()
             assert (await blocker).status_code == 200
 
     async def running_then_gone():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             gone = asyncio.ensure_future(c.post(URL, json=body(num_inference_steps=LONG)))
-            await until(server, "the request to run", gauge("running"))
+            await until_metrics(server.url, "the request to run", gauge("running"))
             gone.cancel()
 
     before = wait_idle(server)

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from server_utils import metric, remote_server, scrape
+from server_utils import metric, remote_server, scrape, until_metrics
 from transformers import AutoTokenizer
 
 MODEL = "tiny-llm"
@@ -122,14 +122,10 @@ def test_disconnects_abort_and_gauges_return_to_zero(server):
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 120, "ignore_eos": True}
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             posts = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(k)]
-            deadline = time.monotonic() + 20
-            while True:
-                samples = await asyncio.to_thread(scrape, server.url)
-                held = sum(metric(samples, f"leanserve:num_requests_{state}", model_name=MODEL)
-                           for state in ("running", "waiting"))
-                if held == k:
-                    break
-                assert time.monotonic() < deadline and not any(post.done() for post in posts), (held, posts)
+            await until_metrics(server.url, f"the engine to hold {k} requests", lambda samples: sum(
+                metric(samples, f"leanserve:num_requests_{state}", model_name=MODEL) for state in ("running", "waiting")
+            ) == k)
+            assert not any(post.done() for post in posts), posts
             for post in posts:
                 post.cancel()
             results = await asyncio.gather(*posts, return_exceptions=True)

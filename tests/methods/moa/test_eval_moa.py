@@ -16,9 +16,8 @@ from moa_dirs import build_moa_dir, tiny_plan
 from torch_threads import single_thread
 
 from leanserve.cli import main
-from leanserve.data.long_context import LONG_KINDS
 from leanserve.compressors.moa_validate import spans
-from leanserve.data.long_context import Corpus
+from leanserve.data.long_context import LONG_KINDS, Corpus
 from leanserve.eval import moa_items
 from leanserve.eval.moa import build_arms, run_arm
 from leanserve.models.model_dir import load_model_info, save_model_info
