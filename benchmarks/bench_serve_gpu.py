@@ -49,6 +49,7 @@ import random
 import shlex
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -67,6 +68,7 @@ PROFILE_STEPS = 20
 REQUEST_TIMEOUT_S = 600
 PHASE_MIN_S = 30      # a phase that cannot get this much of the budget is skipped
 PROFILE_MIN_S = 120   # the profile builds its own engine (CUDA graphs) before it measures
+MONITOR_S = 10        # engine state is logged this often while a row runs
 
 
 # ---------------------------------------------------------------- clients (also run in worker processes)
@@ -216,6 +218,39 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class Monitor:
+    """Logs the engine's state from /metrics every MONITOR_S while a row runs: a row that stalls (or
+    thrashes through preemptions) shows it in the log, not only as a missing row."""
+
+    def __init__(self, url: str):
+        self.url, self.stop = url, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        last = None
+        while not self.stop.wait(MONITOR_S):
+            try:
+                m = scrape(self.url)
+            except httpx.HTTPError as e:
+                log(f"  monitor: /metrics failed: {e!r}")
+                continue
+            tokens = sum(v for (name, _), v in m.items() if name == "leanserve:generation_tokens_total")
+            state = {k: sum(v for (name, _), v in m.items() if name == "leanserve:" + k)
+                     for k in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                               "num_preemptions_total")}
+            rate = "" if last is None else f", {(tokens - last) / MONITOR_S:.0f} tok/s"
+            last = tokens
+            log("  monitor: " + ", ".join(f"{k} {v:g}" for k, v in state.items()) + rate)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 # ---------------------------------------------------------------- phases
 
 class Bench:
@@ -256,7 +291,8 @@ class Bench:
                 spec["prompt_pool"], used = prompt_pool[used:used + requests], used + requests
             row = {"concurrency": c}
             try:
-                records = self.load.run(spec, c)
+                with Monitor(url):
+                    records = self.load.run(spec, c)
                 row |= text_summary(records)
                 row["truncated"] = len(records) < requests
                 bounds = bound(c) or {"bound_tok_s": None}
@@ -483,11 +519,14 @@ def gpu_mode(args) -> None:
                    "--max-num-seqs", str(max(args.concurrency)), "--max-model-len", str(args.max_model_len),
                    "--max-queued-requests", str(max(4 * max(args.concurrency), args.poisson_requests)),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--jobs-dir", "",
+                   "--shutdown-timeout", "5",  # a run cut short by its budget still stops the server in time
                    *(["--device", "cpu"] if smoke else []), *shlex.split(args.server_args)]
     log(f"starting leanserve serve ({' '.join(server_args)})")
     try:
         with remote_server(path, *server_args, startup_timeout=args.startup_timeout) as server:
-            log(f"server up at {server.url}")
+            blocks = [dict(labels)["num_gpu_blocks"] for (name, labels), _ in scrape(server.url).items()
+                      if name == "leanserve:cache_config_info"]
+            log(f"server up at {server.url}, KV cache blocks {blocks}")
             warm_up(server.url, "llm", (3, config["vocab_size"]))
             bench.text_rows(server.url, "llm", (3, config["vocab_size"]), bound)
             if args.poisson_requests:

@@ -33,7 +33,8 @@ def test_graph_replay_equals_eager(tiny_llm_dir, tmp_path, scope, mode, monkeypa
     assert runner is not None and sorted(runner.graphs) == [1, 2, 4, 8]
     replays = Counter()
     run = runner.run
-    monkeypatch.setattr(runner, "run", lambda inputs: replays.update([inputs.num_seqs]) or run(inputs))
+    monkeypatch.setattr(runner, "run",
+                        lambda inputs, pending=None: replays.update([inputs.num_seqs]) or run(inputs, pending))
     for n in (1, 3, 8):
         prompts = [eager.tokenizer(t)["input_ids"] for t in TEXTS[:n]]
         params = [SamplingParams(temperature=0, max_tokens=24 - 2 * i, ignore_eos=True, logprobs=2, seed=i) if i % 2
