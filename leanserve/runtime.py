@@ -3,6 +3,7 @@ torch.distributed process group a `torchrun` launch sets up. The one place every
 engines, trainers, evals, benchmarks) resolves these, so `auto` means the same everywhere."""
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,29 @@ def resolve_dtype(name: str, device: torch.device, cuda_default: torch.dtype = t
     if name not in DTYPES:
         raise UserError(f"unsupported dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default a block above the mmap threshold (128 KiB, adapting up to 32 MiB) is mmapped on
+    allocation and unmapped on free, and the heap's free top is trimmed. A CPU engine step allocates
+    the same large activations (gathered K/V, scores, logits) every step, so each one page-faults
+    afresh: on the tiny chat model at 64 sequences, decode attention took 7.1 ms per layer this way
+    and 2.1 ms with freed memory kept (PyTorch's CPU guide and vLLM's CPU backend preload tcmalloc or
+    jemalloc for the same reason). The cost: the process's resident memory stays at its peak.
+    Process-wide; returns whether it took (False off glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # 1 GiB: larger than any per-step tensor; glibc before 2.26 caps the threshold at 32 MiB
+    mmap_set = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap_set and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 @dataclass

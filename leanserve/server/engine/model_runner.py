@@ -31,7 +31,7 @@ from leanserve.models.tensor_parallel import (
     min_over_ranks,
     set_tensor_parallel,
 )
-from leanserve.runtime import resolve_device, resolve_dtype
+from leanserve.runtime import keep_freed_host_memory, resolve_device, resolve_dtype
 from leanserve.server.engine import tp_workers
 from leanserve.server.engine.block_table import PersistentBlockTable
 from leanserve.server.engine.config import EngineConfig
@@ -102,6 +102,8 @@ class ModelRunner:
                 raise UserError(f"--tensor-parallel-size {self.tp_size} needs {self.tp_size} GPUs; "
                                 f"{torch.cuda.device_count()} are visible")
             torch.cuda.set_device(self.device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         if config.load_format not in ("safetensors", "dummy"):
