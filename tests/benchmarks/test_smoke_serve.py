@@ -89,3 +89,13 @@ def test_roofline_adds_the_prefills_of_the_closed_loop(monkeypatch):
     assert roofline_tok_s(1, args, ctx, wbytes, params, 4000.0, 800.0) == pytest.approx(
         bound_tok_s(1, ctx, wbytes, 4000.0), rel=0.03)
     assert roofline_tok_s(256, args, ctx, wbytes, params, 4000.0, 800.0) < 0.5 * bound_tok_s(256, ctx, wbytes, 4000.0)
+
+
+def test_cpu_malloc_benchmark_smoke(tmp_path):
+    """benchmarks/bench_cpu_malloc.py at toy sizes: one pair of engine processes, both arms timed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_malloc.py"), "--pairs", "1",
+                           "--batch", "2", "--prompt-len", "8", "--max-tokens", "4", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(next(tmp_path.glob("cpu_malloc-*.json")).read_text())["results"]
+    assert len(r["tok_s"]["default"]) == len(r["tok_s"]["kept"]) == 1 and min(r["mean_tok_s"].values()) > 0
