@@ -51,15 +51,15 @@ def keep_freed_host_memory() -> bool:
     By default a block above the mmap threshold (128 KiB, adapting up to 32 MiB) is mmapped on
     allocation and unmapped on free, and the heap's free top is trimmed. A CPU engine step allocates
     the same large activations (gathered K/V, scores, logits) every step, so each one page-faults
-    afresh: on the tiny chat model at 64 sequences, decode attention took 7.1 ms per layer this way
-    and 2.1 ms with freed memory kept (PyTorch's CPU guide and vLLM's CPU backend preload tcmalloc or
-    jemalloc for the same reason). The cost: the process's resident memory stays at its peak.
+    afresh (PyTorch's CPU guide and vLLM's CPU backend preload tcmalloc or jemalloc for the same
+    reason; benchmarks/bench_cpu_malloc.py measures the engine both ways). The cost: the process's
+    resident memory stays at its peak.
     Process-wide; returns whether it took (False off glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # 1 GiB: larger than any per-step tensor; glibc before 2.26 caps the threshold at 32 MiB
+    # 1 GiB: larger than any per-step tensor; older glibc refuses more than 32 MiB (HEAP_MAX_SIZE / 2)
     mmap_set = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(mmap_set and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
