@@ -101,7 +101,7 @@ def main() -> None:
                 log(f"{name}: up in {time.monotonic() - started:.0f} s")
                 warm_up(server.url, "llm", (3, 100))
                 before = len(results["rows"])
-                bench.text_rows(server.url, "llm", (3, 100), lambda c: None, prompt_pool=prompts)
+                bench.text_rows(server, "llm", (3, 100), lambda c: None, prompt_pool=prompts)
                 for row in results["rows"][before:]:
                     row["arm"] = name
             bench.save()

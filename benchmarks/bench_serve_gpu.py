@@ -45,8 +45,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
+import signal
 import statistics
 import sys
 import threading
@@ -60,7 +62,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # server_utils: the real-server harness the server tests use
 from common import RESULTS, Deadline, write_result  # noqa: E402
-from server_utils import remote_server, scrape  # noqa: E402
+from server_utils import engine_core_pid, remote_server, scrape  # noqa: E402
 
 IMAGE_ROWS = [("shapes-sid", 4), ("shapes-sid", 1), ("shapes-teacher", 25)]  # (zoo model, steps)
 PROFILE_CONCURRENCY = (1, 64)
@@ -219,18 +221,21 @@ def log(msg: str) -> None:
 
 
 class Monitor:
-    """Logs the engine's state from /metrics every MONITOR_S while a row runs: a row that stalls (or
-    thrashes through preemptions) shows it in the log, not only as a missing row."""
+    """Logs the engine's state from /metrics every MONITOR_S while a row runs, so a row that stalls (or
+    thrashes through preemptions) shows it in the log, not only as a missing row. The first interval
+    without a new token while requests are in flight makes the server's API and engine-core processes
+    dump their stacks into the server log (SIGUSR1), which is then copied to the output directory."""
 
-    def __init__(self, url: str):
-        self.url, self.stop = url, threading.Event()
+    def __init__(self, server, out_dir: str):
+        self.server, self.out_dir, self.stop = server, Path(out_dir), threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+        self.dumped = False
 
     def run(self) -> None:
         last = None
         while not self.stop.wait(MONITOR_S):
             try:
-                m = scrape(self.url)
+                m = scrape(self.server.url)
             except httpx.HTTPError as e:
                 log(f"  monitor: /metrics failed: {e!r}")
                 continue
@@ -239,8 +244,21 @@ class Monitor:
                      for k in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                                "num_preemptions_total")}
             rate = "" if last is None else f", {(tokens - last) / MONITOR_S:.0f} tok/s"
-            last = tokens
             log("  monitor: " + ", ".join(f"{k} {v:g}" for k, v in state.items()) + rate)
+            in_flight = state["num_requests_running"] + state["num_requests_waiting"]
+            if tokens == last and in_flight and not self.dumped:
+                self.dump_stacks()
+            last = tokens
+
+    def dump_stacks(self) -> None:
+        self.dumped = True
+        for pid in (self.server.proc.pid, engine_core_pid(self.server.proc.pid)):
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(1)
+        path = self.out_dir / f"server_stall_{time.strftime('%H%M%S')}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.server.log())
+        log(f"  monitor: no token in {MONITOR_S} s with requests in flight: stacks dumped, server log in {path}")
 
     def __enter__(self):
         self.thread.start()
@@ -271,11 +289,11 @@ class Bench:
             return None
         return left
 
-    def text_rows(self, url: str, model: str, token_range: tuple[int, int], bound,
+    def text_rows(self, server, model: str, token_range: tuple[int, int], bound,
                   prompt_pool: list[list[int]] | None = None) -> None:
-        """One row per concurrency; prompts are random ids in token_range, or the next unused entries of
-        prompt_pool (it must hold every row's requests)."""
-        a = self.args
+        """One row per concurrency against `server` (server_utils.RemoteServer); prompts are random ids in
+        token_range, or the next unused entries of prompt_pool (it must hold every row's requests)."""
+        a, url = self.args, server.url
         used = 0
         for c in a.concurrency:
             if (left := self.phase_budget(f"concurrency {c}")) is None:
@@ -291,7 +309,7 @@ class Bench:
                 spec["prompt_pool"], used = prompt_pool[used:used + requests], used + requests
             row = {"concurrency": c}
             try:
-                with Monitor(url):
+                with Monitor(server, self.args.out_dir):
                     records = self.load.run(spec, c)
                 row |= text_summary(records)
                 row["truncated"] = len(records) < requests
@@ -528,7 +546,7 @@ def gpu_mode(args) -> None:
                       if name == "leanserve:cache_config_info"]
             log(f"server up at {server.url}, KV cache blocks {blocks}")
             warm_up(server.url, "llm", (3, config["vocab_size"]))
-            bench.text_rows(server.url, "llm", (3, config["vocab_size"]), bound)
+            bench.text_rows(server, "llm", (3, config["vocab_size"]), bound)
             if args.poisson_requests:
                 bench.poisson_row(server.url, "llm", (3, config["vocab_size"]))
             if image_models:
@@ -583,7 +601,7 @@ def cpu_mode(args) -> None:
                            *shlex.split(args.server_args), env={"OMP_NUM_THREADS": str(args.threads)},
                            startup_timeout=args.startup_timeout) as server:
             warm_up(server.url, "chat-tiny", (4, vocab))
-            bench.text_rows(server.url, "chat-tiny", (4, vocab), lambda c: None)
+            bench.text_rows(server, "chat-tiny", (4, vocab), lambda c: None)
         if args.profile:  # where a CPU decode step's time goes (same weights' shapes, random values)
             results["profile"] = profile_engine(path, args, torch.device("cpu"))
             bench.save()

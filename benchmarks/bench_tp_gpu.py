@@ -87,7 +87,7 @@ def run_shape(bench: TPBench, name: str, config: dict, path: Path, wbytes: int, 
     try:
         with remote_server(path, *server_args, startup_timeout=a.startup_timeout) as server:
             warm_up(server.url, "llm", token_range)
-            bench.text_rows(server.url, "llm", token_range, bound)
+            bench.text_rows(server, "llm", token_range, bound)
     except Exception as e:  # noqa: BLE001 - a run that cannot start must not lose the others
         run["error"] = f"{type(e).__name__}: {e}"
         log(f"{name} at TP={tp}: FAILED {run['error']}")

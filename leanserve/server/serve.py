@@ -21,6 +21,7 @@ from leanserve.models.model_dir import check_complete
 from leanserve.server.connections import ConnectionLimits, fd_budget, install_accept_error_handler
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
+from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 from leanserve.server.settings import LOG_FORMAT, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def run(args) -> int:
                               gpu_jobs=args.gpu_jobs, cpu_jobs=args.cpu_jobs,
                               **{name: getattr(args, name) for name, _, _ in _SERVER_OPTIONS.values()})
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    dump_stacks_on_sigusr1()
     limits = _connection_limits(settings)
 
     # heavy imports (torch, transformers) only once the arguments are known to be good

@@ -12,19 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
-from server_utils import remote_server, sse_data
+from server_utils import engine_core_pid, remote_server, sse_data
 
 MODEL = "tiny-llm"
 NUM_STREAMS = 4
-
-
-def engine_core_pid(server_pid: int) -> int:
-    """The server's engine core process (multiprocessing's spawned child; not its resource tracker)."""
-    children = " ".join(p.read_text() for p in Path(f"/proc/{server_pid}/task").glob("*/children")).split()
-    cores = [int(pid) for pid in children
-             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(cores) == 1, cores
-    return cores[0]
 
 
 def alive(pid: int) -> bool:
@@ -85,3 +76,19 @@ def test_engine_core_never_outlives_the_server(tiny_llm_dir):
         while alive(core_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive(core_pid)
+
+
+def test_sigusr1_dumps_every_process_stacks_and_serving_goes_on(tiny_llm_dir):
+    with remote_server(tiny_llm_dir, "--served-model-name", MODEL, "--max-model-len", "256") as server:
+        core_pid = engine_core_pid(server.proc.pid)
+        for pid in (server.proc.pid, core_pid):
+            os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while server.log().count("Current thread") < 2:  # faulthandler marks the thread that took the signal
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        log = server.log()
+        assert "_busy_loop" in log  # the engine core's stack, waiting for work
+        r = httpx.post(server.api_url + "/completions", json={"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 200 and alive(core_pid)

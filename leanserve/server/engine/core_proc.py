@@ -19,6 +19,7 @@ from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.errors import startup_error_to_wire
 from leanserve.server.engine.outputs import CoreOutput
+from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 
 if TYPE_CHECKING:
     from leanserve.server.engine.core import EngineCore
@@ -32,6 +33,7 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     from leanserve.server.engine.core import EngineCore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    dump_stacks_on_sigusr1()
     logging.basicConfig(level=log_level, format=log_format)
     try:
         core = EngineCore(config)

@@ -24,6 +24,7 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.errors import startup_error_to_wire
 from leanserve.server.engine.model_runner import ModelRunner, step_from_wire
 from leanserve.server.settings import LOG_FORMAT
+from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def main(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the engine core: the API process drains first
+    dump_stacks_on_sigusr1()
     conn = Connection(fd)
     _, fields, rank, port, log_level = tp.decode(conn.recv_bytes())
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
