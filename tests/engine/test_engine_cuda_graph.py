@@ -257,3 +257,35 @@ def test_cuda_decode_step_has_no_host_sync(tiny_llm_dir):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (3,) and 0 <= int(ids.min()) and int(ids.max()) < mr.vocab_size
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_closed_loop_through_every_bucket_with_preemption_finishes(tiny_llm_dir, async_scheduling):
+    """A serving-like closed loop: 48 requests in flight, each finished one replaced until 144 are done,
+    in a cache too small for all of them (preemption), replayed through the buckets up to 48. Every
+    request ends with all its tokens and every block and block-table row comes back."""
+    engine = LLMEngine(engine_config(tiny_llm_dir, max_num_seqs=48, num_kv_blocks=300, max_model_len=64,
+                                     max_num_batched_tokens=128, enable_prefix_caching=True,
+                                     async_scheduling=async_scheduling))
+    runner = attach_runner(engine, default_batch_sizes(48))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    sent, received, finished = 0, Counter(), []
+
+    def add() -> None:
+        nonlocal sent
+        engine.add_request(str(sent), [3 + (sent * 7 + i) % 200 for i in range(24)], params)
+        sent += 1
+    for _ in range(48):
+        add()
+    while engine.has_unfinished():
+        for out in engine.step():
+            received[out.request_id] += len(out.new_token_ids)
+            if out.finished:
+                finished.append(out.finish_reason)
+                if sent < 144:
+                    add()
+    assert finished == ["length"] * 144 and set(received.values()) == {16} and len(received) == 144
+    assert engine.scheduler.num_preemptions > 0 and max(runner.replays) > 24
+    assert engine.block_manager.usage == 0.0
+    assert engine.step() == []  # the last finished sequences' rows go back at the next schedule
+    assert engine.model_runner.block_table.num_rows_in_use == 0
