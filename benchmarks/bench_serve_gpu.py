@@ -537,7 +537,6 @@ def gpu_mode(args) -> None:
                    "--max-num-seqs", str(max(args.concurrency)), "--max-model-len", str(args.max_model_len),
                    "--max-queued-requests", str(max(4 * max(args.concurrency), args.poisson_requests)),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--jobs-dir", "",
-                   "--shutdown-timeout", "5",  # a run cut short by its budget still stops the server in time
                    *(["--device", "cpu"] if smoke else []), *shlex.split(args.server_args)]
     log(f"starting leanserve serve ({' '.join(server_args)})")
     try:
