@@ -53,13 +53,17 @@ async def until_metrics(url: str, what: str, check, timeout: float = 20) -> None
         await asyncio.sleep(0.01)
 
 
+def child_pid(parent_pid: int, cmdline_part: bytes) -> int:
+    """The one child process of `parent_pid` whose command line contains `cmdline_part`."""
+    children = " ".join(p.read_text() for p in Path(f"/proc/{parent_pid}/task").glob("*/children")).split()
+    found = [int(pid) for pid in children if cmdline_part in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def engine_core_pid(server_pid: int) -> int:
     """The server's engine core process (multiprocessing's spawned child; not its resource tracker)."""
-    children = " ".join(p.read_text() for p in Path(f"/proc/{server_pid}/task").glob("*/children")).split()
-    cores = [int(pid) for pid in children
-             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(cores) == 1, cores
-    return cores[0]
+    return child_pid(server_pid, b"spawn_main")
 
 
 @dataclass

@@ -8,12 +8,11 @@ import asyncio
 import json
 import os
 import signal
-from pathlib import Path
 
 import httpx
 import pytest
-from server_utils import remote_server, sse_data
-from test_server_faults import alive, engine_core_pid
+from server_utils import child_pid, engine_core_pid, remote_server, sse_data
+from test_server_faults import alive
 
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
@@ -27,11 +26,7 @@ MAX_TOKENS = 24
 
 def worker_pid(core_pid: int) -> int:
     """The engine core's tensor-parallel worker (rank 1)."""
-    children = " ".join(p.read_text() for p in Path(f"/proc/{core_pid}/task").glob("*/children")).split()
-    workers = [int(pid) for pid in children
-               if b"leanserve.server.engine.tp_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(workers) == 1, workers
-    return workers[0]
+    return child_pid(core_pid, b"leanserve.server.engine.tp_worker")
 
 
 @pytest.fixture(scope="module")
