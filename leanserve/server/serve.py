@@ -21,8 +21,8 @@ from leanserve.models.model_dir import check_complete
 from leanserve.server.connections import ConnectionLimits, fd_budget, install_accept_error_handler
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.image_config import ImageEngineConfig
-from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 from leanserve.server.settings import LOG_FORMAT, ServerSettings
+from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 
 logger = logging.getLogger(__name__)
 
