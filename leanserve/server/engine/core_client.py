@@ -1,10 +1,14 @@
 """The API process's side of the engine core process: spawn it, send it adds and aborts, and
 hand its messages to the event loop.
 
-One pipe (a socketpair) carries msgpack messages both ways. Sends go through a thread, so the
-event loop never blocks on a full pipe while the core is busy in a long step. Receives run on the
-event loop as a reader callback. The core's death (a crash, or killed) shows as end-of-file on
-the pipe after every message it sent, so its last words (wire.DEAD) are never lost.
+One pipe (a socketpair) carries msgpack messages both ways, read and written by two threads with
+blocking calls: the event loop never blocks on a full pipe while the core is busy in a long step,
+and each message reaches the loop as a callback of its own. The pipe is never registered with the
+loop: uvloop's add_reader makes a descriptor non-blocking, and then a burst of adds that outgrew
+the socket buffer while the core was in a step failed the writer with EAGAIN (256 streams of
+400-token prompts hung that way), and a read could stop between a message's header and body.
+The core's death (a crash, or killed) shows as end-of-file on the pipe after every message it
+sent, so its last words (wire.DEAD) are never lost.
 """
 from __future__ import annotations
 
@@ -50,13 +54,16 @@ class EngineCoreClient:
         self._sender = threading.Thread(target=self._send_loop, name="leanserve-core-sender", daemon=True)
         self._sender.start()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._receiver: threading.Thread | None = None
+        self._closing = False
 
     def start(self, on_message: Callable[[list], None], on_exit: Callable[[int | None], None]) -> None:
         """Deliver each message from the core to `on_message` on the running event loop, and call
         `on_exit(exit code)` once if the core's end of the pipe closes."""
         self._loop = asyncio.get_running_loop()
         self._on_message, self._on_exit = on_message, on_exit
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._receiver = threading.Thread(target=self._recv_loop, name="leanserve-core-receiver", daemon=True)
+        self._receiver.start()
 
     def send(self, message) -> None:
         """Queue a message for the core (thread-safe, never blocks)."""
@@ -64,8 +71,7 @@ class EngineCoreClient:
 
     async def close(self, timeout: float = 30) -> None:
         """Ask the core to exit, wait up to `timeout` seconds, then kill it."""
-        if self._loop is not None:
-            self._loop.remove_reader(self._conn.fileno())
+        self._closing = True  # its end-of-file is no death now, and late outputs have no reader
         self.send((wire.SHUTDOWN,))
         self._outbox.put(None)
         await asyncio.to_thread(self.proc.join, timeout)
@@ -73,23 +79,37 @@ class EngineCoreClient:
             logger.warning("the engine core process did not exit in %s s: killing it", timeout)
             self.proc.kill()
             await asyncio.to_thread(self.proc.join)
+        if self._receiver is not None:
+            await asyncio.to_thread(self._receiver.join)  # the core's exit closed its end: end-of-file
         self._conn.close()
 
     def _send_loop(self) -> None:
         while (data := self._outbox.get()) is not None:
             try:
                 self._conn.send_bytes(data)
-            except OSError:  # the core is gone; the reader reports it
+            except (BrokenPipeError, ConnectionResetError):  # the core is gone; the receiver reports it
+                return
+            except OSError:
+                # a core that stops hearing us would leave every request hanging: end it, and the
+                # receiver reports its death (the server answers 503)
+                logger.exception("sending to the engine core failed: stopping it")
+                self.proc.kill()
                 return
 
-    def _on_readable(self) -> None:
-        # one message (one step) per callback: the reader is level-triggered, so a backlog is
-        # read over several loop iterations, between the writes of SSE events
-        try:
-            data = self._conn.recv_bytes()
-        except (EOFError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
-            self.proc.join(1)  # it has closed its end: exiting, if not yet gone
-            self._on_exit(self.proc.exitcode)
+    def _recv_loop(self) -> None:
+        while True:
+            try:
+                message = wire.decode(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            self._deliver(self._on_message, message)
+        self.proc.join(1)  # it has closed its end: exiting, if not yet gone
+        self._deliver(self._on_exit, self.proc.exitcode)
+
+    def _deliver(self, callback: Callable, arg) -> None:
+        if self._closing:
             return
-        self._on_message(wire.decode(data))
+        try:  # in order: a dead core's last message comes before its exit
+            self._loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError:  # the loop has closed: the server is exiting
+            pass
