@@ -278,7 +278,8 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
     bf16 autocast, eager against compiled UNets, k = 1 and 4, one batch size."""
     from leanserve.trainers import sid
 
-    arms = (None,) if args.smoke else (None, "default", "reduce-overhead")  # inductor's CPU compile takes minutes
+    # inductor's CPU compile takes minutes
+    arms = (None,) if args.smoke else tuple(None if a == "off" else a for a in args.shapes_compile)
     batch = 2 if args.smoke else args.shapes_batch
     out = {"teacher": args.shapes_teacher, "batch": batch, "precision": "fp32 weights, bf16 autocast",
            "compile_arms": "skipped on CPU (--smoke)" if args.smoke else "torch.compile of the teacher, generator "
@@ -320,6 +321,8 @@ def main():
     ap.add_argument("--shapes-teacher", default=str(ROOT / "zoo" / "shapes-teacher"),
                     help="(c)'s pixel-space teacher directory")
     ap.add_argument("--shapes-batch", type=int, default=64, help="(c)'s images per phase")
+    ap.add_argument("--shapes-compile", nargs="+", default=["off", "default", "reduce-overhead"],
+                    choices=["off", "default", "reduce-overhead"], help="(c)'s arms: eager and Trainer --compile modes")
     ap.add_argument("--teacher-steps", type=int, default=25)
     ap.add_argument("--runs", type=int, default=5, help="timed calls per few-step serving configuration")
     ap.add_argument("--teacher-runs", type=int, default=3, help="timed calls per teacher configuration")
