@@ -27,6 +27,9 @@ sends requests at a fixed rate with exponential gaps (Poisson arrivals) and no c
 - images: per (model, steps), direct = ImageModel.generate in this process at batch --image-clients
   (replaying CUDA graphs when --server-args has --image-cuda-graphs, as the server then does),
   HTTP = --image-clients closed-loop clients asking n=1 each, images finished in a window after a warm-up;
+- --py-spy: the server process sampled by py-spy (on PATH; all threads, idle ones included) during each
+  image row's window: raw stacks to OUT_DIR/pyspy_<model>_<steps>.txt and, in the row, each thread's
+  most frequent innermost frames (where the time of a request outside the pipeline call goes);
 - --profile: torch profiler tables of an in-process LLMEngine with the server's engine config under the
   same load (c sequences of --prompt-len tokens, all decoding), at c = 1 and 64, after the server is
   stopped: decode steps of the engine, not the HTTP front end.
@@ -48,8 +51,10 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -342,12 +347,13 @@ class Bench:
         self.results["poisson"] = row
         self.save()
 
-    def image_rows(self, url: str, device) -> None:
+    def image_rows(self, server, device) -> None:
         import torch
 
         from leanserve.models.image_model import load_image_model
         from leanserve.runtime import resolve_dtype
         a = self.args
+        url = server.url
         models = {}
         graphs = "--image-cuda-graphs" in shlex.split(a.server_args)
         for name, steps in a.image_rows:
@@ -367,8 +373,12 @@ class Bench:
                 spec = {"kind": "image", "url": url, "model": name, "size": size, "steps": steps, "seed": 11,
                         "requests": 10**9, "prompt_len": 0}
                 before = image_counts(url, name)
-                row |= http_images(self.load, spec, a.image_clients, a.image_warmup_s,
-                                   min(a.image_window_s, left / 4))
+                window = min(a.image_window_s, left / 4)
+                spy = PySpy(server.proc.pid, a.image_warmup_s, window,
+                            Path(a.out_dir) / f"pyspy_{name}_{steps}.txt") if a.py_spy else None
+                row |= http_images(self.load, spec, a.image_clients, a.image_warmup_s, window)
+                if spy is not None:
+                    row["py_spy"] = spy.summary()
                 images, calls = (after - b for after, b in zip(image_counts(url, name), before))
                 # below the client count: loops ran part-full (clients that got their image between loops)
                 row["http_images_per_call"] = images / calls if calls else None
@@ -384,6 +394,40 @@ class Bench:
         models.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class PySpy:
+    """py-spy sampling a process's Python stacks, every thread, idle or not, for `seconds` after
+    `delay_s` (a row's window after its warm-up)."""
+
+    def __init__(self, pid: int, delay_s: float, seconds: float, path: Path, rate: int = 100):
+        # on PATH, or beside this interpreter (a virtual environment run without activating it)
+        exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if exe is None:
+            raise RuntimeError("--py-spy: no py-spy on PATH or beside python (pip install py-spy)")
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f"sleep {delay_s}; exec {exe} record -p {pid} -d {max(1, int(seconds))} -r {rate} "
+                           f"--threads --idle --nonblocking -f raw -o {path}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def summary(self, top: int = 8) -> dict:
+        """Per thread: its samples and its `top` most frequent innermost frames, as shares of them."""
+        _, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0 or not self.path.exists():
+            return {"error": err.strip()[-500:]}
+        threads: dict[str, dict[str, int]] = {}
+        for line in self.path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            leaves = threads.setdefault(frames[0], {})
+            leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+        out = {}
+        for thread, leaves in threads.items():
+            total = sum(leaves.values())
+            out[thread] = {"samples": total, "top": [[frame, round(n / total, 3)] for frame, n in
+                                                     sorted(leaves.items(), key=lambda kv: -kv[1])[:top]]}
+        return out
 
 
 def direct_images(model, batch: int, steps: int, budget_s: float) -> dict:
@@ -549,7 +593,7 @@ def gpu_mode(args) -> None:
             if args.poisson_requests:
                 bench.poisson_row(server.url, "llm", (3, config["vocab_size"]))
             if image_models:
-                bench.image_rows(server.url, device)
+                bench.image_rows(server, device)
         if args.profile and bench.phase_budget("profile", need=PROFILE_MIN_S) is not None:
             results["profile"] = profile_engine(path, args, device)
             bench.save()
@@ -637,6 +681,7 @@ def main():
     ap.add_argument("--client-procs", type=int, help="client processes the streams are spread over")
     ap.add_argument("--threads", type=int, default=1, help="--cpu: intra-op threads of the server and generate")
     ap.add_argument("--profile", action="store_true", help="torch profiler tables at concurrency 1 and 64")
+    ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy during the image rows")
     ap.add_argument("--budget-s", type=float, default=900, help="wall-clock budget of the whole run")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--out-dir", default=str(RESULTS))

@@ -29,12 +29,12 @@ def test_load_server_smoke():
 
 def test_serve_benchmark_smoke(tmp_path):
     """bench_serve_gpu.py: the GPU path (a served toy Llama with --load-format dummy, the Poisson run, an
-    image row, --profile) and the CPU mode (zoo/chat-tiny next to transformers generate), side by side."""
+    image row sampled by py-spy, --profile) and the CPU mode (zoo/chat-tiny next to transformers generate), side by side."""
     env = script_env()
     script = str(ROOT / "benchmarks" / "bench_serve_gpu.py")
     procs = {mode: subprocess.Popen([sys.executable, script, "--smoke", *flags, "--out-dir", str(tmp_path)], cwd=ROOT,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for mode, flags in (("gpu", ["--profile"]), ("cpu", ["--cpu"]))}
+             for mode, flags in (("gpu", ["--profile", "--py-spy"]), ("cpu", ["--cpu"]))}
     for mode, proc in procs.items():
         output = proc.communicate(timeout=240)[0]
         assert proc.returncode == 0, f"bench_serve_gpu.py --smoke ({mode}) failed:\n{output[-4000:]}"
@@ -55,6 +55,12 @@ def test_serve_benchmark_smoke(tmp_path):
     assert image["http_img_s"] > 0 and image["direct_img_s"] > 0
     assert image["http_over_direct"] == image["http_img_s"] / image["direct_img_s"]
     assert 1 <= image["http_images_per_call"] <= 4
+    spy = image["py_spy"]
+    assert "error" not in spy, spy
+    assert (tmp_path / "pyspy_shapes-sid_1.txt").exists()
+    for name in ("MainThread", "leanserve-image-engine"):  # the event loop and the pipeline's worker
+        [thread] = [t for t in spy if t.endswith(name)]
+        assert spy[thread]["samples"] > 0 and 0 < sum(share for _, share in spy[thread]["top"]) <= 1.001
     assert set(gpu["profile"]) == {"how", "concurrency_1", "concurrency_4"}
     assert all("aten::" in gpu["profile"][f"concurrency_{c}"]["table"] for c in (1, 4))
 

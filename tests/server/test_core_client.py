@@ -66,3 +66,28 @@ def test_burst_of_adds_larger_than_the_pipe_reaches_a_paused_core(tiny_llm_dir, 
     assert len(finished) == BURST, f"{BURST - len(finished)} of {BURST} requests never finished"
     assert finished[f"r{BURST - 1}"] == "length"
     assert set(finished[f"r{i}"] for i in range(BURST - 1)) == {"abort"}
+
+
+def test_undecodable_message_from_the_core_stops_it_and_reports_its_exit(tiny_llm_dir, monkeypatch):
+    """A message the API process cannot decode ends the core (the server then answers 503), never a
+    receiver that dies quietly while /health still says ok."""
+    client = EngineCoreClient(EngineConfig(model=str(tiny_llm_dir), max_model_len=512, device="cpu"))
+
+    def undecodable(data: bytes):
+        raise ValueError("not msgpack")
+
+    monkeypatch.setattr(wire, "decode", undecodable)  # this process's receiver only: the core has its own
+    exits: list = []
+
+    async def main() -> None:
+        client.start(lambda message: None, exits.append)
+        params = wire.params_to_wire(SamplingParams(max_tokens=1, ignore_eos=True))
+        client.send((wire.ADD, "r0", [5] * 8, params, 0.0))  # the core answers with a step message
+        for _ in range(200):
+            if exits:
+                break
+            await asyncio.sleep(0.05)
+        await client.close()
+
+    asyncio.run(main())
+    assert exits == [-signal.SIGKILL]

@@ -3,7 +3,9 @@ hand its messages to the event loop.
 
 One pipe (a socketpair) carries msgpack messages both ways, read and written by two threads with
 blocking calls: the event loop never blocks on a full pipe while the core is busy in a long step,
-and each message reaches the loop as a callback of its own. The pipe is never registered with the
+and each message reaches the loop as a callback of its own, at most MAX_UNDELIVERED at a time (a
+loop that falls behind leaves the rest in the pipe, which then holds the core back, rather than
+piling up stale steps in memory). The pipe is never registered with the
 loop: uvloop's add_reader makes a descriptor non-blocking, and then a burst of adds that outgrew
 the socket buffer while the core was in a step failed the writer with EAGAIN (256 streams of
 400-token prompts hung that way), and a read could stop between a message's header and body.
@@ -26,6 +28,9 @@ from leanserve.server.engine.errors import startup_error_from_wire
 from leanserve.server.settings import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
+
+MAX_UNDELIVERED = 2  # the core's messages handed to the event loop and not yet handled
+THREAD_JOIN_S = 5.0  # at close, for the pipe's threads (the pipe is closed after, whatever they do)
 
 
 class EngineCoreClient:
@@ -55,6 +60,7 @@ class EngineCoreClient:
         self._sender.start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._receiver: threading.Thread | None = None
+        self._undelivered = threading.Semaphore(MAX_UNDELIVERED)
         self._closing = False
 
     def start(self, on_message: Callable[[list], None], on_exit: Callable[[int | None], None]) -> None:
@@ -79,8 +85,11 @@ class EngineCoreClient:
             logger.warning("the engine core process did not exit in %s s: killing it", timeout)
             self.proc.kill()
             await asyncio.to_thread(self.proc.join)
-        if self._receiver is not None:
-            await asyncio.to_thread(self._receiver.join)  # the core's exit closed its end: end-of-file
+        # the core's exit gives the receiver end-of-file, unless a process it started holds a copy
+        # of its end; the sender ends at the None above
+        for thread in (self._receiver, self._sender):
+            if thread is not None:
+                await asyncio.to_thread(thread.join, THREAD_JOIN_S)
         self._conn.close()
 
     def _send_loop(self) -> None:
@@ -97,14 +106,30 @@ class EngineCoreClient:
                 return
 
     def _recv_loop(self) -> None:
-        while True:
-            try:
-                message = wire.decode(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            self._deliver(self._on_message, message)
-        self.proc.join(1)  # it has closed its end: exiting, if not yet gone
-        self._deliver(self._on_exit, self.proc.exitcode)
+        try:
+            while True:
+                try:
+                    data = self._conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                try:
+                    message = wire.decode(data)
+                except Exception:  # noqa: BLE001 - a core we cannot understand serves nobody
+                    logger.exception("undecodable message from the engine core: stopping it")
+                    self.proc.kill()
+                    break
+                while not self._undelivered.acquire(timeout=0.5):
+                    if self._closing:
+                        return
+                self._deliver(self._handle, message)
+        finally:
+            if not self._closing:  # else close() reaps the core, and nobody listens
+                self.proc.join(1)  # it has closed its end: exiting, if not yet gone
+                self._deliver(self._on_exit, self.proc.exitcode)
+
+    def _handle(self, message: list) -> None:
+        self._undelivered.release()
+        self._on_message(message)
 
     def _deliver(self, callback: Callable, arg) -> None:
         if self._closing:

@@ -11,6 +11,7 @@ and when the API process dies its end of the pipe closes, which ends this loop t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
@@ -32,6 +33,9 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     is imported here, in the child: the API process that names this target never loads torch."""
     from leanserve.server.engine.core import EngineCore
 
+    # spawn leaves our end of the pipe inheritable: a process started from here (by us or a library)
+    # would hold it open past our exit, and the API process would not see end-of-file
+    os.set_inheritable(conn.fileno(), False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     dump_stacks_on_sigusr1()
     logging.basicConfig(level=log_level, format=log_format)
