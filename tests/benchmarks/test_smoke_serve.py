@@ -29,7 +29,8 @@ def test_load_server_smoke():
 
 def test_serve_benchmark_smoke(tmp_path):
     """bench_serve_gpu.py: the GPU path (a served toy Llama with --load-format dummy, the Poisson run, an
-    image row sampled by py-spy, --profile) and the CPU mode (zoo/chat-tiny next to transformers generate), side by side."""
+    image row sampled by py-spy, --profile) and the CPU mode (zoo/chat-tiny next to transformers
+    generate), side by side."""
     env = script_env()
     script = str(ROOT / "benchmarks" / "bench_serve_gpu.py")
     procs = {mode: subprocess.Popen([sys.executable, script, "--smoke", *flags, "--out-dir", str(tmp_path)], cwd=ROOT,
