@@ -29,7 +29,8 @@ sends requests at a fixed rate with exponential gaps (Poisson arrivals) and no c
   HTTP = --image-clients closed-loop clients asking n=1 each, images finished in a window after a warm-up;
 - --py-spy: the server process sampled by py-spy (on PATH; all threads, idle ones included) during each
   image row's window: raw stacks to OUT_DIR/pyspy_<model>_<steps>.txt and, in the row, each thread's
-  most frequent innermost frames (where the time of a request outside the pipeline call goes);
+  most frequent innermost frames and its phases (pyspy_phases.py: where the time of a request outside
+  the pipeline call goes);
 - --profile: torch profiler tables of an in-process LLMEngine with the server's engine config under the
   same load (c sequences of --prompt-len tokens, all decoding), at c = 1 and 64, after the server is
   stopped: decode steps of the engine, not the HTTP front end.
@@ -67,6 +68,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # server_utils: the real-server harness the server tests use
 from common import RESULTS, Deadline, write_result  # noqa: E402
+from pyspy_phases import phases  # noqa: E402
 from server_utils import engine_core_pid, remote_server, scrape  # noqa: E402
 
 IMAGE_ROWS = [("shapes-sid", 4), ("shapes-sid", 1), ("shapes-teacher", 25)]  # (zoo model, steps)
@@ -379,6 +381,8 @@ class Bench:
                 row |= http_images(self.load, spec, a.image_clients, a.image_warmup_s, window)
                 if spy is not None:
                     row["py_spy"] = spy.summary()
+                    if "error" not in row["py_spy"]:
+                        row["py_spy_phases"] = phases(spy.path.read_text().splitlines())
                 images, calls = (after - b for after, b in zip(image_counts(url, name), before))
                 # below the client count: loops ran part-full (clients that got their image between loops)
                 row["http_images_per_call"] = images / calls if calls else None

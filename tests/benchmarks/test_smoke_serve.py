@@ -62,6 +62,10 @@ def test_serve_benchmark_smoke(tmp_path):
     for name in ("MainThread", "leanserve-image-engine"):  # the event loop and the pipeline's worker
         [thread] = [t for t in spy if t.endswith(name)]
         assert spy[thread]["samples"] > 0 and 0 < sum(share for _, share in spy[thread]["top"]) <= 1.001
+    phases = image["py_spy_phases"]
+    [engine] = [t for t in phases if t.endswith("leanserve-image-engine")]  # the idle one is left out
+    assert abs(sum(phases[engine]["phases"].values()) - 1) < 0.01
+    assert phases[engine]["phases"].get("denoising loop", 0) > 0  # the pipeline ran during the window
     assert set(gpu["profile"]) == {"how", "concurrency_1", "concurrency_4"}
     assert all("aten::" in gpu["profile"][f"concurrency_{c}"]["table"] for c in (1, 4))
 
