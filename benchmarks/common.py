@@ -18,9 +18,11 @@ def hardware_slug() -> str:
     return "".join(c if c.isalnum() else "-" for c in hardware().lower()).strip("-")[:40]
 
 
-def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filename: str | None = None) -> Path:
-    """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json (or OUT/filename)."""
-    payload = {"bench": bench, "hardware": hardware(), "git_commit": git_commit() or "unknown",
+def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filename: str | None = None,
+                 measured_on: str | None = None) -> Path:
+    """Write {bench, hardware, git_commit, date, results} to OUT/<bench>-<hardware>.json (or OUT/filename).
+    `measured_on`: the hardware of a measurement analysed here (its samples came from another machine)."""
+    payload = {"bench": bench, "hardware": measured_on or hardware(), "git_commit": git_commit() or "unknown",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "results": results}
     out = Path(out_dir)

@@ -87,8 +87,9 @@ def main():
         cycle_ms = 1e3 * row["http_images_per_call"] / row["http_img_s"]
         table.append({"model": model, "steps": int(steps), "raw": path.name, "cycle_ms": cycle_ms,
                       "threads": phases(read_lines(path))})
+    # hardware: the server's, where the samples were taken; git_commit: this analysis's
     write_result("pyspy_phases", {"source": {k: source[k] for k in ("bench", "hardware", "git_commit", "date")},
-                                  "rows": table}, args.out.parent, args.out.name)
+                                  "rows": table}, args.out.parent, args.out.name, measured_on=source["hardware"])
     print(f"wrote {args.out}")
 
 
