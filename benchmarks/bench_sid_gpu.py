@@ -22,11 +22,12 @@ autocast, default LSG guidance (κ = 1.5: CFG pairs in every network call), with
 checkpointing, chains of k = 1 and 4 steps, batch 1, 2, 4, 8, 16 per phase until the first CUDA OOM.
 The Trainer loads a pixel-space teacher directory, so the benchmark hands it a random-weight teacher
 in place of that directory (RandomTextTeacher below); everything else is the Trainer's code, except
-that k is fixed instead of drawn (sid_iteration). Per configuration: median seconds per iteration
+that k is fixed instead of drawn (`train_iteration(k)`). Per configuration: median seconds per iteration
 (CUDA events, warm-up excluded) and torch.cuda.max_memory_allocated.
 
-(c) SiD on the real shapes teacher (zoo/shapes-teacher): generator images/s at batch 64, bf16, eager UNets
-against `distill sid --compile` (issue 20's "SiD at GPU speed": ~100 img/s eager on an H200 before).
+(c) SiD on the real shapes teacher (zoo/shapes-teacher, or --shapes-teacher): generator images/s at batch
+64, bf16, eager UNets against `distill sid --compile` and `--channels-last` (issue 20's "SiD at GPU speed":
+~100 img/s eager on an H200 before), the compile time apart.
 
     python benchmarks/bench_sid_gpu.py [--parts serve train shapes] [--out-dir benchmarks/results]
     python benchmarks/bench_sid_gpu.py --smoke --out-dir /tmp/bench-smoke   # CPU, toy sizes, < 1 minute
@@ -207,25 +208,11 @@ def build_trainer(unet_config: dict, device: torch.device, checkpointing: bool, 
         return latent_trainer_class()(args, device)
 
 
-def sid_iteration(trainer, k: int) -> None:
-    """Trainer.train_iteration with the chain length fixed at k (it draws k ~ U{1..K}): one fake update,
-    one generator update, the EMA."""
-    from leanserve.trainers.sid_loss import chain_timesteps
-
-    timesteps = chain_timesteps(k, trainer.args.t_init)
-    trainer.generator.train()
-    trainer.fake.train()
-    trainer._fake_phase(timesteps)
-    trainer._generator_phase(timesteps)
-    trainer.step += 1
-    trainer._update_ema()
-
-
 def time_config(trainer, k: int, batch: int, args, device) -> dict:
     trainer.args.batch_size = batch
     free_device_memory(device)
     try:
-        times = time_calls(lambda: sid_iteration(trainer, k), device, args.iterations, warmup=args.warmup,
+        times = time_calls(lambda: trainer.train_iteration(k), device, args.iterations, warmup=args.warmup,
                            budget_s=args.config_budget)
     except torch.cuda.OutOfMemoryError as e:
         return {"oom": True, "error": str(e).splitlines()[0], "peak_memory_gib": peak_memory_gib(device)}
@@ -273,41 +260,53 @@ def bench_training(args, device: torch.device, deadline: Deadline, save: Callabl
 
 
 def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[[dict], None]) -> dict:
-    """(c) SiD on the real shapes teacher (zoo/shapes-teacher, a 6M-parameter pixel UNet at 32x32): a
-    small UNet's iteration is bound by Python and kernel launches, so this is where --compile should pay.
-    bf16 autocast, eager against compiled UNets, k = 1 and 4, one batch size."""
+    """(c) SiD on a real pixel-space teacher (zoo/shapes-teacher: a 6M-parameter UNet at 32x32): a small
+    UNet's iteration is bound by Python and kernel launches (~11k top-level ops an iteration, counted on
+    CPU), so this is where --compile and --channels-last should pay. bf16 autocast, k = 1 and 4, one batch
+    size; per arm the warm-up (where compilation happens) is timed apart from the steady state."""
+    import torch._dynamo.utils
+
     from leanserve.trainers import sid
 
     # inductor's CPU compile takes minutes
-    arms = (None,) if args.smoke else tuple(None if a == "off" else a for a in args.shapes_compile)
+    arms = ("off",) if args.smoke else tuple(args.shapes_compile)
     batch = 2 if args.smoke else args.shapes_batch
     out = {"teacher": args.shapes_teacher, "batch": batch, "precision": "fp32 weights, bf16 autocast",
-           "compile_arms": "skipped on CPU (--smoke)" if args.smoke else "torch.compile of the teacher, generator "
-           "and fake UNets (Trainer --compile MODE: default, reduce-overhead = + CUDA graphs); the first "
-           "iterations (compilation) are the warm-up",
+           "arms": "skipped on CPU (--smoke)" if args.smoke else "MODE[-cl]: eager (off) or Trainer --compile "
+           "MODE (torch.compile of the teacher, generator and fake UNets; reduce-overhead = + CUDA graphs), "
+           "-cl = --channels-last. warmup_s: the first iterations of each k, where compilation happens; "
+           "graphs: dynamo's unique graphs after them",
            "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-sid-shapes-") as tmp:
-        for compiled in arms:
+        for arm in arms:
+            mode = arm.removesuffix("-cl")
             parser = argparse.ArgumentParser()
             sid.add_arguments(parser)
-            trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--bf16",
-                                                     "--guidance", args.guidance, "--batch-size", str(batch)]
-                                                    + (["--compile", compiled] if compiled else [])), device)
+            trainer = sid.Trainer(parser.parse_args(
+                ["--teacher", args.shapes_teacher, "--out", tmp, "--bf16", "--guidance", args.guidance,
+                 "--batch-size", str(batch)] + ([] if mode == "off" else ["--compile", mode])
+                + (["--channels-last"] if arm.endswith("-cl") else [])), device)
             for k in CHAINS:
-                row = {"compile": compiled, "k": k, "batch": batch}
+                row = {"arm": arm, "k": k, "batch": batch}
                 if deadline.left() < args.config_budget + 60:
                     out["configs"].append({**row, "skipped": "script time limit"})
                     continue
-                # compilation happens in the first calls of each k's chain: warm up longer when compiled
-                warmup = args.warmup + (3 if compiled else 0)
-                times = time_calls(lambda k=k: sid_iteration(trainer, k), device, args.iterations, warmup=warmup,
+                warmup = args.warmup + (0 if mode == "off" else 2)  # compiled: the first calls compile
+                started = time.perf_counter()
+                for _ in range(warmup):
+                    trainer.train_iteration(k)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row["warmup_s"] = time.perf_counter() - started
+                row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                times = time_calls(lambda k=k: trainer.train_iteration(k), device, args.iterations, warmup=0,
                                    budget_s=args.config_budget)
                 s = statistics.median(times)
                 row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s})
                 out["configs"].append(row)
                 save(out)  # a run killed later keeps the rows done
-                print(f"  shapes compile={compiled or 'off'} k={k}: {s:.3f} s/it, {batch / s:.0f} generator img/s",
-                      flush=True)
+                print(f"  shapes {arm} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} graphs so far), "
+                      f"{s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
             del trainer
             free_device_memory(device)
     return out
@@ -321,8 +320,9 @@ def main():
     ap.add_argument("--shapes-teacher", default=str(ROOT / "zoo" / "shapes-teacher"),
                     help="(c)'s pixel-space teacher directory")
     ap.add_argument("--shapes-batch", type=int, default=64, help="(c)'s images per phase")
-    ap.add_argument("--shapes-compile", nargs="+", default=["off", "default", "reduce-overhead"],
-                    choices=["off", "default", "reduce-overhead"], help="(c)'s arms: eager and Trainer --compile modes")
+    ap.add_argument("--shapes-compile", nargs="+", default=["off", "off-cl", "default-cl", "reduce-overhead-cl"],
+                    choices=[m + cl for m in ("off", "default", "reduce-overhead") for cl in ("", "-cl")],
+                    help="(c)'s arms: eager (off) or a Trainer --compile mode, -cl with --channels-last")
     ap.add_argument("--teacher-steps", type=int, default=25)
     ap.add_argument("--runs", type=int, default=5, help="timed calls per few-step serving configuration")
     ap.add_argument("--teacher-runs", type=int, default=3, help="timed calls per teacher configuration")

@@ -240,6 +240,10 @@ class Trainer(TrainingLoop):
         if args.channels_last:
             teacher.to(memory_format=torch.channels_last)  # so are the copies' weights
         self.teacher = teacher
+        # with every dropout at p = 0, train() and eval() compute the same function: the trained UNets then
+        # stay in eval mode like the teacher, so a compiled UNet needs no graph per mode (dynamo guards on
+        # .training). A teacher with active dropout trains its copies in train mode, as SiD does.
+        self.train_mode = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in teacher.modules())
         self.generator = copy.deepcopy(teacher).requires_grad_(True)
         self.fake = copy.deepcopy(teacher).requires_grad_(True)
         self.ema = copy.deepcopy(teacher)
@@ -381,14 +385,16 @@ class Trainer(TrainingLoop):
                         self.args.ema_ramp)
         torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - beta)
 
-    def train_iteration(self) -> int:
-        """One fake update then one generator update at a shared k ~ U{1..K}; returns k."""
+    def train_iteration(self, k: int | None = None) -> int:
+        """One fake update then one generator update at a shared k ~ U{1..K} (or the k given: benchmarks
+        time each chain length); returns k."""
         from leanserve.trainers.sid_loss import chain_timesteps
 
-        k = int(torch.randint(1, self.args.steps + 1, (), generator=self.k_rng))
+        if k is None:
+            k = int(torch.randint(1, self.args.steps + 1, (), generator=self.k_rng))
         timesteps = chain_timesteps(k, self.args.t_init)
-        self.generator.train()
-        self.fake.train()
+        self.generator.train(self.train_mode)
+        self.fake.train(self.train_mode)
         self.window[0] += self._fake_phase(timesteps)
         self.window[1] += self._generator_phase(timesteps)
         self.step += 1

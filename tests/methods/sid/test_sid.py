@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -490,7 +491,13 @@ def test_compiled_unets_train_the_same_generator(teacher_dir, tmp_path, monkeypa
     # with the GAN: its discriminator hooks the fake UNet's mid block, which a compiled UNet's graph would skip
     common = ("--iterations", "2", "--guidance", "lsg", "--kappa", "1.5", "--gan", "--gan-warmup", "0")
     assert distill(teacher_dir, tmp_path / "eager", *common) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert distill(teacher_dir, tmp_path / "compiled", *common, "--compile") == 0
+    # the three UNets share one forward, compiled once per use: without gradients (the fake phase's
+    # generator chain), for their weights' gradients (the fake loss, the generator's last call), for the
+    # input's gradient alone (teacher and frozen fake in the generator loss). One mode for all: no more
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     a, b = unet_weights(tmp_path / "eager"), unet_weights(tmp_path / "compiled")
     teacher = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert modes == ["default"] * 3 and a.keys() == b.keys()  # compiled in place: the saved names are the UNet's
@@ -498,6 +505,23 @@ def test_compiled_unets_train_the_same_generator(teacher_dir, tmp_path, monkeypa
     update = torch.cat([(a[k] - teacher[k]).flatten() for k in a])
     gap = torch.cat([(b[k] - a[k]).flatten() for k in a])
     assert update.norm() > 0 and gap.norm() < 0.02 * update.norm()
+
+
+def test_the_trained_unets_keep_the_teachers_mode_unless_dropout_is_on(teacher_dir, tmp_path):
+    """train() and eval() differ only in dropout: at p = 0 the copies stay in eval mode (one compiled graph
+    per use, not per mode); with active dropout they train in train mode."""
+    dropout_dir = tmp_path / "teacher-dropout"
+    shutil.copytree(teacher_dir, dropout_dir)
+    config = json.loads((dropout_dir / "unet" / "config.json").read_text())
+    (dropout_dir / "unet" / "config.json").write_text(json.dumps({**config, "dropout": 0.1}))
+    parser = argparse.ArgumentParser()
+    sid.add_arguments(parser)
+    for teacher, training in ((teacher_dir, False), (dropout_dir, True)):
+        trainer = sid.Trainer(parser.parse_args(["--teacher", str(teacher), "--out", str(tmp_path / "out"), *FLAGS]),
+                              torch.device("cpu"))
+        trainer.train_iteration(1)
+        assert trainer.generator.training is training and trainer.fake.training is training
+        assert not trainer.teacher.training
 
 
 def test_explicit_kappas(teacher_dir, tmp_path):
