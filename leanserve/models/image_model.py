@@ -30,6 +30,7 @@ from leanserve.models.image_pipeline import (
     set_sampler,
     size_limits,
 )
+from leanserve.models.pixel_pipeline import PixelDiffusionPipeline
 from leanserve.models.unet_graphs import graph_forward
 
 logger = logging.getLogger(__name__)
@@ -98,12 +99,16 @@ class ImageModel:
 
     def enable_cuda_graphs(self, max_images: int) -> bool:
         """Replay the denoiser's forward as CUDA graphs (models/unet_graphs.py) in calls of up to
-        `max_images` images (twice that many rows with guidance). CUDA pipelines with a `unet` only;
-        returns whether it did."""
+        `max_images` images (twice that many rows with guidance), and a PixelDiffusionPipeline's text
+        encoder too: eager, its hundreds of small launches per call cost a few-step generator more than
+        its denoising (BENCHMARKS.md, images through HTTP). CUDA pipelines with a `unet` only; returns
+        whether it did."""
         unet = getattr(self.pipe, "unet", None)
         if self.device.type != "cuda" or not isinstance(unet, torch.nn.Module):
             return False
         graph_forward(unet, max_batch=2 * max_images)
+        if isinstance(self.pipe, PixelDiffusionPipeline):  # its _encode asks for tensors, which a graph returns
+            graph_forward(self.pipe.text_encoder, max_batch=max_images)
         return True
 
     def auto_batch_size(self) -> int:

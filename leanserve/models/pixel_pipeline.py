@@ -167,11 +167,15 @@ class PixelDiffusionPipeline(DiffusionPipeline):
 
     def _encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        if max(len(full) for full in self.tokenizer(prompts, verbose=False).input_ids) > max_length:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        # only a row that fills max_length can have been cut: tokenize those again to know (a served batch
+        # pays the tokenizer once, not twice)
+        full = [prompt for prompt, mask in zip(prompts, tokens.attention_mask) if mask[-1]]
+        if full and max(len(ids) for ids in self.tokenizer(full, verbose=False).input_ids) > max_length:
             logger.warning("prompt(s) longer than %d tokens were truncated", max_length)
-        return self.text_encoder(ids.to(device))[0]
+        # a tuple, not a ModelOutput: ImageModel.enable_cuda_graphs replays this call as a CUDA graph
+        return self.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
 
     def encode_prompt(self, prompt: list[str], device: torch.device, num_images_per_prompt: int,
                       do_classifier_free_guidance: bool, negative_prompt: list[str] | None = None

@@ -144,6 +144,21 @@ def test_guidance_matches_a_plain_loop(pipe, guidance, negative):
     assert_same_x(images, expected)
 
 
+def test_only_a_prompt_past_the_token_limit_is_reported_truncated(pipe, caplog):
+    limit = pipe.tokenizer.model_max_length
+    words = ["red", "a", "circle"]
+    # the longest prompt that fits exactly (BOS and EOS included), and one word more
+    fits = next(" ".join((words * limit)[:n]) for n in range(limit, 0, -1)
+                if len(pipe.tokenizer(" ".join((words * limit)[:n])).input_ids) <= limit)
+    assert len(pipe.tokenizer(fits).input_ids) == limit  # it fills the row: the case that is checked again
+    with caplog.at_level("WARNING", logger="leanserve.models.pixel_pipeline"):
+        pipe._encode([fits, "a ring"], torch.device("cpu"))
+        assert "truncated" not in caplog.text
+        embeds = pipe._encode([fits + " ring ring", "a ring"], torch.device("cpu"))
+        assert "truncated" in caplog.text
+    assert embeds.shape[:2] == (2, limit)
+
+
 def test_x0_is_never_clipped(pipe):
     # a UNet that predicts zero noise claims x0 = x_t / sqrt(alpha_bar_t): far outside [-1, 1] at high t
     unet = copy.deepcopy(pipe.unet)

@@ -139,6 +139,23 @@ def test_graph_forward_wraps_once_and_keeps_hooks(tmp_path):
     assert calls == [1] and wrapper.replays == 0
 
 
+def test_a_graphed_text_encoder_encodes_prompts_as_eager_does(tmp_path):
+    """The pixel pipeline's prompt encoding through a graphed text encoder (as enable_cuda_graphs sets it up on
+    CUDA): 3 prompts pad to a bucket of 4, and the padding row never changes the real ones (causal attention
+    within each prompt)."""
+    from leanserve.models.image_pipeline import load_image_pipeline
+
+    pipe = load_image_pipeline(build_tiny_pixel_pipeline(tmp_path / "pixel"))
+    prompts = ["a red circle", "a blue square at the top left", ""]
+    want = pipe._encode(prompts, torch.device("cpu"))
+    wrapper = eager_replay(pipe.text_encoder, max_batch=8)
+    for n in (3, 2, 3):
+        with torch.no_grad():  # as in a pipeline call: a graph cannot record autograd
+            got = pipe._encode(prompts[:n], torch.device("cpu"))
+        assert torch.allclose(got, want[:n], atol=1e-5)
+    assert wrapper.replays == 3 and len(wrapper.graphs) == 2  # batches 3 and 2 pad to the buckets 4 and 2
+
+
 def test_an_image_model_on_cpu_keeps_its_eager_unet(tmp_path):
     from leanserve.models.image_model import load_image_model
 
@@ -160,8 +177,9 @@ def test_cuda_graphs_replay_the_pipeline_as_eager_does(tmp_path):
                               [torch.Generator("cpu").manual_seed(i) for i in range(n)], on_step=lambda: False)
     want = {n: images(n) for n in (3, 4)}
     assert model.enable_cuda_graphs(8)
-    wrapper = model.pipe.unet.forward
+    wrapper, text = model.pipe.unet.forward, model.pipe.text_encoder.forward
     got = {n: images(n) for n in (3, 4, 3)}
     assert wrapper.replays == 3 * 4 and len(wrapper.graphs) == 1  # 4 steps each; CFG: 6 and 8 rows -> 8
+    assert text.replays == 3 * 2 and len(text.graphs) == 1  # prompts and negative prompts; 3 and 4 -> 4
     for n in (3, 4):
         assert abs(got[n] - want[n]).max() < 1e-3
