@@ -270,8 +270,8 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
 
     # inductor's CPU compile takes minutes
     arms = ("off",) if args.smoke else tuple(args.shapes_compile)
-    batch = 2 if args.smoke else args.shapes_batch
-    out = {"teacher": args.shapes_teacher, "batch": batch, "precision": "fp32 weights, bf16 autocast",
+    batches = [2] if args.smoke else args.shapes_batch
+    out = {"teacher": args.shapes_teacher, "precision": "fp32 weights, bf16 autocast",
            "arms": "skipped on CPU (--smoke)" if args.smoke else "MODE[-cl]: eager (off) or Trainer --compile "
            "MODE (torch.compile of the teacher, generator and fake UNets; reduce-overhead = + CUDA graphs), "
            "-cl = --channels-last. warmup_s: the first iterations of each k, where compilation happens; "
@@ -284,29 +284,39 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
             sid.add_arguments(parser)
             trainer = sid.Trainer(parser.parse_args(
                 ["--teacher", args.shapes_teacher, "--out", tmp, "--bf16", "--guidance", args.guidance,
-                 "--batch-size", str(batch)] + ([] if mode == "off" else ["--compile", mode])
+                 "--batch-size", str(batches[0])] + ([] if mode == "off" else ["--compile", mode])
                 + (["--channels-last"] if arm.endswith("-cl") else [])), device)
-            for k in CHAINS:
+            for batch, k in ((b, k) for b in batches for k in CHAINS):
+                trainer.args.batch_size = batch  # the Trainer reads it every iteration
                 row = {"arm": arm, "k": k, "batch": batch}
                 if deadline.left() < args.config_budget + 60:
                     out["configs"].append({**row, "skipped": "script time limit"})
                     continue
                 warmup = args.warmup + (0 if mode == "off" else 2)  # compiled: the first calls compile
-                started = time.perf_counter()
-                for _ in range(warmup):
-                    trainer.train_iteration(k)
                 if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row["warmup_s"] = time.perf_counter() - started
-                row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                times = time_calls(lambda k=k: trainer.train_iteration(k), device, args.iterations, warmup=0,
-                                   budget_s=args.config_budget)
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    started = time.perf_counter()
+                    for _ in range(warmup):
+                        trainer.train_iteration(k)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    row["warmup_s"] = time.perf_counter() - started
+                    row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    times = time_calls(lambda k=k: trainer.train_iteration(k), device, args.iterations, warmup=0,
+                                       budget_s=args.config_budget)
+                except torch.cuda.OutOfMemoryError:
+                    out["configs"].append({**row, "oom": True})
+                    print(f"  shapes {arm} batch {batch} k={k}: OOM", flush=True)
+                    free_device_memory(device)
+                    continue
                 s = statistics.median(times)
-                row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s})
+                row.update({"s_per_iteration": s, "runs": len(times), "generator_images_per_s": batch / s,
+                            "peak_memory_gib": peak_memory_gib(device)})
                 out["configs"].append(row)
                 save(out)  # a run killed later keeps the rows done
-                print(f"  shapes {arm} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} graphs so far), "
-                      f"{s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
+                print(f"  shapes {arm} batch {batch} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} graphs "
+                      f"so far), {s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
             del trainer
             free_device_memory(device)
     return out
@@ -319,7 +329,7 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["serve", "train", "shapes"], choices=["serve", "train", "shapes"])
     ap.add_argument("--shapes-teacher", default=str(ROOT / "zoo" / "shapes-teacher"),
                     help="(c)'s pixel-space teacher directory")
-    ap.add_argument("--shapes-batch", type=int, default=64, help="(c)'s images per phase")
+    ap.add_argument("--shapes-batch", type=int, nargs="+", default=[64], help="(c)'s images per phase")
     ap.add_argument("--shapes-compile", nargs="+", default=["off", "off-cl", "default-cl", "reduce-overhead-cl"],
                     choices=[m + cl for m in ("off", "default", "reduce-overhead") for cl in ("", "-cl")],
                     help="(c)'s arms: eager (off) or a Trainer --compile mode, -cl with --channels-last")
