@@ -322,11 +322,42 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
     return out
 
 
+def bench_cost(args) -> dict:
+    """(d) What one eager iteration asks of the host and of the GPU, counted on the CPU (the counts do not
+    depend on the device): top-level operator calls (each one dispatched from Python, a kernel launch or
+    more on a GPU), backward nodes the autograd engine runs, and FLOPs (torch's FLOP counter); k = 1, LSG."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from leanserve.trainers import sid
+
+    batch = 2 if args.smoke else args.shapes_batch[0]
+    with tempfile.TemporaryDirectory(prefix="bench-sid-cost-") as tmp:
+        parser = argparse.ArgumentParser()
+        sid.add_arguments(parser)
+        trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--guidance",
+                                                 args.guidance, "--batch-size", str(batch)]), torch.device("cpu"))
+        trainer.train_iteration(1)  # lazy initialisations stay out of the count
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.train_iteration(1)
+        with FlopCounterMode(display=False) as flops:
+            trainer.train_iteration(1)
+    top = collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
+    backward = sum(n for name, n in top.items() if name.startswith("autograd::engine::evaluate_function"))
+    return {"teacher": args.shapes_teacher, "batch": batch, "k": 1, "guidance": args.guidance,
+            "top_level_ops": sum(top.values()) - backward, "backward_nodes": backward,
+            "nan_to_num_calls": top["aten::nan_to_num_"], "tflop_per_iteration": flops.get_total_flops() / 1e12,
+            "most_called": top.most_common(12)}
+
+
 # --------------------------------------------------------------------------- main
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["serve", "train", "shapes"], choices=["serve", "train", "shapes"])
+    ap.add_argument("--parts", nargs="+", default=["serve", "train", "shapes"],
+                    choices=["serve", "train", "shapes", "cost"], help="cost: (d), on the CPU")
     ap.add_argument("--shapes-teacher", default=str(ROOT / "zoo" / "shapes-teacher"),
                     help="(c)'s pixel-space teacher directory")
     ap.add_argument("--shapes-batch", type=int, nargs="+", default=[64], help="(c)'s images per phase")
@@ -352,7 +383,7 @@ def main():
         torch.set_num_threads(1)  # toy models on a shared 2-core machine: one thread beats two contended ones
         args.teacher_steps, args.runs, args.teacher_runs, args.iterations = 2, 1, 1, 2
     else:
-        device = torch.device("cuda")
+        device = torch.device("cuda" if set(args.parts) != {"cost"} else "cpu")
     print(f"plan on {device}: "
           + ("(a) SDXL-shaped 1024x1024: 1 and 4 steps without CFG, teacher "
              f"{args.teacher_steps} steps with CFG; batch {SERVE_BATCHES}; engine and diffusers; "
@@ -382,6 +413,10 @@ def main():
         results["train"] = bench_training(args, device, deadline, lambda out: save("train", out))
     if "shapes" in args.parts:
         results["shapes"] = bench_shapes(args, device, deadline, lambda out: save("shapes", out))
+    if "cost" in args.parts:
+        results["cost"] = cost = bench_cost(args)
+        print(f"  cost at batch {cost['batch']}: {cost['top_level_ops']} top-level ops, {cost['backward_nodes']} "
+              f"backward nodes, {cost['tflop_per_iteration']:.2f} TFLOP an iteration", flush=True)
     path = save()
     print(f"total {results['wall_s']:.0f} s -> {path}")
 

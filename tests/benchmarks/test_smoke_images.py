@@ -9,12 +9,18 @@ import sys
 from bench_smoke import ROOT, script_env
 
 
+def load_unet(pipeline_dir: str):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+
+
 def test_sid_and_dpm_ot_benchmarks_smoke(tmp_path):
     env = script_env()
     # both scripts run single-threaded: side by side they take the time of one
+    parts = {"sid": ["--parts", "serve", "train", "shapes", "cost"], "dpm_ot": []}
     procs = {name: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"bench_{name}_gpu.py"), "--smoke",
-                                     "--out-dir", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+                                     "--out-dir", str(tmp_path), *parts[name]], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in ("sid", "dpm_ot")}
     for name, proc in procs.items():
         output = proc.communicate(timeout=240)[0]
@@ -38,6 +44,11 @@ def test_sid_and_dpm_ot_benchmarks_smoke(tmp_path):
     assert [(c["arm"], c["k"]) for c in shapes["configs"]] == [("off", 1), ("off", 4)]
     assert all(c["generator_images_per_s"] > 0 and c["warmup_s"] > 0 for c in shapes["configs"])
     assert all(c["graphs"] == 0 for c in shapes["configs"])  # eager: dynamo compiled nothing
+    cost = sid["cost"]
+    # per update one nan_to_num_ per parameter of the network updated: the fake's and the generator's
+    assert cost["nan_to_num_calls"] == 2 * len(list(load_unet(cost["teacher"]).parameters()))
+    assert cost["top_level_ops"] > cost["nan_to_num_calls"] and cost["backward_nodes"] > 0
+    assert cost["tflop_per_iteration"] > 0
 
     ot = json.loads(next(tmp_path.glob("dpm_ot_gpu_smoke-*.json")).read_text())["results"]
     assert set(ot["matmul_peak"]) == {"bfloat16", "tf32", "float32"}
