@@ -274,12 +274,16 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
     out = {"teacher": args.shapes_teacher, "precision": "fp32 weights, bf16 autocast",
            "arms": "skipped on CPU (--smoke)" if args.smoke else "MODE[-cl]: eager (off) or Trainer --compile "
            "MODE (torch.compile of the teacher, generator and fake UNets; reduce-overhead = + CUDA graphs), "
-           "-cl = --channels-last. warmup_s: the first iterations of each k, where compilation happens; "
-           "graphs: dynamo's unique graphs after them",
+           "-cl = --channels-last. warmup_s: the first iterations of each config, where compilation happens; "
+           "graphs: the dynamo graphs they compiled",
            "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-sid-shapes-") as tmp:
         for arm in arms:
             mode = arm.removesuffix("-cl")
+            # the three UNets share one forward: without a reset, an arm's graphs would count against the
+            # next arm's recompile limit (past it dynamo runs eagerly, silently)
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
             parser = argparse.ArgumentParser()
             sid.add_arguments(parser)
             trainer = sid.Trainer(parser.parse_args(
@@ -295,6 +299,7 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
                 warmup = args.warmup + (0 if mode == "off" else 2)  # compiled: the first calls compile
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 try:
                     started = time.perf_counter()
                     for _ in range(warmup):
@@ -302,12 +307,13 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     row["warmup_s"] = time.perf_counter() - started
-                    row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
                     times = time_calls(lambda k=k: trainer.train_iteration(k), device, args.iterations, warmup=0,
                                        budget_s=args.config_budget)
                 except torch.cuda.OutOfMemoryError:
                     out["configs"].append({**row, "oom": True})
                     print(f"  shapes {arm} batch {batch} k={k}: OOM", flush=True)
+                    trainer.optimizer.zero_grad(set_to_none=True)  # no half-step's gradient into the next config
                     free_device_memory(device)
                     continue
                 s = statistics.median(times)
@@ -315,17 +321,18 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
                             "peak_memory_gib": peak_memory_gib(device)})
                 out["configs"].append(row)
                 save(out)  # a run killed later keeps the rows done
-                print(f"  shapes {arm} batch {batch} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} graphs "
-                      f"so far), {s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
+                print(f"  shapes {arm} batch {batch} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} new graphs), "
+                      f"{s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
             del trainer
             free_device_memory(device)
     return out
 
 
 def bench_cost(args) -> dict:
-    """(d) What one eager iteration asks of the host and of the GPU, counted on the CPU (the counts do not
-    depend on the device): top-level operator calls (each one dispatched from Python, a kernel launch or
-    more on a GPU), backward nodes the autograd engine runs, and FLOPs (torch's FLOP counter); k = 1, LSG."""
+    """(d) What one eager iteration asks of the host and of the GPU, counted on the CPU (the model's operators
+    do not depend on the device; the optimizer's do, see `counted`): top-level operator calls (each one
+    dispatched from Python, a kernel launch or more on a GPU), backward nodes the autograd engine runs, and
+    FLOPs (torch's FLOP counter); k = 1, LSG, bf16 autocast."""
     import collections
 
     from torch.profiler import ProfilerActivity, profile
@@ -338,7 +345,8 @@ def bench_cost(args) -> dict:
         parser = argparse.ArgumentParser()
         sid.add_arguments(parser)
         trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--guidance",
-                                                 args.guidance, "--batch-size", str(batch)]), torch.device("cpu"))
+                                                 args.guidance, "--batch-size", str(batch), "--bf16"]),
+                              torch.device("cpu"))
         trainer.train_iteration(1)  # lazy initialisations stay out of the count
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.train_iteration(1)
@@ -347,6 +355,10 @@ def bench_cost(args) -> dict:
     top = collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
     backward = sum(n for name, n in top.items() if name.startswith("autograd::engine::evaluate_function"))
     return {"teacher": args.shapes_teacher, "batch": batch, "k": 1, "guidance": args.guidance,
+            "precision": "fp32 weights, bf16 autocast (as the shapes arms)",
+            "counted": "top_level_ops: operator calls from Python, each Adam step counted once (its own "
+                       "operators, a foreach loop on CUDA and a per-parameter one on CPU, are under it); "
+                       "backward_nodes: the autograd engine's, from C++",
             "top_level_ops": sum(top.values()) - backward, "backward_nodes": backward,
             "nan_to_num_calls": top["aten::nan_to_num_"], "tflop_per_iteration": flops.get_total_flops() / 1e12,
             "most_called": top.most_common(12)}

@@ -13,9 +13,9 @@ from leanserve.models.model_dir import git_commit
 RESULTS = Path(__file__).parent / "results"
 
 
-def hardware_slug() -> str:
-    """The hardware name as results files carry it: nvidia-h200, cpu-amd-epyc-..."""
-    return "".join(c if c.isalnum() else "-" for c in hardware().lower()).strip("-")[:40]
+def hardware_slug(name: str | None = None) -> str:
+    """The hardware name (this machine's by default) as results files carry it: nvidia-h200, cpu-amd-epyc-..."""
+    return "".join(c if c.isalnum() else "-" for c in (name or hardware()).lower()).strip("-")[:40]
 
 
 def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filename: str | None = None,
@@ -27,7 +27,7 @@ def write_result(bench: str, results: dict, out_dir: str | Path = RESULTS, filen
                "results": results}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / (filename or f"{bench}-{hardware_slug()}.json")
+    path = out / (filename or f"{bench}-{hardware_slug(measured_on)}.json")
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

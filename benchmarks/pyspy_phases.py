@@ -7,7 +7,8 @@ the table from kept raw files. A thread's leaf frame alone cannot tell a wait fo
 the GPU, so each sample is put in a phase by its whole stack:
 
 - leanserve-image-engine (the pipeline's worker): waiting for a request; waiting for clients whose
-  answers are still in flight (the batch wait); tokenizing prompts; the text encoder (eager); the
+  answers are still in flight (the batch wait); tokenizing prompts (any tokenizer frame); the text encoder
+  (eager; with the few lines of prompt handling around it); the
   denoising loop (graph replays, noise, scheduler steps, and the GPU syncs inside them); other;
 - MainThread (the event loop): in the loop (idle, or in uvloop's C code) or in Python (HTTP, JSON, routes);
 - leanserve-offload_* (PNG + base64 of the answers): idle or busy.
@@ -27,7 +28,7 @@ def engine_phase(stack: str, leaf: str) -> str:
     if leaf.startswith("Condition.wait"):
         return "wait: clients in flight" if "_wait_for_returning_clients" in stack else "wait: no request"
     if "encode_prompt" in stack:
-        return "prompts: tokenizer" if "Tokenizers" in stack else "prompts: text encoder"
+        return "prompts: tokenizer" if "tokeniz" in stack.lower() else "prompts: text encoder"
     if "ImageModel.generate" in stack:
         return "denoising loop"
     return "other"
@@ -83,6 +84,8 @@ def main():
     for path in args.raw:
         model, steps = path.name.split(".")[0].removeprefix("pyspy_").rsplit("_", 1)
         row = rows[model, int(steps)]
+        if not row.get("http_images_per_call"):
+            raise SystemExit(f"{path.name}: its row counted no pipeline call ({row.get('error', 'no error')})")
         # one pipeline call per cycle of the closed loop: the phases' shares of it, in ms
         cycle_ms = 1e3 * row["http_images_per_call"] / row["http_img_s"]
         table.append({"model": model, "steps": int(steps), "raw": path.name, "cycle_ms": cycle_ms,

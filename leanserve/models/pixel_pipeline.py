@@ -168,10 +168,10 @@ class PixelDiffusionPipeline(DiffusionPipeline):
     def _encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         max_length = self.tokenizer.model_max_length
         tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt")
+                                return_attention_mask=True, return_tensors="pt")
         # only a row that fills max_length can have been cut: tokenize those again to know (a served batch
         # pays the tokenizer once, not twice)
-        full = [prompt for prompt, mask in zip(prompts, tokens.attention_mask) if mask[-1]]
+        full = [prompt for prompt, mask in zip(prompts, tokens.attention_mask) if mask.all()]
         if full and max(len(ids) for ids in self.tokenizer(full, verbose=False).input_ids) > max_length:
             logger.warning("prompt(s) longer than %d tokens were truncated", max_length)
         # a tuple, not a ModelOutput: ImageModel.enable_cuda_graphs replays this call as a CUDA graph

@@ -242,8 +242,10 @@ class Trainer(TrainingLoop):
         self.teacher = teacher
         # with every dropout at p = 0, train() and eval() compute the same function: the trained UNets then
         # stay in eval mode like the teacher, so a compiled UNet needs no graph per mode (dynamo guards on
-        # .training). A teacher with active dropout trains its copies in train mode, as SiD does.
-        self.train_mode = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in teacher.modules())
+        # .training). A teacher with active dropout (a class label's dropout_prob too) trains its copies in
+        # train mode, as SiD does.
+        self.train_mode = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                              or getattr(m, "dropout_prob", 0) > 0 for m in teacher.modules())
         self.generator = copy.deepcopy(teacher).requires_grad_(True)
         self.fake = copy.deepcopy(teacher).requires_grad_(True)
         self.ema = copy.deepcopy(teacher)

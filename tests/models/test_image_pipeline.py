@@ -144,7 +144,13 @@ def test_guidance_matches_a_plain_loop(pipe, guidance, negative):
     assert_same_x(images, expected)
 
 
-def test_only_a_prompt_past_the_token_limit_is_reported_truncated(pipe, caplog):
+@pytest.mark.parametrize("padding_side, mask_output", [("right", True), ("left", True), ("right", False)])
+def test_only_a_prompt_past_the_token_limit_is_reported_truncated(pipe, caplog, padding_side, mask_output):
+    pipe = copy.copy(pipe)  # a tokenizer that pads on the left, or returns no attention mask by default
+    pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
+    pipe.tokenizer.padding_side = padding_side
+    if not mask_output:
+        pipe.tokenizer.model_input_names = ["input_ids"]
     limit = pipe.tokenizer.model_max_length
     words = ["red", "a", "circle"]
     # the longest prompt that fits exactly (BOS and EOS included), and one word more
