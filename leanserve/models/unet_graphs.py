@@ -10,7 +10,8 @@ share a few dozen graphs: a UNet treats every sample on its own (group norm, att
 the padding rows never touch the real ones, and they hold the inputs of an earlier call (finite) or zeros.
 
 Falls back to the eager forward, never to a wrong answer, for what a graph cannot replay: autograd,
-Python-number arguments (a graph would bake the first call's value in), outputs other than tensors.
+Python-number arguments (a graph would bake the first call's value in), outputs other than tensors, a
+forward whose capture fails (a host sync inside it, say).
 """
 from __future__ import annotations
 
@@ -126,7 +127,12 @@ class GraphedForward:
                 static = v.clone()
             inputs[p] = static
         static_args, static_kwargs = _rebuild(args, kwargs, inputs)
-        recorded = self.record(static_args, static_kwargs)
+        try:
+            recorded = self.record(static_args, static_kwargs)
+        except RuntimeError as e:  # e.g. a host sync inside the forward, which a capture cannot hold
+            logger.warning("CUDA graphs off for this call signature: capturing %s failed (%s); it runs eagerly",
+                           getattr(self.eager, "__qualname__", "the forward"), str(e).splitlines()[0])
+            return None
         if recorded is None:
             return None
         logger.info("captured a CUDA graph at batch %d (%d graphs)", size, len(self.graphs) + 1)

@@ -105,6 +105,24 @@ def test_what_a_graph_cannot_replay_runs_eagerly(tmp_path):
     assert wrapper.replays == 0 and not wrapper.graphs and len(wrapper.uncapturable) == 1
 
 
+def test_a_failed_capture_runs_eagerly_from_then_on(tmp_path, caplog):
+    class FailingCapture(EagerReplay):
+        def record(self, args, kwargs):
+            self.tries = getattr(self, "tries", 0) + 1
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    unet = pixel_unet(tmp_path)
+    x, t, ctx = inputs(2, 0)
+    with torch.no_grad():
+        want = unet(x, t, ctx, return_dict=False)[0]
+        wrapper = FailingCapture(unet.forward, 8)
+        unet.forward = wrapper
+        got = [unet(x, t, ctx, return_dict=False)[0] for _ in range(2)]
+    assert all(torch.equal(g, want) for g in got)  # the eager answer, both times
+    assert wrapper.tries == 1 and wrapper.replays == 0 and len(wrapper.uncapturable) == 1  # not tried again
+    assert "capturing" in caplog.text and "runs eagerly" in caplog.text
+
+
 def test_the_oldest_graph_goes_past_max_graphs(tmp_path):
     unet = pixel_unet(tmp_path)
     wrapper = eager_replay(unet, max_graphs=2)
