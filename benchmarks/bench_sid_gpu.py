@@ -259,14 +259,23 @@ def bench_training(args, device: torch.device, deadline: Deadline, save: Callabl
     return out
 
 
+def shapes_trainer(args, device: torch.device, out: str, batch: int, *flags: str):
+    """leanserve's SiD Trainer on --shapes-teacher, bf16 autocast, LSG by default, `flags` added."""
+    from leanserve.trainers import sid
+
+    parser = argparse.ArgumentParser()
+    sid.add_arguments(parser)
+    return sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", out, "--bf16", "--guidance",
+                                          args.guidance, "--batch-size", str(batch), *flags]), device)
+
+
 def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[[dict], None]) -> dict:
     """(c) SiD on a real pixel-space teacher (zoo/shapes-teacher: a 6M-parameter UNet at 32x32): a small
-    UNet's iteration is bound by Python and kernel launches (~11k top-level ops an iteration, counted on
-    CPU), so this is where --compile and --channels-last should pay. bf16 autocast, k = 1 and 4, one batch
-    size; per arm the warm-up (where compilation happens) is timed apart from the steady state."""
+    UNet's iteration is bound by the host (part (d) counts ~6k operator calls and ~6k backward nodes an
+    iteration), so this is where --compile and --channels-last should pay. bf16 autocast, k = 1 and 4, the
+    batch sizes of --shapes-batch; per config the warm-up (where compilation happens) is timed apart from
+    the steady state."""
     import torch._dynamo.utils
-
-    from leanserve.trainers import sid
 
     # inductor's CPU compile takes minutes
     arms = ("off",) if args.smoke else tuple(args.shapes_compile)
@@ -284,12 +293,8 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
             # next arm's recompile limit (past it dynamo runs eagerly, silently)
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
-            parser = argparse.ArgumentParser()
-            sid.add_arguments(parser)
-            trainer = sid.Trainer(parser.parse_args(
-                ["--teacher", args.shapes_teacher, "--out", tmp, "--bf16", "--guidance", args.guidance,
-                 "--batch-size", str(batches[0])] + ([] if mode == "off" else ["--compile", mode])
-                + (["--channels-last"] if arm.endswith("-cl") else [])), device)
+            trainer = shapes_trainer(args, device, tmp, batches[0], *([] if mode == "off" else ["--compile", mode]),
+                                     *(["--channels-last"] if arm.endswith("-cl") else []))
             for batch, k in ((b, k) for b in batches for k in CHAINS):
                 trainer.args.batch_size = batch  # the Trainer reads it every iteration
                 row = {"arm": arm, "k": k, "batch": batch}
@@ -321,8 +326,8 @@ def bench_shapes(args, device: torch.device, deadline: Deadline, save: Callable[
                             "peak_memory_gib": peak_memory_gib(device)})
                 out["configs"].append(row)
                 save(out)  # a run killed later keeps the rows done
-                print(f"  shapes {arm} batch {batch} k={k}: warm-up {row['warmup_s']:.0f} s ({row['graphs']} new graphs), "
-                      f"{s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
+                print(f"  shapes {arm} batch {batch} k={k}: warm-up {row['warmup_s']:.0f} s "
+                      f"({row['graphs']} new graphs), {s:.3f} s/it, {batch / s:.0f} generator img/s", flush=True)
             del trainer
             free_device_memory(device)
     return out
@@ -338,15 +343,9 @@ def bench_cost(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from leanserve.trainers import sid
-
     batch = 2 if args.smoke else args.shapes_batch[0]
     with tempfile.TemporaryDirectory(prefix="bench-sid-cost-") as tmp:
-        parser = argparse.ArgumentParser()
-        sid.add_arguments(parser)
-        trainer = sid.Trainer(parser.parse_args(["--teacher", args.shapes_teacher, "--out", tmp, "--guidance",
-                                                 args.guidance, "--batch-size", str(batch), "--bf16"]),
-                              torch.device("cpu"))
+        trainer = shapes_trainer(args, torch.device("cpu"), tmp, batch)
         trainer.train_iteration(1)  # lazy initialisations stay out of the count
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.train_iteration(1)
