@@ -42,7 +42,10 @@ running into it stops sending and is marked truncated).
 
 CPU (--cpu): zoo/chat-tiny served on CPU, 1 and 16 streams (--concurrency) of 128 prompt and 64 output
 tokens, next to transformers `generate` on the same weights at the same batches (greedy, min = max new
-tokens), both with --threads intra-op threads; --profile adds the engine's decode-step profile as above.
+tokens), both with --threads intra-op threads and --dtype (auto: each one's default, what a user gets:
+transformers loads the checkpoint's stored dtype, leanserve applies runtime.resolve_dtype); --profile adds
+the engine's decode-step profile as above. The issue's goal compares the most streams' HTTP tok/s with
+`generate` at batch 1 and 16 (`goal_ratios`).
 """
 from __future__ import annotations
 
@@ -612,25 +615,32 @@ def warm_up(url: str, model: str, token_range: tuple[int, int]) -> None:
            "max_tokens": 8, "token_range": token_range, "stop_at": time.monotonic() + 600})
 
 
-def hf_generate(model_dir: Path, prompts: list[list[int]], max_tokens: int, runs: int) -> dict:
-    """transformers generate on the same weights: greedy, exactly max_tokens new tokens per prompt."""
+def hf_generate(model_dir: Path, prompts: list[list[int]], max_tokens: int, runs: int, dtype: str) -> dict:
+    """transformers generate on the same weights: greedy, exactly max_tokens new tokens per prompt.
+    dtype `auto` is transformers' default (the checkpoint's dtype)."""
     import torch
     from common import time_calls
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
     ids = torch.tensor(prompts)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
               min_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
     times = time_calls(lambda: model.generate(ids, **kw), "cpu", runs=runs, warmup=1)
-    return {"batch": len(prompts), "tok_s": len(prompts) * max_tokens / statistics.median(times), "runs": len(times)}
+    return {"batch": len(prompts), "tok_s": len(prompts) * max_tokens / statistics.median(times), "runs": len(times),
+            "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def cpu_mode(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
+    from leanserve.models.loader import checkpoint_dtype
+    from leanserve.runtime import resolve_dtype
+    args.server_args = f"--dtype {args.dtype} {args.server_args}"  # the server's and the profiled engine's
     path = ROOT / "zoo" / "chat-tiny"
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    results = {"model": "zoo/chat-tiny (float32 on CPU)", "threads": args.threads, "prompt_len": args.prompt_len,
+    server_dtype = str(resolve_dtype(args.dtype, torch.device("cpu"), checkpoint=checkpoint_dtype(str(path))))
+    results = {"model": "zoo/chat-tiny on CPU", "dtype": args.dtype, "server_dtype": server_dtype.removeprefix("torch."),
+               "threads": args.threads, "prompt_len": args.prompt_len,
                "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
                "notes": "HTTP rows: closed-loop streams against `leanserve serve --device cpu`; generate: "
                         "transformers LlamaForCausalLM.generate on the same weights, all prompts as one batch"}
@@ -638,7 +648,7 @@ def cpu_mode(args) -> None:
     rng = random.Random(5)
     for c in args.concurrency:
         prompts = [[rng.randrange(4, vocab) for _ in range(args.prompt_len)] for _ in range(c)]
-        row = hf_generate(path, prompts, args.max_tokens, runs=1 if args.smoke else 3)
+        row = hf_generate(path, prompts, args.max_tokens, runs=1 if args.smoke else 3, dtype=args.dtype)
         log(f"transformers generate, batch {c}: {row['tok_s']:.1f} tok/s")
         results["generate"].append(row)
         bench.save()
@@ -660,6 +670,11 @@ def cpu_mode(args) -> None:
             row["http_over_generate"] = row["out_tok_s"] / generate[row["concurrency"]]
             log(f"{row['concurrency']} streams: HTTP {row['out_tok_s']:.1f} tok/s = "
                 f"{row['http_over_generate']:.2f}x generate")
+    most = max((r for r in results["rows"] if "out_tok_s" in r), key=lambda r: r["concurrency"], default=None)
+    if most is not None:
+        results["goal_ratios"] = {f"http_{most['concurrency']}_over_generate_{b}": most["out_tok_s"] / generate[b]
+                                  for b in (1, 16) if b in generate}
+        log(f"goal ratios: {results['goal_ratios']}")
     bench.save()
     log(f"wrote {bench.path}")
 
@@ -684,6 +699,9 @@ def main():
     ap.add_argument("--server-args", default="", help="more `leanserve serve` flags, e.g. '--enforce-eager'")
     ap.add_argument("--client-procs", type=int, help="client processes the streams are spread over")
     ap.add_argument("--threads", type=int, default=1, help="--cpu: intra-op threads of the server and generate")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="--cpu: the dtype of the server and of generate (auto: each one's default for the "
+                         "checkpoint; the JSON records what each ran)")
     ap.add_argument("--profile", action="store_true", help="torch profiler tables at concurrency 1 and 64")
     ap.add_argument("--py-spy", action="store_true", help="sample the server with py-spy during the image rows")
     ap.add_argument("--budget-s", type=float, default=900, help="wall-clock budget of the whole run")

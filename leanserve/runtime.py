@@ -31,14 +31,27 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         raise UserError(f"unknown device {name!r}: {e}") from e
 
 
-def resolve_dtype(name: str, device: torch.device, cuda_default: torch.dtype = torch.bfloat16) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, cuda_default: torch.dtype = torch.bfloat16,
+                  checkpoint: torch.dtype | None = None) -> torch.dtype:
     """`auto` = `cuda_default` on CUDA (bfloat16 for LLMs; image pipelines ask for float16, what
-    diffusers checkpoints ship in) and float32 on CPU, where half types are slow or unsupported."""
+    diffusers checkpoints ship in). On CPU, `auto` = bfloat16 for a `checkpoint` stored in bfloat16
+    on a CPU that computes it natively (cpu_computes_bf16), else float32: without native bf16 dot
+    products half types are emulated, slower than float32, or unsupported."""
     if name == "auto":
-        return cuda_default if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return cuda_default
+        return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_computes_bf16() else torch.float32
     if name not in DTYPES:
         raise UserError(f"unsupported dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), which oneDNN's bf16
+    matmuls use: 3.5-4.5x float32's speed from 16 rows up at the tiny chat model's shapes on an AMD
+    EPYC with AVX512-BF16 (benchmarks/bench_serve_gpu.py --cpu); without them bf16 is emulated."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -56,6 +56,19 @@ def load_model(model_dir: str, device: torch.device | str, dtype: torch.dtype, *
     return model, hf_config
 
 
+def checkpoint_dtype(model_dir: str) -> torch.dtype | None:
+    """The dtype config.json says the weights are stored in (`dtype`, or transformers 4's
+    `torch_dtype`); None when it names none or no torch dtype, or there is no config.json (which
+    load_model reports)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def build_model(hf_config, device: torch.device | str, dtype: torch.dtype, *,
                 random_weights: bool = False, seed: int = 0) -> nn.Module:
     """Allocate the model without running its initialisers (built on meta, then materialised).

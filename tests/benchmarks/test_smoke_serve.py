@@ -76,6 +76,11 @@ def test_serve_benchmark_smoke(tmp_path):
     for row in cpu["rows"]:
         assert "error" not in row and row["output_tokens"] == 4 * 8, row
         assert row["http_over_generate"] > 0 and all(row[k] > 0 for k in latency)
+    generate = {g["batch"]: g["tok_s"] for g in cpu["generate"]}
+    assert cpu["goal_ratios"] == {"http_4_over_generate_1": cpu["rows"][-1]["out_tok_s"] / generate[1]}
+    # dtype auto: what each side does by default with this bf16 checkpoint, recorded
+    assert cpu["dtype"] == "auto" and {g["dtype"] for g in cpu["generate"]} == {"bfloat16"}
+    assert cpu["server_dtype"] in ("bfloat16", "float32")
 
 
 def test_roofline_adds_the_prefills_of_the_closed_loop(monkeypatch):

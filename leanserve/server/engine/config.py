@@ -8,7 +8,8 @@ class EngineConfig:
     model: str                          # model directory (HF transformers layout)
     served_model_name: str | None = None  # default: the directory's basename
     device: str = "auto"                # auto = cuda if available else cpu
-    dtype: str = "auto"                 # auto = bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"                 # runtime.resolve_dtype: bfloat16 on cuda; on cpu, a bf16 checkpoint
+                                        # stays bf16 where the CPU has bf16 dot products, else float32
     max_model_len: int | None = None    # default: config.max_position_embeddings
     max_num_seqs: int = 256             # vLLM's default; CUDA graphs are captured up to it
     # token budget of one engine step (chunked prefill); None = 2048 on CUDA, 512 on CPU, where a

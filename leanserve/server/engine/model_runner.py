@@ -24,7 +24,7 @@ import torch.distributed as dist
 from leanserve.errors import UserError
 from leanserve.models.attention.kv_spec import KVCache
 from leanserve.models.attention.metadata import AttentionMetadata
-from leanserve.models.loader import load_model
+from leanserve.models.loader import checkpoint_dtype, load_model
 from leanserve.models.tensor_parallel import (
     join_process_group,
     leave_process_group,
@@ -104,7 +104,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         if self.device.type == "cpu":
             keep_freed_host_memory()
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint=checkpoint_dtype(config.model))
         self.block_size = config.block_size
         if config.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {config.load_format!r}")
