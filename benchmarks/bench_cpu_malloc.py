@@ -33,7 +33,8 @@ from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.llm_engine import LLMEngine
 from leanserve.server.engine.sampling_params import SamplingParams
 batch, prompt_len, max_tokens = map(int, sys.argv[2:5])
-engine = LLMEngine(EngineConfig(model=sys.argv[5], device="cpu", max_model_len=prompt_len + max_tokens))
+engine = LLMEngine(EngineConfig(model=sys.argv[5], device="cpu", dtype="float32",
+                                max_model_len=prompt_len + max_tokens))
 rng = random.Random(0)
 prompts = [[rng.randrange(10, 2000) for _ in range(prompt_len)] for _ in range(batch)]
 params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

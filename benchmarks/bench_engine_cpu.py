@@ -31,7 +31,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = LLMEngine(EngineConfig(model=args.model, device="cpu", max_num_seqs=16, max_model_len=512,
+    engine = LLMEngine(EngineConfig(model=args.model, device="cpu", dtype="float32", max_num_seqs=16, max_model_len=512,
                                     enable_prefix_caching=False))
     rng, vocab_size = random.Random(0), engine.vocab_size
     prompt = lambda: [rng.randrange(100, vocab_size) for _ in range(args.prompt_len)]  # noqa: E731

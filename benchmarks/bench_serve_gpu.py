@@ -621,7 +621,8 @@ def hf_generate(model_dir: Path, prompts: list[list[int]], max_tokens: int, runs
     import torch
     from common import time_calls
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model.eval()
     ids = torch.tensor(prompts)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
               min_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
@@ -639,8 +640,8 @@ def cpu_mode(args) -> None:
     path = ROOT / "zoo" / "chat-tiny"
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     server_dtype = str(resolve_dtype(args.dtype, torch.device("cpu"), checkpoint=checkpoint_dtype(str(path))))
-    results = {"model": "zoo/chat-tiny on CPU", "dtype": args.dtype, "server_dtype": server_dtype.removeprefix("torch."),
-               "threads": args.threads, "prompt_len": args.prompt_len,
+    results = {"model": "zoo/chat-tiny on CPU", "dtype": args.dtype,
+               "server_dtype": server_dtype.removeprefix("torch."), "threads": args.threads, "prompt_len": args.prompt_len,
                "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
                "notes": "HTTP rows: closed-loop streams against `leanserve serve --device cpu`; generate: "
                         "transformers LlamaForCausalLM.generate on the same weights, all prompts as one batch"}

@@ -44,7 +44,8 @@ def test_freed_memory_is_kept_only_when_asked():
 def test_auto_dtype_on_cpu_keeps_bf16_checkpoints_only_where_the_cpu_computes_bf16(monkeypatch, native):
     monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert runtime.resolve_dtype("auto", cpu, checkpoint=torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    expected = torch.bfloat16 if native else torch.float32
+    assert runtime.resolve_dtype("auto", cpu, checkpoint=torch.bfloat16) == expected
     # float16 and float32 checkpoints, and callers that name none (image pipelines), stay float32
     for checkpoint in (torch.float16, torch.float32, None):
         assert runtime.resolve_dtype("auto", cpu, checkpoint=checkpoint) == torch.float32
