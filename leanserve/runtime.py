@@ -48,8 +48,8 @@ def resolve_dtype(name: str, device: torch.device, cuda_default: torch.dtype = t
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), which oneDNN's bf16
-    matmuls use: 3.5-4.5x float32's speed from 16 rows up at the tiny chat model's shapes on an AMD
-    EPYC with AVX512-BF16 (benchmarks/bench_serve_gpu.py --cpu); without them bf16 is emulated."""
+    matmuls use: 2.7-5.3x float32's speed at 64 rows of the tiny chat model's shapes on an AMD EPYC with
+    AVX512-BF16, slower at one row (benchmarks/bench_cpu_matmul.py); without them bf16 is emulated."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
 
