@@ -27,7 +27,8 @@ sends requests at a fixed rate with exponential gaps (Poisson arrivals) and no c
 - images: per (model, steps), direct = ImageModel.generate in this process at batch --image-clients
   (replaying CUDA graphs when --server-args has --image-cuda-graphs, as the server then does),
   HTTP = --image-clients closed-loop clients asking n=1 each, images finished in a window after a warm-up;
-- --py-spy: the server process sampled by py-spy (on PATH; all threads, idle ones included) during each
+- --py-spy: the server process and its engine processes sampled by py-spy (on PATH; all threads, idle ones
+  included; a child's threads are named `child PID: ...`) during each
   image row's window: raw stacks to OUT_DIR/pyspy_<model>_<steps>.txt and, in the row, each thread's
   most frequent innermost frames and its phases (pyspy_phases.py: where the time of a request outside
   the pipeline call goes);
@@ -71,7 +72,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # server_utils: the real-server harness the server tests use
 from common import RESULTS, Deadline, write_result  # noqa: E402
-from pyspy_phases import phases  # noqa: E402
+from pyspy_phases import phases, split_stack  # noqa: E402
 from server_utils import engine_core_pid, remote_server, scrape  # noqa: E402
 
 IMAGE_ROWS = [("shapes-sid", 4), ("shapes-sid", 1), ("shapes-teacher", 25)]  # (zoo model, steps)
@@ -415,7 +416,7 @@ class PySpy:
         self.path = path
         self.proc = subprocess.Popen(
             ["bash", "-c", f"sleep {delay_s}; exec {exe} record -p {pid} -d {max(1, int(seconds))} -r {rate} "
-                           f"--threads --idle --nonblocking -f raw -o {path}"],
+                           f"--threads --idle --nonblocking --subprocesses -f raw -o {path}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def summary(self, top: int = 8) -> dict:
@@ -426,9 +427,10 @@ class PySpy:
         threads: dict[str, dict[str, int]] = {}
         for line in self.path.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            frames = stack.split(";")
-            leaves = threads.setdefault(frames[0], {})
-            leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+            thread, frames = split_stack(stack)
+            if frames:
+                leaves = threads.setdefault(thread, {})
+                leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
         out = {}
         for thread, leaves in threads.items():
             total = sum(leaves.values())
@@ -641,8 +643,8 @@ def cpu_mode(args) -> None:
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     server_dtype = str(resolve_dtype(args.dtype, torch.device("cpu"), checkpoint=checkpoint_dtype(str(path))))
     results = {"model": "zoo/chat-tiny on CPU", "dtype": args.dtype,
-               "server_dtype": server_dtype.removeprefix("torch."), "threads": args.threads, "prompt_len": args.prompt_len,
-               "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
+               "server_dtype": server_dtype.removeprefix("torch."), "threads": args.threads,
+               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
                "notes": "HTTP rows: closed-loop streams against `leanserve serve --device cpu`; generate: "
                         "transformers LlamaForCausalLM.generate on the same weights, all prompts as one batch"}
     bench = Bench(args, "serve_cpu_smoke" if args.smoke else "serve_cpu", results)

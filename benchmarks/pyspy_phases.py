@@ -12,12 +12,16 @@ the GPU, so each sample is put in a phase by its whole stack:
   denoising loop (graph replays, noise, scheduler steps, and the GPU syncs inside them); other;
 - MainThread (the event loop): in the loop (idle, or in uvloop's C code) or in Python (HTTP, JSON, routes);
 - leanserve-offload_* (PNG + base64 of the answers): idle or busy.
+
+Sampled with --subprocesses, the server's engine processes are in the stacks too: a thread of a child
+process is named `child PID: thread (TID): NAME` (the image engines' workers and event loops run there).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,15 +49,29 @@ def phase(thread: str, stack: str, leaf: str) -> str | None:
     return None
 
 
+PROCESS_FRAME = re.compile(r'process (\d+):".*?";')  # a command line may hold ';' (spawn's does)
+
+
+def split_stack(stack: str) -> tuple[str, list[str]]:
+    """(thread, its frames) of a raw stack. With --subprocesses py-spy puts the chain of `process PID:"cmd"`
+    frames first: a child process's thread is then named `child PID: thread (TID): NAME`."""
+    pids = []
+    while (m := PROCESS_FRAME.match(stack)) is not None:
+        pids.append(m.group(1))
+        stack = stack[m.end():]
+    thread, *frames = stack.split(";")
+    return (f"child {pids[-1]}: {thread}" if len(pids) > 1 else thread), frames
+
+
 def phases(lines) -> dict:
     """{thread: {"samples": n, "phases": {phase: share}}} over raw lines `frame;frame;... count`.
     An image engine thread that only ever waited (the pool's other model) is left out."""
     counts: dict[str, dict[str, int]] = {}
     for line in lines:
         stack, _, n = line.rstrip("\n").rpartition(" ")
-        frames = stack.split(";")
-        if (p := phase(frames[0], stack, frames[-1])) is not None:
-            by = counts.setdefault(frames[0], {})
+        thread, frames = split_stack(stack)
+        if frames and (p := phase(thread, stack, frames[-1])) is not None:
+            by = counts.setdefault(thread, {})
             by[p] = by.get(p, 0) + int(n)
     out = {}
     for thread, by in counts.items():

@@ -22,6 +22,15 @@ class ImageParams:
     seed: int | None = None               # image i uses seed + i; None: a random seed
 
 
+@dataclass(frozen=True, slots=True)
+class ImageDefaults:
+    """What a request that leaves a field out gets: the model's native size, steps and guidance."""
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+
 class ImageParamError(ValueError):
     """A parameter this model cannot serve; the server answers 400 naming `param`."""
 

@@ -1,5 +1,7 @@
 """The image engine: an image model (leanserve.models.image_model: a diffusers pipeline and the
-samplers its directory offers) driven by one worker thread, requests batched per shape.
+samplers its directory offers) driven by one worker thread, requests batched per shape. The server
+runs it in a process of its own (image_proc.py; the API process holds image_client.py); benchmarks
+and tests also run it in theirs.
 
 Every request is split into its n images; the worker takes the oldest waiting image and every
 other waiting image with the same batch key (size, steps, guidance, sampler, negative prompt or
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from leanserve.errors import UserError
-from leanserve.models.image_params import ImageParamError, ImageParams
+from leanserve.models.image_params import ImageDefaults, ImageParamError, ImageParams
 from leanserve.runtime import resolve_device, resolve_dtype
 from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
@@ -148,11 +150,15 @@ class AsyncImageEngine:
             model = load_image_model(config.model, self.model_name, device=device,
                                      dtype=resolve_dtype(config.dtype, device))
         self.model = model
+        self.defaults = ImageDefaults(model.sizes.width, model.sizes.height, model.default_steps,
+                                      model.default_guidance)
         self.device: torch.device = model.device
         self.max_image_batch: int | None = config.max_image_batch  # at the native size; auto: set by start()
         self._clock = StageClock(self.device)
         self._install_stage_hooks()
         self.batch_observer: Callable[[BatchStats], None] | None = None  # called on the event loop
+        # called on the event loop whenever a request starts waiting, starts running or leaves
+        self.stats_observer: Callable[[ImageEngineStats], None] | None = None
 
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -220,6 +226,11 @@ class AsyncImageEngine:
     def healthy(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
+    @property
+    def death(self) -> str | None:
+        """What killed the worker loop, if it died."""
+        return None if self._dead is None else f"{type(self._dead).__name__}: {self._dead}"
+
     # ---- requests ---------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str, n: int, params: ImageParams,
@@ -247,6 +258,7 @@ class AsyncImageEngine:
             self._wakeup.notify()
         self._inflight.add(req)
         self._idle.clear()
+        self._stats_changed()
         req.future.add_done_callback(lambda _: self._retire(req))
         try:
             return await req.future
@@ -263,6 +275,7 @@ class AsyncImageEngine:
             self._waiting.discard(req)
             if not any(r is req for r, _ in self._batch):
                 self._running.discard(req)
+        self._stats_changed()
 
     def _retire(self, req: _Request) -> None:
         self._inflight.discard(req)
@@ -283,6 +296,8 @@ class AsyncImageEngine:
                     if not self._queue:  # every waiting image was cancelled meanwhile
                         continue
                     self._batch = batch = self._take_batch()
+                if self.stats_observer is not None:
+                    self._post(self._stats_changed)
                 start = time.monotonic()
                 stats, images, error = self._run_batch(batch)
                 end = time.monotonic()
@@ -411,6 +426,11 @@ class AsyncImageEngine:
                 req.future.set_result(ImageOutput(req.request_id, list(req.images), req.times))
         if stats is not None and self.batch_observer is not None:
             self.batch_observer(stats)
+        self._stats_changed()
+
+    def _stats_changed(self) -> None:
+        if self.stats_observer is not None:
+            self.stats_observer(self.stats())
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._inflight):

@@ -216,7 +216,7 @@ def run(args) -> int:
     # heavy imports (torch, transformers) only once the arguments are known to be good
     from leanserve.server.app import create_app
     from leanserve.server.engine.async_engine import AsyncLLMEngine
-    from leanserve.server.image_engine import AsyncImageEngine
+    from leanserve.server.image_client import ImageEngineClient
 
     engine_kwargs = engine_options(args)
     image_kwargs = {field: engine_kwargs[name] for name, field in _IMAGE_OPTIONS.items() if name in engine_kwargs}
@@ -230,7 +230,7 @@ def run(args) -> int:
     def make_engine(path: str, name: str | None, kind: str | None = None):
         """An unstarted engine with this server's engine options (also for models published later)."""
         if (kind or _model_kind(path)) == "image":
-            return AsyncImageEngine(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
+            return ImageEngineClient(ImageEngineConfig(model=path, served_model_name=name, **image_kwargs))
         engine = AsyncLLMEngine(EngineConfig(model=path, served_model_name=name, **engine_kwargs))
         if chat_template is not None:
             engine.tokenizer.chat_template = chat_template

@@ -6,7 +6,7 @@ import sys
 from bench_smoke import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pyspy_phases import phases  # noqa: E402
+from pyspy_phases import phases, split_stack  # noqa: E402
 
 ENGINE = "thread (1): leanserve-image-engine;Thread.run (threading.py:1010);AsyncImageEngine._run (leanserve/x.py:1)"
 GENERATE = ENGINE + ";AsyncImageEngine._run_batch (leanserve/x.py:2);ImageModel.generate (leanserve/y.py:3)"
@@ -37,3 +37,16 @@ def test_phases_by_whole_stack():
                                 "prompts: text encoder": 0.3, "denoising loop": 0.3}
     assert out["thread (2): MainThread"]["phases"] == {"in the loop": 0.75, "in Python": 0.25}
     assert out["thread (3): leanserve-offload_0"]["phases"] == {"idle": 0.5, "busy": 0.5}
+
+
+def test_threads_of_child_processes_are_named_by_their_process():
+    """py-spy --subprocesses: the server's threads keep their names, an engine process's threads get its pid."""
+    api = 'process 10:"python -m leanserve serve"'
+    child = 'process 11:"python -c from multiprocessing.spawn import spawn_main; spawn_main(pipe_handle=8)"'
+    assert split_stack(f"{api};thread (10): MainThread;Runner.run (r.py:1)") == (
+        "thread (10): MainThread", ["Runner.run (r.py:1)"])
+    assert split_stack(f"{api};{child};thread (12): leanserve-image-engine;Thread.run (t.py:1)") == (
+        "child 11: thread (12): leanserve-image-engine", ["Thread.run (t.py:1)"])
+    assert split_stack("thread (1): MainThread;f (m.py:1)") == ("thread (1): MainThread", ["f (m.py:1)"])
+    out = phases([f"{api};{child};{line}" for line in RAW])
+    assert out["child 11: thread (1): leanserve-image-engine"] == phases(RAW)["thread (1): leanserve-image-engine"]

@@ -59,8 +59,11 @@ def test_serve_benchmark_smoke(tmp_path):
     spy = image["py_spy"]
     assert "error" not in spy, spy
     assert (tmp_path / "pyspy_shapes-sid_1.txt").exists()
-    for name in ("MainThread", "leanserve-image-engine"):  # the event loop and the pipeline's worker
-        [thread] = [t for t in spy if t.endswith(name)]
+    # the API process's event loop, and the pipeline's worker in the image engine's own process
+    [loop] = [t for t in spy if t.endswith("MainThread") and not t.startswith("child")]
+    workers = [t for t in spy if t.endswith("leanserve-image-engine")]
+    assert workers and all(t.startswith("child ") for t in workers)
+    for thread in (loop, *workers):
         assert spy[thread]["samples"] > 0 and 0 < sum(share for _, share in spy[thread]["top"]) <= 1.001
     phases = image["py_spy_phases"]
     [engine] = [t for t in phases if t.endswith("leanserve-image-engine")]  # the idle one is left out

@@ -4,23 +4,19 @@ from the API process, steps the core, and sends back one batched message per ste
 With tensor_parallel_size N > 1 this process is rank 0: its ModelRunner starts and drives the
 other ranks (tp_workers.py), and a worker's death ends this loop like a failed step does.
 
-It owns no signal handling of its own: SIGINT (a terminal's Ctrl+C reaches the whole process
-group) is ignored so the API process can drain; the API process stops it with a SHUTDOWN message,
-and when the API process dies its end of the pipe closes, which ends this loop too.
+Its start (signals, logging, startup errors) is child_process.py's: the API process stops it with a
+SHUTDOWN message, and when the API process dies its end of the pipe closes, which ends this loop too.
 """
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
+from leanserve.server.child_process import child_setup, report_startup_failure
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
-from leanserve.server.engine.errors import startup_error_to_wire
 from leanserve.server.engine.outputs import CoreOutput
-from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 
 if TYPE_CHECKING:
     from leanserve.server.engine.core import EngineCore
@@ -33,19 +29,11 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     is imported here, in the child: the API process that names this target never loads torch."""
     from leanserve.server.engine.core import EngineCore
 
-    # spawn leaves our end of the pipe inheritable: a process started from here (by us or a library)
-    # would hold it open past our exit, and the API process would not see end-of-file
-    os.set_inheritable(conn.fileno(), False)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    dump_stacks_on_sigusr1()
-    logging.basicConfig(level=log_level, format=log_format)
+    child_setup(conn, log_level, log_format)
     try:
         core = EngineCore(config)
     except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
-        kind, text = startup_error_to_wire(e)
-        if kind is None:  # a bug, not bad input: keep its traceback
-            logger.exception("engine core failed to start")
-        conn.send_bytes(wire.encode((wire.FAILED, kind, text)))
+        report_startup_failure(conn, e, "engine core")
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
                                               "eos_token_ids": core.eos_token_ids,

@@ -1,9 +1,12 @@
-"""The messages between the API process and the engine core process, as msgpack.
+"""The messages between the API process and its engine processes (child_process.py), as msgpack.
 
 API -> core: (ADD, request_id, prompt_token_ids, sampling params, arrival) | (ABORT, [ids]) | (SHUTDOWN,)
 core -> API: (READY, engine facts) | (FAILED, error class name or None, message: errors.startup_error_to_wire): once, at startup;
              (STEP, [output], stats, adds_received): after each step (or batch of inputs);
              (DEAD, message): the core loop raised and is exiting.
+An image engine (image_proc.py) shares READY, FAILED, DEAD, ADD, ABORT and SHUTDOWN (their fields are
+its own) and adds START / STARTED (sizing its batch once every engine has loaded), DONE (one request's
+images or error), BATCH (one pipeline call's stage times) and STATS (its running and waiting gauges).
 Dataclasses travel as tuples of their fields in declaration order (both ends run the same code).
 """
 from __future__ import annotations
@@ -15,8 +18,8 @@ import msgpack
 from leanserve.server.engine.outputs import CoreOutput, EngineStats, RequestTimes
 from leanserve.server.engine.sampling_params import SamplingParams
 
-ADD, ABORT, SHUTDOWN = 0, 1, 2
-READY, FAILED, STEP, DEAD = 0, 1, 2, 3
+ADD, ABORT, SHUTDOWN, START = 0, 1, 2, 3
+READY, FAILED, STEP, DEAD, STARTED, DONE, BATCH, STATS = 0, 1, 2, 3, 4, 5, 6, 7
 
 _PARAMS = [f.name for f in dataclasses.fields(SamplingParams)]
 _TIMES = [f.name for f in dataclasses.fields(RequestTimes)]

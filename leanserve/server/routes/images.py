@@ -66,12 +66,12 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Respon
         raise APIError(400, "output_format 'webp' is not available on this server (Pillow without WebP); "
                             "use png or jpeg", "output_format")
     width, height = body.requested_size()
-    model = engine.model
+    defaults = engine.defaults
     params = ImageParams(
-        width=width if width is not None else model.sizes.width,
-        height=height if height is not None else model.sizes.height,
-        num_inference_steps=body.num_inference_steps if body.num_inference_steps is not None else model.default_steps,
-        guidance_scale=body.guidance_scale if body.guidance_scale is not None else model.default_guidance,
+        width=width if width is not None else defaults.width,
+        height=height if height is not None else defaults.height,
+        num_inference_steps=body.num_inference_steps if body.num_inference_steps is not None else defaults.steps,
+        guidance_scale=body.guidance_scale if body.guidance_scale is not None else defaults.guidance,
         sampler=body.scheduler or body.sampler, negative_prompt=body.negative_prompt, seed=body.seed)
     return await with_cancellation(request, _generate(state, engine, body, params, arrival))
 

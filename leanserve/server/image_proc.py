@@ -1,0 +1,159 @@
+"""An image engine in its own process, as the LLM engine core is: the pipeline's host work (prompt
+encoding, the hundreds of launches of a denoising loop) never waits for the API process's GIL, which
+its event loop (HTTP, JSON) and PNG threads hold much of the time under load (BENCHMARKS.md, where an
+image request's time goes: at one step, prompt encoding took 3.3x a whole direct pipeline call).
+
+The child runs the whole AsyncImageEngine (the batching queue and its worker thread) on an event loop
+of its own; the API process (image_client.py) keeps a future per request and encodes the images.
+
+API -> child: (START,) | (ADD, request_id, prompt, n, params, arrival) | (ABORT, request_id) | (SHUTDOWN,)
+child -> API: (READY, ImageDefaults fields) | (FAILED, ...): once, at startup; (STARTED, max_image_batch);
+              (DONE, request_id, [image bytes] | None, ImageRequestTimes fields | None, error | None);
+              (BATCH, BatchStats fields): after each pipeline call; (STATS, running, waiting): whenever a
+              request starts waiting, starts running or leaves (ImageEngineStats' gauges); (DEAD, message).
+Images travel as raw uint8 bytes, [H, W, 3] at the request's size.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from leanserve.models.image_params import ImageParamError, ImageParams
+from leanserve.server.child_process import child_setup, report_startup_failure
+from leanserve.server.engine import wire
+from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
+from leanserve.server.image_config import ImageEngineConfig
+
+if TYPE_CHECKING:
+    from leanserve.server.image_engine import AsyncImageEngine
+
+logger = logging.getLogger(__name__)
+
+_PARAMS = [f.name for f in dataclasses.fields(ImageParams)]
+# what AsyncImageEngine.generate raises for one request; anything else is the engine's death
+REQUEST_ERRORS = (ImageParamError, QueueFullError, EngineDeadError, RequestAbortedError, ImageGenerationError)
+_DIED = object()  # put on the child's inbox when its engine's worker died
+
+
+def params_to_wire(p: ImageParams) -> list:
+    return [getattr(p, name) for name in _PARAMS]
+
+
+def params_from_wire(values: list) -> ImageParams:
+    return ImageParams(*values)
+
+
+def error_to_wire(e: Exception) -> list:
+    return [type(e).__name__, str(e), getattr(e, "param", None)]
+
+
+def error_from_wire(values: list) -> Exception:
+    name, message, param = values
+    if name == ImageParamError.__name__:
+        return ImageParamError(param, message)
+    return {cls.__name__: cls for cls in REQUEST_ERRORS}[name](message)
+
+
+def run_image_engine(config: ImageEngineConfig, conn: Connection, log_level: int, log_format: str) -> None:
+    """The process target (spawned: CUDA does not survive a fork)."""
+    from leanserve.server.image_engine import AsyncImageEngine
+
+    child_setup(conn, log_level, log_format)
+    try:
+        engine = AsyncImageEngine(config)
+    except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
+        report_startup_failure(conn, e, "image engine")
+        return
+    conn.send_bytes(wire.encode((wire.READY, list(dataclasses.astuple(engine.defaults)))))
+    try:
+        died = asyncio.run(_serve(engine, conn))
+    except BaseException as e:  # noqa: BLE001 - anything that escapes the loop kills the engine
+        logger.exception("image engine process died")
+        died = f"{type(e).__name__}: {e}"
+    if died is not None:
+        try:
+            conn.send_bytes(wire.encode((wire.DEAD, died)))
+        except OSError:  # the API process is gone too
+            pass
+        raise SystemExit(1)
+
+
+async def _serve(engine: AsyncImageEngine, conn: Connection) -> str | None:
+    """Serve the API process's messages until SHUTDOWN or its end of the pipe closes (None), or the
+    engine's worker dies (its error)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def post(item) -> None:
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:  # the loop has closed: this process is exiting
+            pass
+
+    def receive() -> None:  # blocking reads off the loop, as in the API process (child_process.py)
+        try:
+            while True:
+                post(wire.decode(conn.recv_bytes()))
+        except (EOFError, OSError):
+            post(None)  # the API process is gone
+
+    def send_loop() -> None:
+        while (data := outbox.get()) is not None:
+            try:
+                conn.send_bytes(data)
+            except OSError:  # the API process is gone; the receiver ends the loop
+                return
+
+    def send(message) -> None:
+        outbox.put(wire.encode(message))
+
+    async def one(request_id: str, prompt: str, n: int, params: list, arrival: float) -> None:
+        try:
+            out = await engine.generate(request_id, prompt, n, params_from_wire(params), arrival)
+        except asyncio.CancelledError:  # aborted: the API process no longer waits for it
+            return
+        except REQUEST_ERRORS as e:
+            send((wire.DONE, request_id, None, None, error_to_wire(e)))
+            if not engine.healthy:
+                inbox.put_nowait(_DIED)
+            return
+        finally:
+            tasks.pop(request_id, None)
+        send((wire.DONE, request_id, [image.tobytes() for image in out.images], list(dataclasses.astuple(out.times)),
+              None))
+
+    threading.Thread(target=receive, name="leanserve-image-receiver", daemon=True).start()
+    sender = threading.Thread(target=send_loop, name="leanserve-image-sender", daemon=True)
+    sender.start()
+    engine.batch_observer = lambda stats: send((wire.BATCH, list(dataclasses.astuple(stats))))
+    engine.stats_observer = lambda stats: send((wire.STATS, stats.num_running, stats.num_waiting))
+    tasks: dict[str, asyncio.Task] = {}
+    died = None
+    try:
+        while (message := await inbox.get()) is not None:
+            if message is _DIED:
+                died = engine.death
+                break
+            kind = message[0]
+            if kind == wire.START:
+                await engine.start()
+                send((wire.STARTED, engine.max_image_batch))
+            elif kind == wire.ADD:
+                request_id = message[1]
+                tasks[request_id] = asyncio.create_task(one(*message[1:]))
+            elif kind == wire.ABORT:
+                if (task := tasks.get(message[1])) is not None:
+                    task.cancel()
+            elif kind == wire.SHUTDOWN:
+                break
+    finally:
+        await engine.shutdown(0)  # the running batch stops at its next step
+        outbox.put(None)
+        await asyncio.to_thread(sender.join, 5)
+    return died
