@@ -73,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # server_utils: the real-server harness the server tests use
 from common import RESULTS, Deadline, write_result  # noqa: E402
 from pyspy_phases import phases, split_stack  # noqa: E402
-from server_utils import engine_core_pid, remote_server, scrape  # noqa: E402
+from server_utils import engine_pids, remote_server, scrape  # noqa: E402
 
 IMAGE_ROWS = [("shapes-sid", 4), ("shapes-sid", 1), ("shapes-teacher", 25)]  # (zoo model, steps)
 PROFILE_CONCURRENCY = (1, 64)
@@ -263,7 +263,7 @@ class Monitor:
 
     def dump_stacks(self) -> None:
         self.dumped = True
-        for pid in (self.server.proc.pid, engine_core_pid(self.server.proc.pid)):
+        for pid in (self.server.proc.pid, *engine_pids(self.server.proc.pid)):
             os.kill(pid, signal.SIGUSR1)
         time.sleep(1)
         path = self.out_dir / f"server_stall_{time.strftime('%H%M%S')}.log"

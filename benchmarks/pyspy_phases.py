@@ -10,7 +10,8 @@ the GPU, so each sample is put in a phase by its whole stack:
   answers are still in flight (the batch wait); tokenizing prompts (any tokenizer frame); the text encoder
   (eager; with the few lines of prompt handling around it); the
   denoising loop (graph replays, noise, scheduler steps, and the GPU syncs inside them); other;
-- MainThread (the event loop): in the loop (idle, or in uvloop's C code) or in Python (HTTP, JSON, routes);
+- MainThread (the event loop; an image engine process's too): in the loop (idle, or in uvloop's C code) or in
+  Python (HTTP, JSON, routes; in an image engine process, its messages);
 - leanserve-offload_* (PNG + base64 of the answers): idle or busy.
 
 Sampled with --subprocesses, the server's engine processes are in the stacks too: a thread of a child
@@ -43,7 +44,10 @@ def phase(thread: str, stack: str, leaf: str) -> str | None:
     if thread.endswith("leanserve-image-engine"):
         return engine_phase(stack, leaf)
     if thread.endswith("MainThread"):
-        return "in the loop" if leaf.startswith("Runner.run") else "in Python"
+        if thread.startswith("child ") and "run_image_engine" not in stack:
+            return None  # an engine process's main thread that runs no event loop (the LLM core's busy loop)
+        # idle: uvloop's run is one C call; the stdlib loop (the image engine's) waits in its selector
+        return "in the loop" if leaf.startswith("Runner.run") or "(selectors.py" in leaf else "in Python"
     if "leanserve-offload" in thread:
         return "idle" if leaf.startswith(IDLE_LEAVES) else "busy"
     return None

@@ -40,7 +40,9 @@ def resolve_dtype(name: str, device: torch.device, cuda_default: torch.dtype = t
     if name == "auto":
         if device.type == "cuda":
             return cuda_default
-        return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_computes_bf16() else torch.float32
+        if device.type == "cpu" and checkpoint == torch.bfloat16 and cpu_computes_bf16():
+            return torch.bfloat16
+        return torch.float32
     if name not in DTYPES:
         raise UserError(f"unsupported dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[name]

@@ -53,16 +53,27 @@ async def until_metrics(url: str, what: str, check, timeout: float = 20) -> None
         await asyncio.sleep(0.01)
 
 
+def child_pids(parent_pid: int, cmdline_part: bytes) -> list[int]:
+    """The child processes of `parent_pid` whose command line contains `cmdline_part`."""
+    children = " ".join(p.read_text() for p in Path(f"/proc/{parent_pid}/task").glob("*/children")).split()
+    return [int(pid) for pid in children if cmdline_part in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
 def child_pid(parent_pid: int, cmdline_part: bytes) -> int:
     """The one child process of `parent_pid` whose command line contains `cmdline_part`."""
-    children = " ".join(p.read_text() for p in Path(f"/proc/{parent_pid}/task").glob("*/children")).split()
-    found = [int(pid) for pid in children if cmdline_part in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    found = child_pids(parent_pid, cmdline_part)
     assert len(found) == 1, found
     return found[0]
 
 
+def engine_pids(server_pid: int) -> list[int]:
+    """The server's engine processes: the LLM core and one per image model (multiprocessing's spawned
+    children; not its resource tracker)."""
+    return child_pids(server_pid, b"spawn_main")
+
+
 def engine_core_pid(server_pid: int) -> int:
-    """The server's engine core process (multiprocessing's spawned child; not its resource tracker)."""
+    """The engine core process of a server that serves one LLM and no image model."""
     return child_pid(server_pid, b"spawn_main")
 
 

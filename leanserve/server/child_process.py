@@ -60,7 +60,7 @@ class ChildProcessClient:
             self.proc.join()
             _, kind, text = message
             raise startup_error_from_wire(kind, text, who)
-        self.facts: dict = message[1]
+        self.facts = message[1]  # the child's READY payload
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name=f"{name}-sender", daemon=True)
         self._sender.start()
@@ -107,7 +107,7 @@ class ChildProcessClient:
                 return
             except OSError:
                 # a child that stops hearing us would leave every request hanging: end it, and the
-                # receiver reports its death (the server answers 503)
+                # receiver reports its death (its requests fail, /health answers 503)
                 logger.exception("sending to %s failed: stopping it", self.who)
                 self.proc.kill()
                 return

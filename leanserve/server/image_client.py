@@ -33,7 +33,7 @@ class ImageEngineClient:
         self.defaults = ImageDefaults(*self._child.facts)
         self.max_image_batch: int | None = config.max_image_batch  # auto: what the child sized at start
         self.batch_observer = None  # called with each pipeline call's BatchStats, on the event loop
-        self._pending: dict[str, tuple[asyncio.Future, ImageParams]] = {}
+        self._pending: dict[str, asyncio.Future] = {}
         self._counts = (0, 0)  # requests running, waiting: as of the child's last STATS
         self._started = self._stopped = False
         self._accepting = True
@@ -58,7 +58,7 @@ class ImageEngineClient:
         as long as they take, 0 = not at all), then abort the rest (RequestAbortedError) and stop
         the engine's process."""
         self._accepting = False
-        if not self._started or self._stopped:
+        if self._stopped:
             return
         if self._pending and drain_timeout != 0:
             try:
@@ -89,10 +89,10 @@ class ImageEngineClient:
         if request_id in self._pending:
             raise ValueError(f"request id {request_id!r} is already in use")
         future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, params)
-        self._idle.clear()
-        self._child.send((wire.ADD, request_id, prompt, n, params_to_wire(params), arrival_time))
         try:
+            self._pending[request_id] = future
+            self._idle.clear()
+            self._child.send((wire.ADD, request_id, prompt, n, params_to_wire(params), arrival_time))
             return await future
         except asyncio.CancelledError:
             if self._dead is None and not self._stopped:
@@ -106,14 +106,13 @@ class ImageEngineClient:
     def _on_message(self, message: list) -> None:
         kind = message[0]
         if kind == wire.DONE:
-            _, request_id, images, times, error = message
-            future, params = self._pending.get(request_id, (None, None))
+            _, request_id, images, shape, times, error = message
+            future = self._pending.get(request_id)
             if future is None or future.done():  # cancelled meanwhile
                 return
             if error is not None:
                 future.set_exception(error_from_wire(error))
                 return
-            shape = (params.height, params.width, 3)
             future.set_result(ImageOutput(request_id, [np.frombuffer(b, np.uint8).reshape(shape) for b in images],
                                           ImageRequestTimes(*times)))
         elif kind == wire.STATS:
@@ -127,6 +126,7 @@ class ImageEngineClient:
             self._dead = message[1]
 
     def _on_exit(self, exit_code: int | None) -> None:
+        """The child's end of the pipe closed while serving: fail whatever waits on it."""
         if self._stopped:
             return
         if self._dead is None:
@@ -138,6 +138,6 @@ class ImageEngineClient:
         self._fail_pending(error)
 
     def _fail_pending(self, error: Exception) -> None:
-        for future, _ in self._pending.values():
+        for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)

@@ -11,8 +11,8 @@ class ImageEngineConfig:
     device: str = "auto"                  # auto = cuda if available else cpu
     dtype: str = "auto"                   # auto = bfloat16 on cuda, float32 on cpu
     # images per pipeline call (one denoising loop); None = sized when the engine starts from the model's
-    # memory per image and the free device memory (ImageModel.auto_batch_size; every image engine of a
-    # process sizes against what is free at its start), and for sizes above the native one scaled by area
+    # memory per image and the free device memory (ImageModel.auto_batch_size; every image engine sizes
+    # against what is free at its start), and for sizes above the native one scaled by area
     max_image_batch: int | None = None
     max_queued_images: int = 64           # waiting images beyond this -> QueueFullError (429)
     # when the previous loop of a shape ran several images, wait up to this fraction of its time for as

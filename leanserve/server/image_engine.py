@@ -186,7 +186,7 @@ class AsyncImageEngine:
         self._loop = asyncio.get_running_loop()
         if self.config.max_image_batch is None:
             # at start, not in __init__: the server builds every engine first, so what is free now is
-            # what the other engines of this process (an LLM's KV cache) leave
+            # what the other engines (an LLM's KV cache, image engines started before) leave
             self.max_image_batch = await asyncio.to_thread(self.model.auto_batch_size)
             logger.info("%s: up to %d images per pipeline call", self.model_name, self.max_image_batch)
         if self.config.cuda_graphs and not self.model.enable_cuda_graphs(self.max_image_batch):
@@ -436,3 +436,4 @@ class AsyncImageEngine:
         for req in list(self._inflight):
             if not req.future.done():
                 req.future.set_exception(EngineDeadError(message))
+        self._stats_changed()  # healthy is False now

@@ -8,10 +8,11 @@ of its own; the API process (image_client.py) keeps a future per request and enc
 
 API -> child: (START,) | (ADD, request_id, prompt, n, params, arrival) | (ABORT, request_id) | (SHUTDOWN,)
 child -> API: (READY, ImageDefaults fields) | (FAILED, ...): once, at startup; (STARTED, max_image_batch);
-              (DONE, request_id, [image bytes] | None, ImageRequestTimes fields | None, error | None);
-              (BATCH, BatchStats fields): after each pipeline call; (STATS, running, waiting): whenever a
-              request starts waiting, starts running or leaves (ImageEngineStats' gauges); (DEAD, message).
-Images travel as raw uint8 bytes, [H, W, 3] at the request's size.
+              (DONE, request_id, [image bytes] | None, [H, W, 3] | None, ImageRequestTimes fields | None,
+              error | None); (BATCH, BatchStats fields): after each pipeline call; (STATS, running,
+              waiting): whenever a request starts waiting, starts running or leaves (ImageEngineStats'
+              gauges); (DEAD, message): the engine's worker or this process's loop died, and it exits.
+Images travel as raw uint8 bytes.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PARAMS = [f.name for f in dataclasses.fields(ImageParams)]
-# what AsyncImageEngine.generate raises for one request; anything else is the engine's death
+# what AsyncImageEngine.generate raises for one request (ImageParamError first: the only one with a param)
 REQUEST_ERRORS = (ImageParamError, QueueFullError, EngineDeadError, RequestAbortedError, ImageGenerationError)
 _DIED = object()  # put on the child's inbox when its engine's worker died
 
@@ -49,7 +50,10 @@ def params_from_wire(values: list) -> ImageParams:
 
 
 def error_to_wire(e: Exception) -> list:
-    return [type(e).__name__, str(e), getattr(e, "param", None)]
+    """By the REQUEST_ERRORS class it is an instance of; anything else travels as ImageGenerationError."""
+    cls = next((cls for cls in REQUEST_ERRORS if isinstance(e, cls)), ImageGenerationError)
+    message = str(e) if isinstance(e, REQUEST_ERRORS) else f"{type(e).__name__}: {e}"
+    return [cls.__name__, message, getattr(e, "param", None)]
 
 
 def error_from_wire(values: list) -> Exception:
@@ -70,22 +74,13 @@ def run_image_engine(config: ImageEngineConfig, conn: Connection, log_level: int
         report_startup_failure(conn, e, "image engine")
         return
     conn.send_bytes(wire.encode((wire.READY, list(dataclasses.astuple(engine.defaults)))))
-    try:
-        died = asyncio.run(_serve(engine, conn))
-    except BaseException as e:  # noqa: BLE001 - anything that escapes the loop kills the engine
-        logger.exception("image engine process died")
-        died = f"{type(e).__name__}: {e}"
-    if died is not None:
-        try:
-            conn.send_bytes(wire.encode((wire.DEAD, died)))
-        except OSError:  # the API process is gone too
-            pass
+    if asyncio.run(_serve(engine, conn)):
         raise SystemExit(1)
 
 
-async def _serve(engine: AsyncImageEngine, conn: Connection) -> str | None:
-    """Serve the API process's messages until SHUTDOWN or its end of the pipe closes (None), or the
-    engine's worker dies (its error)."""
+async def _serve(engine: AsyncImageEngine, conn: Connection) -> bool:
+    """Serve the API process's messages until SHUTDOWN or its end of the pipe closes, or until the
+    engine's worker or this loop dies (then DEAD is the last message, and this returns True)."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
     outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -103,7 +98,7 @@ async def _serve(engine: AsyncImageEngine, conn: Connection) -> str | None:
         except (EOFError, OSError):
             post(None)  # the API process is gone
 
-    def send_loop() -> None:
+    def send_loop() -> None:  # the only writer of the pipe
         while (data := outbox.get()) is not None:
             try:
                 conn.send_bytes(data)
@@ -113,26 +108,35 @@ async def _serve(engine: AsyncImageEngine, conn: Connection) -> str | None:
     def send(message) -> None:
         outbox.put(wire.encode(message))
 
+    def on_stats(stats) -> None:
+        send((wire.STATS, stats.num_running, stats.num_waiting))
+        if not stats.healthy:  # the worker died, perhaps with no request to tell
+            inbox.put_nowait(_DIED)
+
     async def one(request_id: str, prompt: str, n: int, params: list, arrival: float) -> None:
         try:
             out = await engine.generate(request_id, prompt, n, params_from_wire(params), arrival)
+            images = [image.tobytes() for image in out.images]
+            done = (wire.DONE, request_id, images, list(out.images[0].shape), list(dataclasses.astuple(out.times)),
+                    None)
         except asyncio.CancelledError:  # aborted: the API process no longer waits for it
             return
-        except REQUEST_ERRORS as e:
-            send((wire.DONE, request_id, None, None, error_to_wire(e)))
-            if not engine.healthy:
-                inbox.put_nowait(_DIED)
-            return
-        finally:
-            tasks.pop(request_id, None)
-        send((wire.DONE, request_id, [image.tobytes() for image in out.images], list(dataclasses.astuple(out.times)),
-              None))
+        except Exception as e:  # noqa: BLE001 - the request's answer, whatever it is: it must get one
+            if not isinstance(e, REQUEST_ERRORS):
+                logger.exception("image request %s failed", request_id)
+            done = (wire.DONE, request_id, None, None, None, error_to_wire(e))
+        send(done)
+
+    def start_task(request_id: str, *args) -> None:
+        task = tasks[request_id] = asyncio.create_task(one(request_id, *args))
+        # not in one(): a task cancelled before its first step never runs its body
+        task.add_done_callback(lambda _: tasks.pop(request_id, None))
 
     threading.Thread(target=receive, name="leanserve-image-receiver", daemon=True).start()
     sender = threading.Thread(target=send_loop, name="leanserve-image-sender", daemon=True)
     sender.start()
     engine.batch_observer = lambda stats: send((wire.BATCH, list(dataclasses.astuple(stats))))
-    engine.stats_observer = lambda stats: send((wire.STATS, stats.num_running, stats.num_waiting))
+    engine.stats_observer = on_stats
     tasks: dict[str, asyncio.Task] = {}
     died = None
     try:
@@ -145,15 +149,19 @@ async def _serve(engine: AsyncImageEngine, conn: Connection) -> str | None:
                 await engine.start()
                 send((wire.STARTED, engine.max_image_batch))
             elif kind == wire.ADD:
-                request_id = message[1]
-                tasks[request_id] = asyncio.create_task(one(*message[1:]))
+                start_task(*message[1:])
             elif kind == wire.ABORT:
                 if (task := tasks.get(message[1])) is not None:
                     task.cancel()
             elif kind == wire.SHUTDOWN:
                 break
+    except Exception as e:  # noqa: BLE001 - anything that escapes the loop kills the engine
+        logger.exception("image engine process died")
+        died = f"{type(e).__name__}: {e}"
     finally:
         await engine.shutdown(0)  # the running batch stops at its next step
+        if died is not None:
+            send((wire.DEAD, died))
         outbox.put(None)
-        await asyncio.to_thread(sender.join, 5)
-    return died
+        await asyncio.to_thread(sender.join)
+    return died is not None

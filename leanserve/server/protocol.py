@@ -272,6 +272,10 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 
 SIZE_PATTERN = r"^(auto|0*[1-9][0-9]*x0*[1-9][0-9]*)$"
+# far above what any model serves (its engine checks its own limits), and small enough to cross to the
+# engine's process as msgpack integers
+MAX_IMAGE_SIDE = 65536
+MAX_IMAGE_STEPS = 10_000
 
 
 class ImageGenerationRequest(OpenAIBaseModel):
@@ -288,13 +292,13 @@ class ImageGenerationRequest(OpenAIBaseModel):
     model: str | None = None                   # default: the first served image model
     n: int = Field(1, ge=1, le=MAX_IMAGES)
     size: str | None = Field(None, json_schema_extra={"pattern": SIZE_PATTERN})  # "WxH" or "auto" (native)
-    height: int | None = Field(None, ge=1)     # extension; with width, instead of size
-    width: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE)  # extension; with width, instead of size
+    width: int | None = Field(None, ge=1, le=MAX_IMAGE_SIDE)
     response_format: str | None = Field(None, json_schema_extra={"enum": ["b64_json", None]})  # inline only
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; png is lossless
     negative_prompt: str | None = None
-    num_inference_steps: int | None = None     # default: the pipeline's own
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_IMAGE_STEPS)  # default: the pipeline's own
     guidance_scale: float | None = None        # default: the pipeline's own
     seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)  # image i uses seed + i
     scheduler: str | None = None               # e.g. ddim, dpmsolver++; default: the model's own
@@ -326,6 +330,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
     def _check_size(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(SIZE_PATTERN, v):
             raise ValueError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {v!r}")
+        if v is not None and v != "auto" and max(map(int, v.split("x"))) > MAX_IMAGE_SIDE:
+            raise ValueError(f"size {v!r}: width and height must be at most {MAX_IMAGE_SIDE}")
         return v
 
     @model_validator(mode="after")

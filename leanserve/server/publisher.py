@@ -32,7 +32,11 @@ class ModelPublisher:
                 engine = await asyncio.to_thread(self.make_engine, str(path), name)
             except (UserError, OSError, ValueError) as e:
                 raise APIError(400, f"Cannot load {path.name}: {e}", "path") from None
-            await engine.start()
+            try:
+                await engine.start()
+            except BaseException:
+                await engine.shutdown(0)  # its process, if it has one, is started
+                raise
         finally:
             self._loading.discard(name)
         self.state.engines[name] = engine

@@ -22,7 +22,7 @@ RAW = [
     "thread (3): leanserve-offload_0;Thread.run (threading.py:1010);_worker (concurrent/futures/thread.py:89) 1",
     "thread (3): leanserve-offload_0;_worker (concurrent/futures/thread.py:92);encode_images (leanserve/r.py:1);"
     "_encode_tile (PIL/ImageFile.py:693) 1",
-    "thread (4): leanserve-core-receiver;Connection._recv (multiprocessing/connection.py:395) 5",
+    "thread (4): leanserve-engine-core-receiver;Connection._recv (multiprocessing/connection.py:395) 5",
     "thread (5): leanserve-image-engine;AsyncImageEngine._run (leanserve/x.py:1);Condition.wait (threading.py:355) 7",
 ]
 

@@ -1,6 +1,6 @@
 """An image engine in its own process (image_client.py / image_proc.py): the same images as the engine
 in this process, its errors raised here as such, and a dead engine process failing its requests
-(the server answers 503) instead of leaving them waiting."""
+and its health instead of leaving them waiting."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +14,11 @@ from image_builders import PIXEL_NATIVE, build_tiny_pixel_pipeline
 
 from leanserve.errors import UserError
 from leanserve.models.image_params import ImageParamError, ImageParams
-from leanserve.server.engine.errors import EngineDeadError, QueueFullError, RequestAbortedError
+from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
 from leanserve.server.image_client import ImageEngineClient
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.image_engine import AsyncImageEngine
+from leanserve.server.image_proc import error_from_wire, error_to_wire
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +51,8 @@ async def running(client: ImageEngineClient) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_same_images_and_errors_as_the_engine_in_process(pixel_dir):
+def test_same_images_and_errors_as_the_engine_in_process(pixel_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the engine's process computes as this one does
     config = ImageEngineConfig(model=str(pixel_dir), device="cpu", max_image_batch=4, max_queued_images=6)
     requests = [("a red circle", 2, params()), ("a blue square", 1, params(seed=7))]
     client = ImageEngineClient(config)
@@ -114,5 +116,36 @@ def test_shutdown_aborts_what_is_still_running(pixel_dir):
         with pytest.raises(RequestAbortedError):
             await pending
         assert time.monotonic() - start < 20 and not client._child.proc.is_alive()
+
+    asyncio.run(main())
+
+
+def test_every_error_crosses_as_one_the_route_answers():
+    """A request's error in the engine's process comes back as its class (the route's status), and an
+    unexpected one as ImageGenerationError (500), never as no answer."""
+    bad = error_from_wire(error_to_wire(ImageParamError("size", "size 9x9 is not supported")))
+    assert isinstance(bad, ImageParamError) and bad.param == "size" and str(bad) == "size 9x9 is not supported"
+    assert isinstance(error_from_wire(error_to_wire(QueueFullError("full"))), QueueFullError)
+    surprise = error_from_wire(error_to_wire(KeyError("unet")))
+    assert isinstance(surprise, ImageGenerationError) and str(surprise) == "KeyError: 'unet'"
+
+
+def test_a_worker_that_dies_says_so_through_its_stats(pixel_dir):
+    """The engine's process learns of its worker's death from the stats observer even when no request is
+    left to fail (it then sends DEAD, and the server's /health turns 503)."""
+    async def main():
+        engine = AsyncImageEngine(ImageEngineConfig(model=str(pixel_dir), device="cpu"))
+        seen = []
+        engine.stats_observer = seen.append
+
+        def broken():
+            raise RuntimeError("boom")
+
+        engine._take_batch = broken  # outside a pipeline call: kills the worker
+        await engine.start()
+        with pytest.raises(EngineDeadError):
+            await engine.generate("r", "x", 1, params(), time.monotonic())
+        assert not seen[-1].healthy and engine.death == "RuntimeError: boom"
+        await engine.shutdown()
 
     asyncio.run(main())

@@ -111,7 +111,11 @@ class AsyncLLMEngine:
         """Stop admitting; let in-flight requests finish for up to `drain_timeout` seconds (None =
         as long as they take, 0 = not at all), abort the rest, then stop the core process."""
         self._accepting = False
-        if not self._started or self._stopped:
+        if self._stopped:
+            return
+        if not self._started:  # its core process runs since __init__
+            self._stopped = True
+            await self._core.close()
             return
         if self._unfinished and drain_timeout != 0:
             try:
