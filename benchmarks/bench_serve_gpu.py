@@ -392,7 +392,7 @@ class Bench:
                 row["http_images_per_call"] = images / calls if calls else None
                 row["http_over_direct"] = row["http_img_s"] / row["direct_img_s"]
                 log(f"images {name} {steps} steps at {a.image_clients}: HTTP {row['http_img_s']:.1f} img/s "
-                    f"({row['http_images_per_call']:.1f} per pipeline call), direct {row['direct_img_s']:.1f} "
+                    f"({images:g} images in {calls:g} pipeline calls), direct {row['direct_img_s']:.1f} "
                     f"img/s, ratio {row['http_over_direct']:.2f}")
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -716,7 +716,7 @@ def main():
                 "min_requests": (32, 8), "poisson_requests": (256, 0), "image_clients": (64, 0),
                 "image_warmup_s": (5.0, 0), "image_window_s": (20.0, 0), "client_procs": (4, 1)}
     smoke = {"concurrency": [1, 4], "prompt_len": 16, "max_tokens": 8, "min_requests": 4, "poisson_requests": 6,
-             "image_clients": 4, "image_warmup_s": 1.0, "image_window_s": 3.0, "client_procs": 2}
+             "image_clients": 4, "image_warmup_s": 3.0, "image_window_s": 3.0, "client_procs": 2}
     for name, (gpu, cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke[name] if args.smoke else (cpu if args.cpu else gpu))

@@ -12,8 +12,8 @@ way), and a read could stop between a message's header and body. The child's dea
 killed) shows as end-of-file on the pipe after every message it sent, so its last words (wire.DEAD)
 are never lost.
 
-The child starts with child_setup and answers once, wire.READY with its facts or wire.FAILED
-(report_startup_failure), before any other message.
+The child starts with build_in_child and answers once, wire.READY with its facts or wire.FAILED, before
+any other message.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import TypeVar
 
 from leanserve.server.engine import wire
 from leanserve.server.engine.errors import startup_error_from_wire, startup_error_to_wire
@@ -34,6 +35,7 @@ from leanserve.server.stack_dump import dump_stacks_on_sigusr1
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_UNDELIVERED = 2  # the child's messages handed to the event loop and not yet handled
 THREAD_JOIN_S = 5.0  # at close, for the pipe's threads (the pipe is closed after, whatever they do)
 
@@ -147,20 +149,23 @@ class ChildProcessClient:
             pass
 
 
-def child_setup(conn: Connection, log_level: int, log_format: str) -> None:
-    """First thing in a child process. spawn leaves its end of the pipe inheritable: a process started
-    from it (by us or a library) would hold the pipe open past its exit, and the API process would not
-    see end-of-file. SIGINT (a terminal's Ctrl+C reaches the whole process group) is ignored so the API
-    process can drain; it stops the child with wire.SHUTDOWN, and its own death closes the pipe."""
+def build_in_child(conn: Connection, log_level: int, log_format: str, build: Callable[[], T], who: str) -> T | None:
+    """First thing in a child process: set it up, then `build()` its engine; None when that raised,
+    which it has reported (wire.FAILED: the API process raises it). The caller sends wire.READY.
+
+    spawn leaves the child's end of the pipe inheritable: a process started from it (by us or a library)
+    would hold the pipe open past its exit, and the API process would not see end-of-file. SIGINT (a
+    terminal's Ctrl+C reaches the whole process group) is ignored so the API process can drain; it stops
+    the child with wire.SHUTDOWN, and its own death closes the pipe."""
     os.set_inheritable(conn.fileno(), False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     dump_stacks_on_sigusr1()
     logging.basicConfig(level=log_level, format=log_format)
-
-
-def report_startup_failure(conn: Connection, e: BaseException, who: str) -> None:
-    """Send wire.FAILED for an exception raised while the child was starting (the API process raises it)."""
-    kind, text = startup_error_to_wire(e)
-    if kind is None:  # a bug, not bad input: keep its traceback
-        logger.error("%s failed to start", who, exc_info=e)
-    conn.send_bytes(wire.encode((wire.FAILED, kind, text)))
+    try:
+        return build()
+    except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
+        kind, text = startup_error_to_wire(e)
+        if kind is None:  # a bug, not bad input: keep its traceback
+            logger.error("%s failed to start", who, exc_info=e)
+        conn.send_bytes(wire.encode((wire.FAILED, kind, text)))
+        return None

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from leanserve.models.image_params import ImageParamError, ImageParams
-from leanserve.server.child_process import child_setup, report_startup_failure
+from leanserve.server.child_process import build_in_child
 from leanserve.server.engine import wire
 from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
@@ -67,11 +67,8 @@ def run_image_engine(config: ImageEngineConfig, conn: Connection, log_level: int
     """The process target (spawned: CUDA does not survive a fork)."""
     from leanserve.server.image_engine import AsyncImageEngine
 
-    child_setup(conn, log_level, log_format)
-    try:
-        engine = AsyncImageEngine(config)
-    except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
-        report_startup_failure(conn, e, "image engine")
+    engine = build_in_child(conn, log_level, log_format, lambda: AsyncImageEngine(config), "image engine")
+    if engine is None:
         return
     conn.send_bytes(wire.encode((wire.READY, list(dataclasses.astuple(engine.defaults)))))
     if asyncio.run(_serve(engine, conn)):

@@ -43,12 +43,16 @@ async def images_of(engine, requests: list[tuple[str, int, ImageParams]]) -> lis
     return [out.images for out in outs]
 
 
-async def running(client: ImageEngineClient) -> None:
-    """Until the engine process says a request runs (its STATS message)."""
+async def a_running_request(pixel_dir) -> tuple[ImageEngineClient, asyncio.Future]:
+    """A started client and a long request that its engine process says runs (its STATS message)."""
+    client = ImageEngineClient(ImageEngineConfig(model=str(pixel_dir), device="cpu"))
+    await client.start()
+    pending = asyncio.ensure_future(client.generate("r", "x", 32, params(num_inference_steps=200), time.monotonic()))
     deadline = time.monotonic() + 30
     while client.stats().num_running < 1:
         assert time.monotonic() < deadline, "no request started running"
         await asyncio.sleep(0.01)
+    return client, pending
 
 
 def test_same_images_and_errors_as_the_engine_in_process(pixel_dir, monkeypatch):
@@ -88,11 +92,7 @@ def test_startup_errors_are_raised_in_the_api_process(tmp_path):
 
 def test_a_killed_engine_process_fails_its_requests_and_reports_unhealthy(pixel_dir):
     async def main():
-        client = ImageEngineClient(ImageEngineConfig(model=str(pixel_dir), device="cpu"))
-        await client.start()
-        pending = asyncio.ensure_future(client.generate("r", "x", 32, params(num_inference_steps=200),
-                                                        time.monotonic()))
-        await running(client)
+        client, pending = await a_running_request(pixel_dir)
         os.kill(client._child.proc.pid, signal.SIGKILL)
         with pytest.raises(EngineDeadError, match="exited unexpectedly"):
             await asyncio.wait_for(pending, 30)
@@ -106,11 +106,7 @@ def test_a_killed_engine_process_fails_its_requests_and_reports_unhealthy(pixel_
 
 def test_shutdown_aborts_what_is_still_running(pixel_dir):
     async def main():
-        client = ImageEngineClient(ImageEngineConfig(model=str(pixel_dir), device="cpu"))
-        await client.start()
-        pending = asyncio.ensure_future(client.generate("r", "x", 32, params(num_inference_steps=200),
-                                                        time.monotonic()))
-        await running(client)
+        client, pending = await a_running_request(pixel_dir)
         start = time.monotonic()
         await client.shutdown(drain_timeout=0.2)
         with pytest.raises(RequestAbortedError):

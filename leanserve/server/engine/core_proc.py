@@ -13,7 +13,7 @@ import logging
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
-from leanserve.server.child_process import child_setup, report_startup_failure
+from leanserve.server.child_process import build_in_child
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.outputs import CoreOutput
@@ -29,11 +29,7 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
     is imported here, in the child: the API process that names this target never loads torch."""
     from leanserve.server.engine.core import EngineCore
 
-    child_setup(conn, log_level, log_format)
-    try:
-        core = EngineCore(config)
-    except BaseException as e:  # noqa: BLE001 - reported to the API process, which raises it
-        report_startup_failure(conn, e, "engine core")
+    if (core := build_in_child(conn, log_level, log_format, lambda: EngineCore(config), "engine core")) is None:
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
                                               "eos_token_ids": core.eos_token_ids,
