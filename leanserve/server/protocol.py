@@ -298,7 +298,8 @@ class ImageGenerationRequest(OpenAIBaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg/webp quality; png is lossless
     negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, le=MAX_IMAGE_STEPS)  # default: the pipeline's own
+    # default: the pipeline's own; 0 and below reach the model, which says what it serves
+    num_inference_steps: int | None = Field(None, ge=-MAX_IMAGE_STEPS, le=MAX_IMAGE_STEPS)
     guidance_scale: float | None = None        # default: the pipeline's own
     seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)  # image i uses seed + i
     scheduler: str | None = None               # e.g. ddim, dpmsolver++; default: the model's own

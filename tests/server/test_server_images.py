@@ -175,6 +175,7 @@ def test_pixel_pipeline(server, http):
     ({"num_inference_steps": 500}, 400, "num_inference_steps"),
     # beyond a 64-bit integer: refused before the engine's process (the wire's integers are 64-bit)
     ({"num_inference_steps": 10**20}, 400, "num_inference_steps"),
+    ({"num_inference_steps": -10**30}, 400, "num_inference_steps"),
     ({"size": f"{10**20}x16"}, 400, "size"),
     ({"width": 10**20, "height": 16}, 400, "width"),
     ({"guidance_scale": 25}, 400, "guidance_scale"),
