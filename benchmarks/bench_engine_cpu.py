@@ -31,8 +31,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = LLMEngine(EngineConfig(model=args.model, device="cpu", dtype="float32", max_num_seqs=16, max_model_len=512,
-                                    enable_prefix_caching=False))
+    engine = LLMEngine(EngineConfig(model=args.model, device="cpu", dtype="float32", max_num_seqs=16,
+                                    max_model_len=512, enable_prefix_caching=False))
     rng, vocab_size = random.Random(0), engine.vocab_size
     prompt = lambda: [rng.randrange(100, vocab_size) for _ in range(args.prompt_len)]  # noqa: E731
     prompts = {b: [prompt() for _ in range(b)] for b in BATCHES}

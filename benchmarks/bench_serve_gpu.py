@@ -644,7 +644,8 @@ def cpu_mode(args) -> None:
     server_dtype = str(resolve_dtype(args.dtype, torch.device("cpu"), checkpoint=checkpoint_dtype(str(path))))
     results = {"model": "zoo/chat-tiny on CPU", "dtype": args.dtype,
                "server_dtype": server_dtype.removeprefix("torch."), "threads": args.threads,
-               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "server_args": args.server_args, "rows": [], "generate": [],
+               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "server_args": args.server_args,
+               "rows": [], "generate": [],
                "notes": "HTTP rows: closed-loop streams against `leanserve serve --device cpu`; generate: "
                         "transformers LlamaForCausalLM.generate on the same weights, all prompts as one batch"}
     bench = Bench(args, "serve_cpu_smoke" if args.smoke else "serve_cpu", results)

@@ -15,7 +15,7 @@ from leanserve.server.engine import wire
 from leanserve.server.engine.errors import EngineDeadError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
 from leanserve.server.image_engine import BatchStats, ImageEngineStats, ImageOutput, ImageRequestTimes
-from leanserve.server.image_proc import error_from_wire, params_to_wire, run_image_engine
+from leanserve.server.image_proc import error_from_wire, run_image_engine
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ImageEngineClient:
         try:
             self._pending[request_id] = future
             self._idle.clear()
-            self._child.send((wire.ADD, request_id, prompt, n, params_to_wire(params), arrival_time))
+            self._child.send((wire.ADD, request_id, prompt, n, wire.to_wire(params), arrival_time))
             return await future
         except asyncio.CancelledError:
             if self._dead is None and not self._stopped:

@@ -6,7 +6,7 @@ image request's time goes: at one step, prompt encoding took 3.3x a whole direct
 The child runs the whole AsyncImageEngine (the batching queue and its worker thread) on an event loop
 of its own; the API process (image_client.py) keeps a future per request and encodes the images.
 
-API -> child: (START,) | (ADD, request_id, prompt, n, params, arrival) | (ABORT, request_id) | (SHUTDOWN,)
+API -> child: (START,) | (ADD, request_id, prompt, n, ImageParams fields, arrival) | (ABORT, request_id) | (SHUTDOWN,)
 child -> API: (READY, ImageDefaults fields) | (FAILED, ...): once, at startup; (STARTED, max_image_batch);
               (DONE, request_id, [image bytes] | None, [H, W, 3] | None, ImageRequestTimes fields | None,
               error | None); (BATCH, BatchStats fields): after each pipeline call; (STATS, running,
@@ -17,7 +17,6 @@ Images travel as raw uint8 bytes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -35,18 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_PARAMS = [f.name for f in dataclasses.fields(ImageParams)]
 # what AsyncImageEngine.generate raises for one request (ImageParamError first: the only one with a param)
 REQUEST_ERRORS = (ImageParamError, QueueFullError, EngineDeadError, RequestAbortedError, ImageGenerationError)
 _DIED = object()  # put on the child's inbox when its engine's worker died
-
-
-def params_to_wire(p: ImageParams) -> list:
-    return [getattr(p, name) for name in _PARAMS]
-
-
-def params_from_wire(values: list) -> ImageParams:
-    return ImageParams(*values)
 
 
 def error_to_wire(e: Exception) -> list:
@@ -70,7 +60,7 @@ def run_image_engine(config: ImageEngineConfig, conn: Connection, log_level: int
     engine = build_in_child(conn, log_level, log_format, lambda: AsyncImageEngine(config), "image engine")
     if engine is None:
         return
-    conn.send_bytes(wire.encode((wire.READY, list(dataclasses.astuple(engine.defaults)))))
+    conn.send_bytes(wire.encode((wire.READY, wire.to_wire(engine.defaults))))
     if asyncio.run(_serve(engine, conn)):
         raise SystemExit(1)
 
@@ -112,9 +102,9 @@ async def _serve(engine: AsyncImageEngine, conn: Connection) -> bool:
 
     async def one(request_id: str, prompt: str, n: int, params: list, arrival: float) -> None:
         try:
-            out = await engine.generate(request_id, prompt, n, params_from_wire(params), arrival)
+            out = await engine.generate(request_id, prompt, n, ImageParams(*params), arrival)
             images = [image.tobytes() for image in out.images]
-            done = (wire.DONE, request_id, images, list(out.images[0].shape), list(dataclasses.astuple(out.times)),
+            done = (wire.DONE, request_id, images, list(out.images[0].shape), wire.to_wire(out.times),
                     None)
         except asyncio.CancelledError:  # aborted: the API process no longer waits for it
             return
@@ -132,7 +122,7 @@ async def _serve(engine: AsyncImageEngine, conn: Connection) -> bool:
     threading.Thread(target=receive, name="leanserve-image-receiver", daemon=True).start()
     sender = threading.Thread(target=send_loop, name="leanserve-image-sender", daemon=True)
     sender.start()
-    engine.batch_observer = lambda stats: send((wire.BATCH, list(dataclasses.astuple(stats))))
+    engine.batch_observer = lambda stats: send((wire.BATCH, wire.to_wire(stats)))
     engine.stats_observer = on_stats
     tasks: dict[str, asyncio.Task] = {}
     died = None

@@ -44,7 +44,7 @@ def test_burst_of_adds_larger_than_the_pipe_reaches_a_paused_core(tiny_llm_dir, 
         os.kill(client.proc.pid, signal.SIGSTOP)  # the core reads nothing until it is continued
         try:
             rng = random.Random(0)
-            params = wire.params_to_wire(SamplingParams(max_tokens=1, ignore_eos=True))
+            params = wire.to_wire(SamplingParams(max_tokens=1, ignore_eos=True))
             ids = [f"r{i}" for i in range(BURST)]
             for request_id in ids:
                 client.send((wire.ADD, request_id, [rng.randrange(4, 64) for _ in range(PROMPT_LEN)], params, 0.0))
@@ -83,7 +83,7 @@ def test_undecodable_message_from_the_core_stops_it_and_reports_its_exit(tiny_ll
 
     async def main() -> None:
         client.start(lambda message: None, exits.append)
-        params = wire.params_to_wire(SamplingParams(max_tokens=1, ignore_eos=True))
+        params = wire.to_wire(SamplingParams(max_tokens=1, ignore_eos=True))
         client.send((wire.ADD, "r0", [5] * 8, params, 0.0))  # the core answers with a step message
         for _ in range(200):
             if exits:

@@ -152,7 +152,7 @@ class AsyncLLMEngine:
         if self._stats.num_waiting + self._adds_sent - self._adds_received >= self.config.max_queued_requests:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queued_requests} requests)")
         self._processor.add_request(request_id, prompt_token_ids, params)
-        self._core.send((wire.ADD, request_id, list(prompt_token_ids), wire.params_to_wire(params), arrival_time))
+        self._core.send((wire.ADD, request_id, list(prompt_token_ids), wire.to_wire(params), arrival_time))
         self._adds_sent += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue

@@ -33,7 +33,7 @@ def run_engine_core(config: EngineConfig, conn: Connection, log_level: int, log_
         return
     conn.send_bytes(wire.encode((wire.READY, {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
                                               "eos_token_ids": core.eos_token_ids,
-                                              "stats": wire.stats_to_wire(core.stats())})))
+                                              "stats": wire.to_wire(core.stats())})))
     try:
         _busy_loop(core, conn)
     except EOFError:  # the API process is gone
@@ -81,4 +81,4 @@ def _busy_loop(core: EngineCore, conn: Connection) -> None:
             outputs += core.step()
         if outputs or received:
             conn.send_bytes(wire.encode((wire.STEP, [wire.output_to_wire(o) for o in outputs],
-                                         wire.stats_to_wire(core.stats()), adds_received)))
+                                         wire.to_wire(core.stats()), adds_received)))

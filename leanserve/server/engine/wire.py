@@ -7,11 +7,12 @@ core -> API: (READY, engine facts) | (FAILED, error class name or None, message:
 An image engine (image_proc.py) shares READY, FAILED, DEAD, ADD, ABORT and SHUTDOWN (their fields are
 its own) and adds START / STARTED (sizing its batch once every engine has loaded), DONE (one request's
 images or error), BATCH (one pipeline call's stage times) and STATS (its running and waiting gauges).
-Dataclasses travel as tuples of their fields in declaration order (both ends run the same code).
+Dataclasses travel as lists of their fields in declaration order (to_wire; both ends run the same code).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import msgpack
 
@@ -21,9 +22,15 @@ from leanserve.server.engine.sampling_params import SamplingParams
 ADD, ABORT, SHUTDOWN, START = 0, 1, 2, 3
 READY, FAILED, STEP, DEAD, STARTED, DONE, BATCH, STATS = 0, 1, 2, 3, 4, 5, 6, 7
 
-_PARAMS = [f.name for f in dataclasses.fields(SamplingParams)]
-_TIMES = [f.name for f in dataclasses.fields(RequestTimes)]
-_STATS = [f.name for f in dataclasses.fields(EngineStats)]
+
+@functools.cache
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def to_wire(obj) -> list:
+    """A dataclass as the list of its fields, in declaration order (cls(*values) rebuilds it)."""
+    return [getattr(obj, name) for name in _field_names(type(obj))]
 
 
 def encode(message) -> bytes:
@@ -35,16 +42,8 @@ def decode(data: bytes):
     return msgpack.unpackb(data, strict_map_key=False)
 
 
-def params_to_wire(p: SamplingParams) -> list:
-    return [getattr(p, name) for name in _PARAMS]
-
-
 def params_from_wire(values: list) -> SamplingParams:
     return SamplingParams(*values)
-
-
-def stats_to_wire(s: EngineStats) -> list:
-    return [getattr(s, name) for name in _STATS]
 
 
 def stats_from_wire(values: list) -> EngineStats:
@@ -54,7 +53,7 @@ def stats_from_wire(values: list) -> EngineStats:
 def output_to_wire(o: CoreOutput) -> list:
     return [o.request_id, o.new_token_ids, o.finish_reason, o.stop_reason, o.logprobs, o.num_prompt_tokens,
             o.num_cached_tokens, o.num_output_tokens, o.token_times,
-            None if o.times is None else [getattr(o.times, name) for name in _TIMES]]
+            None if o.times is None else to_wire(o.times)]
 
 
 def output_from_wire(v: list) -> CoreOutput:
