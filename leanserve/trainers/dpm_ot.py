@@ -320,6 +320,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--target-steps", type=int, default=50, help="teacher steps per target image")
     g.add_argument("--target-sampler", default="dpmsolver++", help="teacher sampler for the targets")
     g.add_argument("--batch-size", type=int, default=256, help="images per teacher call")
+    g.add_argument("--targets-from", metavar="MAP_DIR",
+                   help="reuse the clean teacher samples of an earlier map of this teacher (same N): a t′ sweep "
+                        "pays the teacher's sampling once")
     g = p.add_argument_group("solver")
     defaults = SolverConfig()
     for name in ("max_iters", "batch_factor", "eval_factor", "eval_every", "lr_scale", "lr_decay_iters",
@@ -355,6 +358,26 @@ def _check_args(args):
         raise UserError(f"{args.out} already exists; choose another --out (or --resume an unfinished solve)")
     if args.warm_start is not None and not Path(args.warm_start).is_file():
         raise UserError(f"--warm-start {args.warm_start} does not exist")
+    if args.targets_from is not None and args.targets != "model":
+        raise UserError("--targets-from reuses teacher samples: it needs --targets model (data targets cost nothing)")
+
+
+def reused_model_images(map_dir: str, teacher_dir: str, num_targets: int) -> tuple[torch.Tensor, str, int]:
+    """x0, source and target NFE of an earlier map's model targets, refused unless they are this teacher's
+    samples (same weights) and as many as asked for."""
+    from leanserve.models.dpm_ot_sampler import OT_MAP_FILE, OTMap
+    from leanserve.models.model_dir import load_model_info, weights_sha256
+
+    info = load_model_info(map_dir)
+    if info is None or info.method != "dpm_ot" or not (Path(map_dir) / OT_MAP_FILE).is_file():
+        raise UserError(f"--targets-from {map_dir}: not a directory written by `leanserve train dpm-ot`")
+    if info.settings["targets"] != "model" or info.base["sha256"] != weights_sha256(teacher_dir):
+        raise UserError(f"--targets-from {map_dir}: its targets are not samples of {teacher_dir} (targets "
+                        f"{info.settings['targets']!r}, teacher weights {info.base['sha256'][:12]})")
+    x0 = OTMap.load(Path(map_dir) / OT_MAP_FILE).x0
+    if len(x0) != num_targets:
+        raise UserError(f"--targets-from {map_dir} holds {len(x0)} targets, --num-targets is {num_targets}")
+    return x0, f"{info.data['description']} (from {map_dir})", info.metrics["target_nfe"]
 
 
 def run(args):
@@ -395,7 +418,9 @@ def run(args):
         source, target_nfe, target_seconds = saved["source"], saved["target_nfe"], saved["target_seconds"]
     else:
         start = time.perf_counter()
-        if args.targets == "data":
+        if args.targets_from is not None:
+            x0, source, target_nfe = reused_model_images(args.targets_from, args.model, args.num_targets)
+        elif args.targets == "data":
             x0 = data_images(args.num_targets, resolution, args.data_seed)
             source = f"shapes train split, seed {args.data_seed}, examples 0..{args.num_targets - 1}"
             target_nfe = 0

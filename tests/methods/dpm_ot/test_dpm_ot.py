@@ -286,6 +286,34 @@ def test_train_dpm_ot_writes_a_loadable_directory(teacher_dir, tmp_path, targets
     assert json.loads((out / "model_index.json").read_text()) == json.loads((teacher_dir / "model_index.json").read_text())
 
 
+def test_a_t_prime_sweep_reuses_the_teacher_samples(teacher_dir, tmp_path, capsys):
+    from leanserve.models.model_dir import load_model_info
+
+    def train(out: str, t_prime: str, *extra: str, num: str = "8", targets: str = "model") -> int:
+        return main(["train", "dpm-ot", "--model", str(teacher_dir), "--out", str(tmp_path / out), "--t-prime", t_prime,
+                     "--targets", targets, "--num-targets", num, "--target-steps", "2", "--batch-size", "4",
+                     "--max-iters", "20", "--device", "cpu", *extra])
+
+    assert train("first", "300") == 0 and train("data", "300", targets="data") == 0
+    assert train("second", "600", "--targets-from", str(tmp_path / "first")) == 0
+    first, second = (OTMap.load(tmp_path / name / OT_MAP_FILE) for name in ("first", "second"))
+    assert torch.equal(first.x0, second.x0) and second.t_prime == 600
+    torch.testing.assert_close(second.targets, second.alpha_bar ** 0.5 * second.x0
+                               + (1 - second.alpha_bar) ** 0.5 * (first.targets - first.alpha_bar ** 0.5 * first.x0)
+                               / (1 - first.alpha_bar) ** 0.5)  # same x0 and noise seed, noised to the new t′
+    info = load_model_info(tmp_path / "second")
+    assert info.metrics["target_nfe"] == 16 and str(tmp_path / "first") in info.data["description"]
+    capsys.readouterr()
+    assert train("n", "600", "--targets-from", str(tmp_path / "first"), num="6") == 2
+    assert "holds 8 targets" in capsys.readouterr().err
+    assert train("d", "600", "--targets-from", str(tmp_path / "data")) == 2
+    assert "not samples of" in capsys.readouterr().err
+    assert train("t", "600", "--targets-from", str(teacher_dir)) == 2
+    assert "not a directory written by" in capsys.readouterr().err
+    assert train("m", "600", "--targets-from", str(tmp_path / "first"), targets="data") == 2
+    assert "needs --targets model" in capsys.readouterr().err
+
+
 def test_train_dpm_ot_refuses_bad_arguments(teacher_dir, tmp_path, capsys):
     base = ["train", "dpm-ot", "--model", str(teacher_dir), "--targets", "data", "--num-targets", "8"]
     assert main([*base, "--out", str(tmp_path / "a"), "--t-prime", "1000"]) == 2
