@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="val tokens per domain kept to fit the temperature of temperature scaling (0: none)")
     p.add_argument("--domains", default=",".join(DOMAINS), help="test domains to score (default: all)")
     p.add_argument("--no-tasks", action="store_true", help="skip the task questions")
+    p.add_argument("--write-metrics", action="store_true",
+                   help="merge the headline metrics into the model's leanserve.json (not with --members)")
 
 
 def score_tasks(rows: list[dict],
@@ -246,6 +248,8 @@ def run(args):
     if routing is not None:
         result["test_routing"] = routing
     emit_json(result, args.out)
+    if not args.write_metrics:
+        return 0
     if args.members is not None:
         print(f"--members {args.members}: a subset of the ensemble, not recorded in {model_dir}/leanserve.json")
         return 0

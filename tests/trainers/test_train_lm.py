@@ -204,8 +204,12 @@ def test_chat_tiny_fits_the_zoo_budget():
 
 def test_eval_lm_writes_metrics(corpus, trained, tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["eval", "lm", "--model", str(trained), "--data", str(corpus / "data"), "--max-docs", "6",
-                 "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]) == 0
+    before = (trained / "leanserve.json").read_text()
+    args = ["eval", "lm", "--model", str(trained), "--data", str(corpus / "data"), "--max-docs", "6",
+            "--max-new-tokens", "8", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    assert (trained / "leanserve.json").read_text() == before  # the model directory is read-only by default
+    assert main([*args, "--write-metrics"]) == 0
     result = json.loads(out.read_text())
     assert set(result["test_ppl"]) == {"code", "docs", "tasks", "chat"} and result["hardware"].startswith("CPU")
     for domain, ppl in result["test_ppl"].items():

@@ -138,7 +138,7 @@ def test_eval_lm_scores_the_mixture_and_its_members(corpus, ensemble, tmp_path):
 
     flags = ["--data", str(corpus / "data"), "--device", "cpu", "--max-docs", "4", "--seq-len", "32",
              "--batch-size", "4", "--ts-tokens", "64"]
-    assert main(["eval", "lm", "--model", str(ensemble), *flags, "--max-new-tokens", "3",
+    assert main(["eval", "lm", "--model", str(ensemble), *flags, "--max-new-tokens", "3", "--write-metrics",
                  "--out", str(tmp_path / "all.json")]) == 0
     full = json.loads((tmp_path / "all.json").read_text())
     ens = full["ensemble"]
