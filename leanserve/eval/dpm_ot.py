@@ -162,16 +162,22 @@ def count_unet(pipe):
         handle.remove()
 
 
+@dataclass
+class Jumps:
+    indices: np.ndarray    # [N] the target of every image
+    rms: np.ndarray        # [N] ‖x_T − x_t′‖ / √d
+
+
 def generate_dpm_ot(pipe, ot_map, seeds: list[int], *, steps: int, sampler: str, assignment: str,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+                    batch_size: int) -> tuple[np.ndarray, Jumps, float]:
     """uint8 images [N, H, W, 3] of the jump + `steps` steps, one CPU generator per image (its
-    x_T, random target or fresh noise, then step noise), the target index of every image and the
-    seconds the calls took (jump included)."""
+    x_T, random target or fresh noise, then step noise), every image's jump and the seconds the
+    calls took (jump included)."""
     from leanserve.eval.classifier import to_uint8
     from leanserve.eval.images import _synchronize
     from leanserve.models.dpm_ot_sampler import dpm_ot_generate
 
-    images, indices, seconds = [], [], 0.0
+    images, indices, rms, seconds = [], [], [], 0.0
     for start in range(0, len(seeds), batch_size):
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
         t0 = time.perf_counter()
@@ -181,7 +187,8 @@ def generate_dpm_ot(pipe, ot_map, seeds: list[int], *, steps: int, sampler: str,
         seconds += time.perf_counter() - t0
         images.append(to_uint8(out.images))
         indices.append(out.target_indices.cpu().numpy())
-    return np.concatenate(images), np.concatenate(indices), seconds
+        rms.append(out.jump_rms.cpu().numpy())
+    return np.concatenate(images), Jumps(np.concatenate(indices), np.concatenate(rms)), seconds
 
 
 def generate_baseline(pipe, sampler: str, seeds: list[int], *, steps: int, resolution: int,
@@ -361,14 +368,15 @@ def evaluate(pipe, classifier, maps: list[MapEntry], settings: EvalSettings, dev
         per_seed, counts = [], None
         for seed in settings.seeds:
             with count_unet(pipe) as counted:
-                images, idx, seconds = config.run([image_seed(seed, 0, i) for i in range(n)])
+                images, jumps, seconds = config.run([image_seed(seed, 0, i) for i in range(n)])
             counts = counts or dict(counted)
             targets = None
-            if config.entry is not None:
-                targets = (config.entry.x0_images[idx], target_features[config.entry.label][idx])
+            if jumps is not None:
+                targets = (config.entry.x0_images[jumps.indices], target_features[config.entry.label][jumps.indices])
             metrics = scorer.score(images, targets=targets) | {"images_per_s": n / seconds}
-            if idx is not None:
-                metrics["unique_targets"] = float(len(np.unique(idx)))
+            if jumps is not None:
+                metrics["unique_targets"] = float(len(np.unique(jumps.indices)))
+                metrics["jump_rms"] = float(jumps.rms.mean())
             per_seed.append(metrics)
             if seed == settings.seeds[0] and (config.row["nfe"] == settings.grid_nfe
                                               or config.row["method"] == "ddpm-reference"):
@@ -417,7 +425,7 @@ def plot_results(results: dict, path: str | Path) -> None:
 TABLE_COLUMNS = (("FD ↓", "fd"), ("KID", "kid"), ("unique targets", "unique_targets"),
                  ("NN px median", "nn_pixel.median"), ("NN feat median", "nn_feature.median"),
                  ("near-copy px", "nn_pixel.near_copy"), ("to target px", "target_pixel.median"),
-                 ("MMR τ=0.2", "mmr.0.2"), ("img/s", "images_per_s"))
+                 ("MMR τ=0.2", "mmr.0.2"), ("jump ‖x_T − x_t′‖/√d", "jump_rms"), ("img/s", "images_per_s"))
 
 
 def _cell(value) -> str:

@@ -162,6 +162,8 @@ def tail_scheduler(pipe, sampler: str):
 class DPMOTOutput:
     images: object                 # as the pipeline's output_type gives them
     target_indices: torch.Tensor   # [B] the target each image jumped to (unique count: spec §7.1)
+    jump_rms: torch.Tensor         # [B] ‖x_T − x_t′‖ / √d: the coupling's cost, which OT minimises (nearest: lower,
+                                   # unbalanced), where the law of the images cannot tell OT from a random target
 
 
 @torch.no_grad()
@@ -195,7 +197,7 @@ def dpm_ot_generate(pipe, ot_map: OTMap, prompt: str | list[str] = "", *, num_in
                       width=width, generator=generator, output_type=output_type, **kwargs).images
     finally:
         pipe.scheduler = original
-    return DPMOTOutput(images=images, target_indices=idx)
+    return DPMOTOutput(images=images, target_indices=idx, jump_rms=(x - x_T).flatten(1).pow(2).mean(1).sqrt())
 
 
 class OTSampler:

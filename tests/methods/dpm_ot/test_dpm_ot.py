@@ -94,6 +94,24 @@ def test_chi2_excess_is_unbiased_for_uniform_masses():
     assert abs(sum(values) / len(values)) < 0.003
 
 
+def test_ot_coupling_is_cheaper_than_random_and_balanced_unlike_nearest():
+    """What OT adds over a random target is its coupling: among assignments that draw every target
+    equally often it moves x_T least. Nearest-target moves it less still, by drawing targets unequally."""
+    y = torch.randn(32, 8, generator=torch.Generator().manual_seed(5)) * 1.5 + 0.3
+    shape = (2, 2, 2)
+    ot_map = OTMap(targets=y.view(32, *shape), x0=y.view(32, *shape), h=solve(y, FAST, log=quiet).h, t_prime=400,
+                   alpha_bar=0.5)
+    x_T = torch.randn(20_000, *shape, generator=torch.Generator().manual_seed(6))
+    cost, masses = {}, {}
+    for assignment in ("ot", "random", "nearest"):
+        idx = ot_map.assign(x_T, assignment, torch.Generator().manual_seed(7))
+        cost[assignment] = float((x_T.flatten(1) - y[idx]).pow(2).sum(1).mean())
+        masses[assignment] = torch.bincount(idx, minlength=32).float() / len(idx) * 32
+    assert cost["nearest"] < cost["ot"] < 0.8 * cost["random"]
+    assert float((masses["ot"] - 1).abs().max()) < 0.4 and float((masses["random"] - 1).abs().max()) < 0.4
+    assert float((masses["nearest"] - 1).abs().max()) > 1.0
+
+
 # --------------------------------------------------------------------------- the map
 
 def random_map(num: int = 12, shape=(3, 8, 8), t_prime: int = 400, fresh_noise: bool = False) -> OTMap:
@@ -213,6 +231,9 @@ def test_random_target_control_and_schedule_check(pipe):
     out = dpm_ot_generate(pipe, ot_map, "", num_inference_steps=2, assignment="random", num_images_per_prompt=3,
                           generator=[torch.Generator().manual_seed(s) for s in range(3)], output_type="pt")
     assert out.images.shape == (3, 3, 8, 8) and out.target_indices.shape == (3,)
+    x_T = torch.cat([torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    jump = (ot_map.targets[out.target_indices] - x_T).flatten(1).norm(dim=1) / (3 * 8 * 8) ** 0.5
+    torch.testing.assert_close(out.jump_rms, jump)
     ot_map.alpha_bar = 0.5
     with pytest.raises(ValueError, match="built for"):
         dpm_ot_generate(pipe, ot_map, "", num_inference_steps=2)

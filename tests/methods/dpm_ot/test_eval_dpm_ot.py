@@ -79,8 +79,9 @@ def test_distinct_targets(run):
         unique = row["metrics"]["unique_targets"]["mean"]
         assert 1 <= unique <= min(N_TARGETS, N_IMAGES)
         assert unique == int(unique)
+        assert row["metrics"]["jump_rms"]["mean"] > 0
     for row in rows_of(results, method="baseline"):
-        assert "unique_targets" not in row["metrics"] and "target_pixel.median" not in row["metrics"]
+        assert not {"unique_targets", "target_pixel.median", "jump_rms"} & set(row["metrics"])
 
 
 def test_near_clean_jump_copies_its_target_and_baselines_do_not(run):
@@ -130,15 +131,16 @@ def test_tail_starts_at_t_prime_with_k_calls_per_batch(run):
     hook = pipe.unet.register_forward_hook(lambda module, args, output: timesteps.append(int(args[1])))
     try:
         with count_unet(pipe) as counts:
-            images, idx, _ = generate_dpm_ot(pipe, ot_map, [3, 4, 5], steps=2, sampler="ddim", assignment="ot",
-                                             batch_size=2)
+            images, jumps, _ = generate_dpm_ot(pipe, ot_map, [3, 4, 5], steps=2, sampler="ddim", assignment="ot",
+                                               batch_size=2)
     finally:
         hook.remove()
-    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and idx.shape == (3,)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and jumps.indices.shape == (3,)
     assert timesteps == [342, 171] * 2 and counts == {"calls": 4, "images": 6}
     # per-image generators: an image does not depend on its batch
-    alone, idx_alone, _ = generate_dpm_ot(pipe, ot_map, [5], steps=2, sampler="ddim", assignment="ot", batch_size=1)
-    assert idx_alone[0] == idx[2] and np.abs(alone[0].astype(int) - images[2]).max() <= 1
+    alone, alone_jumps, _ = generate_dpm_ot(pipe, ot_map, [5], steps=2, sampler="ddim", assignment="ot", batch_size=1)
+    assert alone_jumps.indices[0] == jumps.indices[2] and np.abs(alone[0].astype(int) - images[2]).max() <= 1
+    assert alone_jumps.rms[0] == pytest.approx(jumps.rms[2])
 
 
 def test_refuses_too_many_steps_for_t_prime_and_unknown_tails(run, capsys):
