@@ -490,6 +490,8 @@ def combine(runs: list[dict], names: list[str]) -> dict:
         differ = [k for k in COMBINE_KEYS if run["settings"].get(k) != first["settings"].get(k)]
         if differ:
             raise UserError(f"{name}: settings {differ} differ from {names[0]}'s; its rows are not comparable")
+        if run.get("teacher_sha256") != first.get("teacher_sha256"):  # (files written before it was recorded: None)
+            raise UserError(f"{name}: its teacher's weights differ from {names[0]}'s; its rows are not comparable")
     rows, seen, maps = [], set(), {}
     for name, run in zip(names, runs):
         for row in run["rows"]:
@@ -522,7 +524,7 @@ def run(args):
     from leanserve.eval.images import device_and_dtype, save_grid
     from leanserve.eval.report import hardware, provenance as run_provenance
     from leanserve.models.image_pipeline import load_image_pipeline, native_size
-    from leanserve.models.model_dir import load_model_info
+    from leanserve.models.model_dir import load_model_info, weights_sha256
 
     _check_args(args)
     if args.results:
@@ -544,7 +546,8 @@ def run(args):
                             seeds=args.seeds, num_images=args.num_images, ddpm_reference_steps=args.ddpm_reference_steps,
                             train_images=args.train_images, batch_size=args.batch_size, resolution=native_size(pipe),
                             real_seed=args.real_seed, data_seed=args.data_seed)
-    provenance = {**run_provenance(), "teacher": str(args.teacher), "hardware": hardware(device),
+    provenance = {**run_provenance(), "teacher": str(args.teacher), "teacher_sha256": weights_sha256(args.teacher),
+                  "hardware": hardware(device),
                   "dtype": str(dtype).removeprefix("torch."),
                   "classifier": {"dir": str(classifier_dir), "test_accuracy": classifier_info.metrics.get("test_accuracy")
                                  if classifier_info else None}}

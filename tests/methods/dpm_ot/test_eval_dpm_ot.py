@@ -20,6 +20,7 @@ from leanserve.eval.dpm_ot import (
     plot_results,
 )
 from leanserve.eval.image_metrics import mode_mixture, nearest_distances
+from leanserve.models.model_dir import weights_sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +72,7 @@ def test_rows_settings_and_unet_calls(run):
         assert set(row["metrics"]["fd"]) == {"mean", "std", "values"} and len(row["metrics"]["fd"]["values"]) == 1
     assert results["unet_images_total"] == sum(r["unet_images"] for r in results["rows"])
     assert results["settings"]["train_images"] == 64 and results["thresholds"]["pixel"] > 0
+    assert results["teacher_sha256"] == weights_sha256(TEACHER)  # the teacher by its weights, not only its path
 
 
 def test_distinct_targets(run):
@@ -186,5 +188,8 @@ def test_a_reference_run_apart_combines_with_the_rest(run, tmp_path):
     assert main(["eval", "dpm-ot", "--results", str(ref), str(ref)]) == 2
     other = json.loads(ref.read_text())
     other["settings"]["seeds"] = [1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["eval", "dpm-ot", "--results", str(tmp_path / "cut.json"), str(tmp_path / "other.json")]) == 2
+    other = {**json.loads(ref.read_text()), "teacher_sha256": "0" * 64}  # another teacher's run
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert main(["eval", "dpm-ot", "--results", str(tmp_path / "cut.json"), str(tmp_path / "other.json")]) == 2

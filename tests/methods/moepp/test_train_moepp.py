@@ -109,7 +109,7 @@ def test_moepp_resume_is_exact(corpus, trained, tmp_path):
 def test_eval_lm_reports_test_routing(corpus, trained, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", "lm", "--model", str(trained["moepp"]), "--data", str(corpus / "data"), "--max-docs", "4",
-                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out)]) == 0
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "--write-metrics"]) == 0
     routing = json.loads(out.read_text())["test_routing"]
     assert routing["tokens"] > 0 and 0 <= routing["ffn_share"] <= 1
     assert routing["ffn_share_theory"] == pytest.approx(0.75 * 4 / (0.75 * 4 + 4))
