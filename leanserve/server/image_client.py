@@ -11,6 +11,7 @@ import numpy as np
 
 from leanserve.models.image_params import ImageDefaults, ImageParams
 from leanserve.server.child_process import ChildProcessClient
+from leanserve.server.drain import drain
 from leanserve.server.engine import wire
 from leanserve.server.engine.errors import EngineDeadError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
@@ -60,11 +61,7 @@ class ImageEngineClient:
         self._accepting = False
         if self._stopped:
             return
-        if self._pending and drain_timeout != 0:
-            try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except TimeoutError:
-                pass
+        await drain(self._idle, bool(self._pending), drain_timeout)
         self._stopped = True
         self._fail_pending(RequestAbortedError("the server shut down before the images were done"))
         await self._child.close()

@@ -36,6 +36,7 @@ import torch
 from leanserve.errors import UserError
 from leanserve.models.image_params import ImageDefaults, ImageParamError, ImageParams
 from leanserve.runtime import resolve_device, resolve_dtype
+from leanserve.server.drain import drain
 from leanserve.server.engine.errors import EngineDeadError, ImageGenerationError, QueueFullError, RequestAbortedError
 from leanserve.server.image_config import ImageEngineConfig
 
@@ -201,11 +202,7 @@ class AsyncImageEngine:
         self._accepting = False
         if self._thread is None:
             return
-        if self._inflight and drain_timeout != 0:
-            try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except TimeoutError:
-                pass
+        await drain(self._idle, bool(self._inflight), drain_timeout)
         with self._lock:
             self._queue.clear()
             self._waiting.clear()

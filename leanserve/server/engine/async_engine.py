@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from leanserve.models.model_dir import load_tokenizer
+from leanserve.server.drain import drain
 from leanserve.server.engine import wire
 from leanserve.server.engine.config import EngineConfig
 from leanserve.server.engine.core_client import EngineCoreClient
@@ -117,11 +118,7 @@ class AsyncLLMEngine:
             self._stopped = True
             await self._core.close()
             return
-        if self._unfinished and drain_timeout != 0:
-            try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except TimeoutError:
-                pass
+        await drain(self._idle, bool(self._unfinished), drain_timeout)
         for request_id in list(self._unfinished):
             self.abort(request_id)
         if self._unfinished and self._dead is None:
